@@ -1,0 +1,341 @@
+"""Bounce classification shared by PostfixLog (Postfix' status lines) and MxServer (DSNs).
+
+One fixed taxonomy (DESIGN §5), the ``classification`` field of ``bounce`` and ``deferred``
+events:
+
+==================  ===========================================================  ========
+classification      meaning                                                      suppress
+==================  ===========================================================  ========
+user-unknown        the mailbox does not exist (5.1.1, 5.1.10, "no such user")   yes
+mailbox-disabled    the mailbox exists but is disabled or inactive (5.2.1)       yes
+moved               the address moved, no forwarding (5.1.6)                     yes
+host-unknown        the domain does not exist, has no MX or a null MX (5.1.2)    yes
+mailbox-full        over quota (4.2.2 / 5.2.2)                                   no
+message-too-large   over the receiver's size limit (5.3.4, 5.2.3)                no
+blocked             sender IP or domain blocked: blocklists, reputation          no
+spam-content        the content was judged spam, phishing or a virus             no
+auth-failure        SPF, DKIM or DMARC failed (5.7.20-5.7.27)                    no
+policy              other policy rejections (relaying denied, 5.7.x)             no
+rate-limited        too many messages or connections, try later (4.7.28)         no
+expired             undelivered within the queue lifetime (4.4.7)                no
+network             connection refused or timed out, TLS failure (4.4.1)         no
+autoreply           an out-of-office or other automatic reply (MxServer)         no
+other               anything else                                                no
+==================  ===========================================================  ========
+
+``suppress`` is true only for a *permanent* failure (5xx, or no route at all) whose
+classification says the address itself is dead; blocks, policy and content rejections are
+never suppressing, even when they are 5xx.
+
+``type`` keeps the original's meaning: ``hard`` for 5xx, ``soft`` for 4xx, ``unroutable`` when
+there was no SMTP reply and the domain cannot be reached (DNS failure, null MX, connection
+timed out), ``autoreply`` for automatic replies.
+
+Text patterns are tried first (enhanced status codes are often generic, e.g. every Microsoft
+rejection is 5.7.1 or 5.5.0), then the status code, then the reply's class.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+BounceType = Literal["hard", "soft", "unroutable", "autoreply"]
+
+CLASSIFICATIONS: Final = (
+    "user-unknown",
+    "mailbox-disabled",
+    "moved",
+    "host-unknown",
+    "mailbox-full",
+    "message-too-large",
+    "blocked",
+    "spam-content",
+    "auth-failure",
+    "policy",
+    "rate-limited",
+    "expired",
+    "network",
+    "autoreply",
+    "other",
+)
+DEAD_ADDRESS: Final = frozenset(("user-unknown", "mailbox-disabled", "moved", "host-unknown"))
+
+
+def _rx(*alternatives: str) -> re.Pattern[str]:
+    return re.compile("|".join(alternatives), re.IGNORECASE)
+
+
+#: (classification, pattern) -- first match wins, so specific patterns come first.
+TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+    (
+        "host-unknown",
+        _rx(
+            r"null ?MX",
+            r"does not accept mail",
+            r"host or domain name not found",
+            r"name service error",
+            r"domain (?:name )?(?:not found|does not exist|doesn't exist)",
+            r"no MX (?:record|host)",
+            r"unroutable",
+            r"unrouteable",
+            r"NXDOMAIN",
+            r"no such domain",
+            r"domain (?:is )?invalid",
+            r"host not found",
+        ),
+    ),
+    (
+        "mailbox-disabled",
+        _rx(
+            r"(?:account|mailbox|user|address)[^.;]{0,40}\b(?:is )?"
+            r"(?:disabled|inactive|deactivated|suspended|locked|no longer active|not active)",
+            r"\bdisabled (?:account|mailbox|recipient)",
+            r"inactive (?:account|mailbox|user|recipient)",
+            r"mailbox (?:is )?(?:disabled|unavailable due to inactivity)",
+            r"account (?:has been|is) (?:closed|terminated)",
+        ),
+    ),
+    ("moved", _rx(r"\bhas moved\b", r"\bmoved\b[^.;]{0,30}\bno forwarding", r"address (?:has )?changed")),
+    (
+        "mailbox-full",
+        _rx(
+            r"over ?quota",
+            r"quota (?:exceeded|full)",
+            r"exceeded (?:its|the|their)? ?(?:storage|quota)",
+            r"mailbox (?:is )?full",
+            r"mailbox size limit",
+            r"insufficient (?:system )?storage",
+            r"out of storage",
+            r"user is over",
+            r"mail ?box (?:has )?exceeded",
+            r"full mailbox",
+            r"\bOverQuota\b",
+            r"storage (?:space|quota)",
+        ),
+    ),
+    (
+        "message-too-large",
+        _rx(
+            r"message (?:is )?too (?:large|big)",
+            r"message size exceeds",
+            r"size exceeds",
+            r"too large",
+            r"exceeds (?:the )?(?:maximum|size)",
+            r"message length exceeds",
+            r"size limit",
+        ),
+    ),
+    (
+        "user-unknown",
+        _rx(
+            r"user(?:name)? (?:is )?unknown",
+            r"unknown (?:user|recipient|mailbox|local ?part|address)",
+            r"no such (?:user|mailbox|recipient|address|person)",
+            r"(?:user|recipient|mailbox|address) not found",
+            r"mailbox (?:does not|doesn't) exist",
+            r"(?:account|address|user|recipient|mailbox)[^.;]{0,50}"
+            r"(?:does not|doesn't|did not) exist",
+            r"not a valid (?:mailbox|recipient|user)",
+            r"invalid (?:recipient|mailbox|address|user)",
+            r"recipient (?:address )?rejected",
+            r"RecipientNotFound",
+            r"bad destination (?:mailbox|system) address",
+            r"no mailbox",
+            r"doesn't have an? \S+ account",
+            r"undeliverable address",
+            r"unknown or illegal alias",
+            r"not our customer",
+            r"mailbox unavailable",
+            r"addressee unknown",
+            r"user doesn't exist",
+        ),
+    ),
+    (
+        "auth-failure",
+        _rx(
+            r"\bDMARC\b",
+            r"\bSPF\b",
+            r"\bDKIM\b",
+            r"unauthenticated (?:email|mail|sender)",
+            r"not (?:properly )?authenticated",
+            r"sender (?:address )?verification",
+        ),
+    ),
+    (
+        "blocked",
+        _rx(
+            r"spamhaus",
+            r"spamcop",
+            r"barracuda",
+            r"sorbs",
+            r"black ?list",
+            r"block ?list",
+            r"\bRBL\b",
+            r"\bDNSBL\b",
+            r"\blisted\b",
+            r"\bblocked\b",
+            r"\bbanned\b",
+            r"reputation",
+            r"\bS3150\b",
+            r"access denied",
+            r"client host rejected",
+            r"IP (?:address )?rejected",
+            r"\bTSS0[1-9]\b",
+            r"sender (?:ip|domain) (?:is )?(?:blocked|rejected)",
+        ),
+    ),
+    (
+        "rate-limited",
+        _rx(
+            r"rate ?limit",
+            r"too many (?:messages|connections|recipients|emails|mails)",
+            r"throttl",
+            r"temporarily deferred",
+            r"unusual rate",
+            r"try (?:again )?later",
+            r"exceeded (?:the )?[a-z ]*limit",
+            r"sending limit",
+            r"too much mail",
+            r"\bTS0[1-4]\b",
+            r"slow down",
+            r"4\.7\.28",
+        ),
+    ),
+    (
+        "spam-content",
+        _rx(
+            r"\bspam\b",
+            r"junk",
+            r"phish",
+            r"virus",
+            r"malware",
+            r"content (?:rejected|filter)",
+            r"message content",
+            r"suspicious",
+            r"bulk mail",
+            r"unsolicited",
+        ),
+    ),
+    (
+        "network",
+        _rx(
+            r"connection (?:timed out|refused|reset)",
+            r"lost connection",
+            r"conversation with \S+ timed out",
+            r"\bTLS\b",
+            r"handshake",
+            r"network is unreachable",
+            r"no route to host",
+            r"timed out",
+            r"connect to \S+: ",
+        ),
+    ),
+    (
+        "policy",
+        _rx(
+            r"relay(?:ing)? (?:access )?(?:denied|not permitted)",
+            r"\bpolicy\b",
+            r"not permitted",
+            r"administrative prohibition",
+            r"\bdenied\b",
+            r"\brejected\b",
+            r"not allowed",
+        ),
+    ),
+)
+
+#: Enhanced status code (subject.detail, after the class digit) -> classification.
+STATUS_RULES: Final[dict[str, str]] = {
+    "1.0": "user-unknown",
+    "1.1": "user-unknown",
+    "1.3": "user-unknown",
+    "1.10": "user-unknown",
+    "1.2": "host-unknown",
+    "1.6": "moved",
+    "2.1": "mailbox-disabled",
+    "2.2": "mailbox-full",
+    "2.3": "message-too-large",
+    "3.4": "message-too-large",
+    "4.4": "host-unknown",
+    "4.1": "network",
+    "4.2": "network",
+    "4.7": "expired",
+    "7.1": "policy",
+    "7.28": "rate-limited",
+}
+_AUTH_DETAILS: Final = frozenset(str(n) for n in range(20, 28))
+
+_CODE_RE: Final = re.compile(r"(?<![\d.])([245]\d\d)(?:[ -]|$)")
+_STATUS_RE: Final = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The classification of one failure."""
+
+    classification: str
+    suppress: bool
+    type: BounceType
+    status: str | None = None
+    code: int | None = None
+
+
+def parse_reply(text: str) -> tuple[int | None, str | None]:
+    """(SMTP reply code, enhanced status) found in a reply or diagnostic text."""
+    code_match = _CODE_RE.search(text)
+    status_match = _STATUS_RE.search(text)
+    code = int(code_match.group(1)) if code_match else None
+    status = ".".join(status_match.groups()) if status_match else None
+    return code, status
+
+
+def classify(
+    text: str,
+    *,
+    code: int | None = None,
+    status: str | None = None,
+    expired: bool = False,
+) -> Verdict:
+    """Classify a failure from its reply text and, when known, reply code and enhanced status.
+
+    Missing ``code``/``status`` are looked for in ``text``.  ``expired`` marks a message that
+    ran out of queue lifetime (Postfix' ``status=expired``).
+    """
+    found_code, found_status = parse_reply(text)
+    code = code if code is not None else found_code
+    status = status or found_status
+    classification = _by_text(text) or _by_status(status) or "other"
+    if expired:
+        classification = "expired"
+    bounce_type = _type(code, status, classification, expired)
+    suppress = bounce_type in ("hard", "unroutable") and classification in DEAD_ADDRESS
+    return Verdict(classification, suppress, bounce_type, status, code)
+
+
+def _by_text(text: str) -> str | None:
+    for classification, pattern in TEXT_RULES:
+        if pattern.search(text):
+            return classification
+    return None
+
+
+def _by_status(status: str | None) -> str | None:
+    if not status:
+        return None
+    _, subject, detail = status.split(".")
+    if subject == "7" and detail in _AUTH_DETAILS:
+        return "auth-failure"
+    return STATUS_RULES.get(f"{subject}.{detail}")
+
+
+def _type(code: int | None, status: str | None, classification: str, expired: bool) -> BounceType:
+    klass = str(code)[0] if code is not None else (status[0] if status else None)
+    if klass == "5":
+        return "hard"
+    if klass == "4" or expired:
+        return "soft"
+    if classification in ("host-unknown", "network"):
+        return "unroutable"
+    return "soft" if klass is None and classification == "other" else "hard"

@@ -1,0 +1,73 @@
+"""Building blocks shared by every configuration section.
+
+All models are strict (unknown keys are errors), frozen (config is read once in ``main`` and
+passed down) and use the original kebab-case key names (``inet-port``), mapped to snake_case
+attributes.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+def kebab(name: str) -> str:
+    """Map an attribute name to the YAML key used by the original configuration files."""
+    return name.replace("_", "-")
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys and wrong types are refused."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=kebab,
+        populate_by_name=True,
+        strict=False,
+        hide_input_in_errors=True,
+    )
+
+
+Port = int
+
+
+class RedisServer(StrictModel):
+    """Where a service finds Redis (``<service>.reliable-queue.redis``)."""
+
+    hostname: str = Field("redis", description="Redis host name or IP address.")
+    port: int = Field(6379, ge=1, le=65535, description="Redis TCP port.")
+    password: SecretStr | None = Field(
+        None, description="Redis password (use ${env:VAR} or ${file:/path} to keep it out of YAML)."
+    )
+    username: str | None = Field(None, description="Redis ACL user name (Redis 6+).")
+    db: int = Field(0, ge=0, description="Redis database number.")
+    socket_timeout: float = Field(
+        10.0, gt=0, description="Seconds before a Redis command is considered failed."
+    )
+
+
+class ReliableQueueClient(StrictModel):
+    """The ``reliable-queue`` block of a service section."""
+
+    redis: RedisServer = Field(default_factory=RedisServer)
+
+
+class Prometheus(StrictModel):
+    """Where a service serves ``/metrics``, ``/healthz`` and ``/readyz``."""
+
+    inet_interface: str = Field("0.0.0.0", description="Listen address of the metrics server.")
+    inet_port: int = Field(9090, ge=0, le=65535, description="Listen port of the metrics server.")
+
+
+class Bind(StrictModel):
+    """A listening socket (``bind.inet-interface`` / ``bind.inet-port``)."""
+
+    inet_interface: str = Field("0.0.0.0", description="Listen address.")
+    inet_port: int = Field(..., ge=0, le=65535, description="Listen port.")
+
+
+class AuthLogin(StrictModel):
+    """One submission account.  ``password`` is plain text or a ``pbkdf2_sha256$…`` hash."""
+
+    username: str = Field(..., min_length=1)
+    password: SecretStr = Field(..., description="Plain password or pbkdf2_sha256$<iter>$<salt>$<hash>.")

@@ -1,0 +1,32 @@
+"""``httpreceiver`` section of the customer file (HTTP submission API)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from common.config.base import AuthLogin, Prometheus, ReliableQueueClient, StrictModel
+
+
+class HttpBind(StrictModel):
+    """API and metrics listeners."""
+
+    inet_interface: str = Field("0.0.0.0", description="Listen address of both ports.")
+    inet_port: int = Field(8080, ge=0, le=65535, description="API port.")
+    inet_port_metrics: int = Field(9090, ge=0, le=65535, description="Metrics/health port.")
+
+
+class HttpReceiverSection(StrictModel):
+    """``POST /v1/mail/send`` and the RFC 8058 one-click unsubscribe endpoint."""
+
+    bind: HttpBind = Field(default_factory=HttpBind)
+    auth_logins: list[AuthLogin] = Field(default_factory=list, description="HTTP Basic accounts.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer API keys.")
+    reliable_queue: ReliableQueueClient | None = None
+    prometheus: Prometheus | None = Field(
+        None, description="Accepted for compatibility; metrics are served on bind.inet-port-metrics."
+    )
+    max_message_size: int = Field(26_214_400, ge=1024, description="Largest accepted body in bytes.")
+    idempotency_window_seconds: int = Field(
+        86_400, ge=0, description="How long an Idempotency-Key is remembered (0 disables the feature)."
+    )
+    workers: int = Field(0, ge=0, description="gunicorn worker processes (0 = 2 per core).")

@@ -1,0 +1,54 @@
+"""``receiver`` section of the customer file (SMTP submission, port 587)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from common.config.base import AuthLogin, Bind, Prometheus, ReliableQueueClient, StrictModel
+
+
+class AuthLockout(StrictModel):
+    """Brute-force protection for SMTP AUTH, per client address."""
+
+    max_failures: int = Field(5, ge=1, description="Failed logins allowed within window-seconds.")
+    window_seconds: float = Field(300.0, gt=0, description="Window in which failures are counted.")
+    lockout_seconds: float = Field(900.0, ge=0, description="How long an address is refused after that.")
+    delay_seconds: float = Field(1.0, ge=0, description="Delay added to every failed AUTH reply.")
+
+
+class ReceiverSection(StrictModel):
+    """SMTP submission: STARTTLS + AUTH, validates and enqueues to the P0/P1 streams."""
+
+    bind: Bind = Field(..., description="SMTP listener (587 in Kubernetes).")
+    auth_logins: list[AuthLogin] = Field(default_factory=list, description="SMTP AUTH accounts.")
+    ignore_smtp_mail_from_rcpt_to: bool = Field(
+        True, description="Recipients come from To/Cc headers; only true is supported (as the original)."
+    )
+    reliable_queue: ReliableQueueClient | None = None
+    prometheus: Prometheus = Field(default_factory=Prometheus)
+    implicit_tls_port: int | None = Field(
+        None, ge=0, le=65535, description="Optional implicit-TLS submission port (465, RFC 8314)."
+    )
+    trusted_networks: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list, description="CIDRs whose clients may submit without AUTH."
+    )
+    max_message_size: int = Field(26_214_400, ge=1024, description="SIZE limit in bytes.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate; default receiver_cert.pem next to the customer file."
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM key; default receiver_key.pem next to the customer file."
+    )
+    hostname: str | None = Field(None, description="Name in the SMTP banner; default the host name.")
+    processes: int = Field(0, ge=0, description="Worker processes sharing the port (0 = one per core).")
+    auth_lockout: AuthLockout = Field(default_factory=AuthLockout)
+
+    @field_validator("ignore_smtp_mail_from_rcpt_to")
+    @classmethod
+    def _only_true(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("only true is supported: recipients are taken from the To and Cc headers")
+        return value

@@ -1,0 +1,57 @@
+"""Every Redis key the platform uses, built in this one module (style anchor C6).
+
+Queue streams (names configurable in the global file; defaults shown)::
+
+  key                          type    producer(s)                      consumer group
+  IB-MAIL-QUEUE-P0             STREAM  Receiver, HttpReceiver           transformer
+  IB-MAIL-QUEUE-P1             STREAM  Receiver, HttpReceiver           transformer
+  INCOMING-TO-POSTFIX          STREAM  Transformer, PostfixLog requeue  postfixlog
+  EVENT_QUEUE                  STREAM  every service                    backdata
+  <queue>:dead                 STREAM  the queue's consumers            (operators; replay CLI)
+
+Each queue stream has exactly one consumer group, named after the consuming service.  An entry
+is deleted (XDEL) in the same MULTI/EXEC that acknowledges it, so a stream's length is the
+number of entries not yet completed (waiting + pending).
+
+Other keys::
+
+  IB:address-secret                          STRING  generated address-tag secret (if not configured)
+  IB:postfixlog:qid:<queue id>               HASH    PostfixLog: queue id -> uuid, recipient, stream… (TTL)
+  IB:postfixlog:log-position                 HASH    PostfixLog: log follower position (inode, offset)
+  IB:postfixlog:seen:<queue id>:<rcpt>:<n>   STRING  PostfixLog: de-duplication of log-derived events (TTL)
+  IB:httpreceiver:idem:<user>:<key>          STRING  HttpReceiver: Idempotency-Key -> first answer (TTL 24 h)
+  IB:receiver:authfail:<ip>                  STRING  Receiver: failed AUTH counter per client address (TTL)
+  IB:receiver:lockout:<ip>                   STRING  Receiver: lockout marker per client address (TTL)
+  IB:mxserver:seen:<digest>                  STRING  MxServer: de-duplication of received reports (TTL)
+  IB:health:<service>:<consumer>             STRING  worker heartbeat (TTL)
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "IB"
+DEAD_SUFFIX: Final = ":dead"
+
+#: Consumer group of each queue (the consuming service).
+GROUP_TRANSFORMER: Final = "transformer"
+GROUP_POSTFIXLOG: Final = "postfixlog"
+GROUP_BACKDATA: Final = "backdata"
+
+
+def dead_letter(queue: str) -> str:
+    """Dead-letter stream of ``queue``."""
+    return queue + DEAD_SUFFIX
+
+
+def service_key(service: str, *parts: str) -> str:
+    """A key owned by one service: ``IB:<service>:<part>:<part>…``."""
+    return ":".join((PREFIX, service, *parts))
+
+
+ADDRESS_SECRET: Final = f"{PREFIX}:address-secret"
+
+
+def heartbeat(service: str, consumer: str) -> str:
+    """Liveness key a worker refreshes while its loop runs."""
+    return service_key("health", service, consumer)

@@ -1,0 +1,608 @@
+"""Reliable queues on Redis Streams with consumer groups (DESIGN §2, style anchor C7).
+
+Every service reaches Redis queues through this module only.
+
+Producers (:class:`Queues`, :class:`AsyncQueues`) add entries in one pipelined round trip
+that also reads the stream's length.  The limit ``max_queue_length`` is *soft*: a producer that
+sees the queue at or over the limit refuses its following writes with :class:`QueueFullError`
+(receivers answer with a temporary failure) until a fresh length check shows room again, so a
+queue overshoots by at most one batch per producer.  Writing first and checking in the same
+round trip keeps 10 KB entries at pipelined-XADD speed (a Lua script that checks first copies
+every argument twice and halves the throughput).
+
+A :class:`Consumer` reads batches with ``XREADGROUP``.  An entry stays *pending* on that
+consumer until it is completed:
+
+* :meth:`Consumer.complete` writes the outputs to the next queue(s) and acknowledges and deletes
+  the inputs in one ``MULTI/EXEC`` -- a crash leaves an entry either pending (it is delivered
+  again) or handed off, never both and never neither;
+* :meth:`Consumer.dead_letter` moves it, with the reason, to ``<queue>:dead`` (same atomicity).
+
+Entries left pending by a consumer that died are claimed by another one after
+``claim_idle_seconds`` (``XAUTOCLAIM``); a restarted consumer with the same name re-reads its
+own pending entries first.  Redis counts deliveries; an entry delivered more than
+``max_deliveries`` times is dead-lettered instead of being handed out again, so a message that
+crashes its consumer cannot loop forever.
+
+Duplicate window (at-least-once): an entry is processed twice when its consumer dies after
+producing side effects but before :meth:`Consumer.complete` returns, or when it is claimed
+while its slow owner is still working on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from common import keys
+from common.config.base import RedisServer
+from common.config.globalfile import GlobalConfig
+from common.errors import QueueFullError, QueueUnavailableError
+
+log = logging.getLogger(__name__)
+
+Fields = Mapping[str, bytes | str]
+
+#: Prefix of the metadata fields added to a dead-lettered entry.
+DEAD_PREFIX: Final = "dl-"
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Queue semantics, from the global file's ``reliable-queue`` block."""
+
+    max_length: int = 200_000
+    max_deliveries: int = 5
+    claim_idle_ms: int = 60_000
+    batch_size: int = 64
+    priority_share: int = 10
+
+    @classmethod
+    def from_config(cls, cfg: GlobalConfig) -> QueueSettings:
+        """Settings of the global file."""
+        rq = cfg.reliable_queue
+        return cls(
+            max_length=rq.max_queue_length,
+            max_deliveries=rq.max_deliveries,
+            claim_idle_ms=int(rq.claim_idle_seconds * 1000),
+            batch_size=rq.batch_size,
+            priority_share=rq.priority_share,
+        )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry handed to a consumer; ``deliveries`` counts this delivery too."""
+
+    queue: str
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+    def field(self, name: str) -> bytes | None:
+        """Raw value of a field, or None."""
+        return self.fields.get(name.encode())
+
+
+@dataclass(frozen=True)
+class Output:
+    """An entry to add to ``queue`` when an input is completed."""
+
+    queue: str
+    fields: Fields
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counts of one queue, for metrics and back-pressure."""
+
+    queue: str
+    length: int
+    pending: int
+    dead: int
+
+    @property
+    def waiting(self) -> int:
+        """Entries not yet handed to any consumer."""
+        return max(self.length - self.pending, 0)
+
+
+def connect(server: RedisServer, *, client_name: str | None = None) -> redis.Redis:
+    """A synchronous client for ``server`` (bytes responses)."""
+    return redis.Redis(**_client_kwargs(server, client_name))
+
+
+def connect_async(server: RedisServer, *, client_name: str | None = None) -> redis.asyncio.Redis:
+    """An asyncio client for ``server`` (bytes responses)."""
+    return redis.asyncio.Redis(**_client_kwargs(server, client_name))
+
+
+def _client_kwargs(server: RedisServer, client_name: str | None) -> dict[str, Any]:
+    return {
+        "host": server.hostname,
+        "port": server.port,
+        "db": server.db,
+        "username": server.username,
+        "password": server.password.get_secret_value() if server.password else None,
+        "socket_timeout": server.socket_timeout,
+        "socket_connect_timeout": min(server.socket_timeout, 5.0),
+        # One immediate retry replaces a pooled connection that Redis closed (restart);
+        # more would hold a client (and its SMTP reply) while Redis is down.
+        "retry": Retry(NoBackoff(), 1),
+        "health_check_interval": 30,
+        "client_name": client_name,
+    }
+
+
+def consumer_name(service: str, index: int = 0) -> str:
+    """Stable consumer name: a restarted process finds its own pending entries again.
+
+    ``INBOXBOOSTER_CONSUMER_NAME`` overrides the host-name based default.
+    """
+    base = os.environ.get("INBOXBOOSTER_CONSUMER_NAME") or f"{service}-{socket.gethostname()}"
+    return f"{base}-{index}"
+
+
+@contextlib.contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Translate redis-py errors into the project's temporary errors."""
+    try:
+        yield
+    except redis.exceptions.ResponseError as exc:
+        text = str(exc)
+        if text.startswith("QUEUEFULL"):
+            raise QueueFullError(text.removeprefix("QUEUEFULL ")) from None
+        # OOM, MISCONF (persistence failing), READONLY, LOADING, BUSY: all pass with time.
+        raise QueueUnavailableError(f"{what}: Redis refused: {text}") from exc
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise QueueUnavailableError(f"{what}: Redis unavailable: {exc}") from exc
+
+
+class _Limit:
+    """Soft length limit per queue, as last seen by this producer."""
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self._full: dict[str, int] = {}
+
+    def blocked(self, queue: str) -> bool:
+        return queue in self._full
+
+    def update(self, queue: str, length_before: int, added: int) -> None:
+        if self.max_length and length_before + added >= self.max_length:
+            self._full[queue] = length_before + added
+        else:
+            self._full.pop(queue, None)
+
+    def check(self, queue: str) -> None:
+        if queue in self._full:
+            raise QueueFullError(f"{queue} holds {self._full[queue]} entries (limit {self.max_length})")
+
+
+def _decode_id(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class Queues:
+    """Producer and admin operations (synchronous)."""
+
+    def __init__(self, client: redis.Redis, settings: QueueSettings) -> None:
+        self.client = client
+        # redis-py types replies as unions of sync/async results; replies are decoded here.
+        self.redis: Any = client
+        self.settings = settings
+        self._limit = _Limit(settings.max_length)
+
+    def enqueue(self, queue: str, fields: Fields, *, limit: bool = True) -> str:
+        """Add one entry; returns its id.
+
+        Raises:
+            QueueFullError: the queue is at its length limit.
+            QueueUnavailableError: Redis is down or refused the write.
+        """
+        return self.enqueue_many(queue, [fields], limit=limit)[0]
+
+    def enqueue_many(self, queue: str, batch: Sequence[Fields], *, limit: bool = True) -> list[str]:
+        """Add entries in one round trip (all or nothing); returns their ids.
+
+        Raises:
+            QueueFullError: the queue was found at its length limit; nothing was written.
+            QueueUnavailableError: Redis is down or refused the write.
+        """
+        if not batch:
+            return []
+        with redis_errors(f"enqueue to {queue}"):
+            if limit and self._limit.blocked(queue):
+                self._limit.update(queue, int(self.redis.xlen(queue)), 0)
+                self._limit.check(queue)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xlen(queue)
+            for fields in batch:
+                pipe.xadd(queue, dict(fields))
+            reply = pipe.execute()
+        if limit:
+            self._limit.update(queue, int(reply[0]), len(batch))
+        return [_decode_id(i) for i in reply[1:]]
+
+    def ensure_group(self, queue: str, group: str) -> None:
+        """Create the stream and its consumer group if they do not exist."""
+        with redis_errors(f"create group {group} on {queue}"):
+            try:
+                self.redis.xgroup_create(queue, group, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def stats(self, queue: str, group: str) -> QueueStats:
+        """Length, pending and dead-letter counts of ``queue`` (one round trip)."""
+        with redis_errors(f"stats of {queue}"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xlen(queue)
+            pipe.xlen(keys.dead_letter(queue))
+            pipe.xinfo_groups(queue)
+            length, dead, groups = pipe.execute(raise_on_error=False)
+        if isinstance(length, Exception) or isinstance(dead, Exception):
+            raise QueueUnavailableError(
+                f"stats of {queue}: {length if isinstance(length, Exception) else dead}"
+            )
+        pending = 0
+        if isinstance(groups, list):
+            for info in groups:
+                name = info.get("name")
+                if name in (group, group.encode()):
+                    pending = int(info.get("pending", 0))
+        return QueueStats(queue=queue, length=int(length), pending=pending, dead=int(dead))
+
+    def length(self, queue: str) -> int:
+        """Number of entries in ``queue`` (waiting plus pending)."""
+        with redis_errors(f"length of {queue}"):
+            return int(self.redis.xlen(queue))
+
+    def dead_letters(self, queue: str, count: int = 100) -> list[Entry]:
+        """The oldest dead-lettered entries of ``queue`` (fields include the ``dl-*`` metadata)."""
+        dead = keys.dead_letter(queue)
+        with redis_errors(f"read {dead}"):
+            rows = self.redis.xrange(dead, count=count)
+        return [Entry(dead, _decode_id(i), dict(f)) for i, f in rows]
+
+    def replay_dead_letters(self, queue: str, ids: Sequence[str] | None = None, count: int = 1000) -> int:
+        """Move dead-lettered entries back to ``queue`` (metadata removed); returns how many.
+
+        Each move is atomic (add to the queue and delete from the dead-letter stream in one
+        MULTI/EXEC).  Without ``ids`` the oldest ``count`` entries are replayed.
+        """
+        dead = keys.dead_letter(queue)
+        with redis_errors(f"replay {dead}"):
+            if ids is None:
+                rows = self.redis.xrange(dead, count=count)
+            else:
+                rows = []
+                for entry_id in ids:
+                    rows.extend(self.redis.xrange(dead, min=entry_id, max=entry_id))
+            if not rows:
+                return 0
+            pipe = self.redis.pipeline(transaction=True)
+            for entry_id, fields in rows:
+                original = {k: v for k, v in fields.items() if not k.startswith(DEAD_PREFIX.encode())}
+                pipe.xadd(queue, original)
+                pipe.xdel(dead, entry_id)
+            pipe.execute()
+        log.info("replayed %d dead-lettered entries of %s", len(rows), queue)
+        return len(rows)
+
+
+class AsyncQueues:
+    """Producer operations for asyncio services (Receiver, MxServer)."""
+
+    def __init__(self, client: redis.asyncio.Redis, settings: QueueSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self._limit = _Limit(settings.max_length)
+
+    async def enqueue(self, queue: str, fields: Fields, *, limit: bool = True) -> str:
+        """Add one entry; see :meth:`Queues.enqueue`."""
+        return (await self.enqueue_many(queue, [fields], limit=limit))[0]
+
+    async def enqueue_many(self, queue: str, batch: Sequence[Fields], *, limit: bool = True) -> list[str]:
+        """Add entries in one round trip (all or nothing); see :meth:`Queues.enqueue_many`."""
+        if not batch:
+            return []
+        with redis_errors(f"enqueue to {queue}"):
+            if limit and self._limit.blocked(queue):
+                self._limit.update(queue, int(await self.client.xlen(queue)), 0)
+                self._limit.check(queue)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xlen(queue)
+            for fields in batch:
+                pipe.xadd(queue, dict(fields))  # type: ignore[arg-type]
+            reply = await pipe.execute()
+        if limit:
+            self._limit.update(queue, int(reply[0]), len(batch))
+        return [_decode_id(i) for i in reply[1:]]
+
+    async def ping(self) -> bool:
+        """True when Redis answers."""
+        try:
+            return bool(await self.client.ping())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return False
+
+
+class Consumer:
+    """One named consumer of a group, reading one or more streams in priority order.
+
+    With several streams (``[P0, P1]``) each batch is filled from the first stream, then the
+    next; every ``priority_share``-th batch starts with the second stream, so the default
+    queue keeps moving under sustained priority load.
+    """
+
+    def __init__(
+        self,
+        queues: Queues,
+        streams: Sequence[str],
+        group: str,
+        name: str,
+        *,
+        batch_size: int | None = None,
+        block_ms: int = 1000,
+    ) -> None:
+        if not streams:
+            raise ValueError("a consumer needs at least one stream")
+        self.queues = queues
+        self.client: Any = queues.redis
+        self.settings = queues.settings
+        self.streams = list(streams)
+        self.group = group
+        self.name = name
+        self.batch_size = batch_size or self.settings.batch_size
+        self.block_ms = block_ms
+        self._round = 0
+        self._history_done = False
+        self._next_reclaim = 0.0
+        self._claim_cursor = dict.fromkeys(self.streams, "0-0")
+        #: Outputs to write with an entry dead-lettered during :meth:`read` (set by the worker).
+        self.on_dead_letter: Callable[[Entry, str], Sequence[Output]] | None = None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Create the streams and the group if needed."""
+        for stream in self.streams:
+            self.queues.ensure_group(stream, self.group)
+
+    def read(self) -> list[Entry]:
+        """The next batch: own leftovers first, then claimed orphans, then new entries.
+
+        Blocks at most ``block_ms`` when there is nothing to do (so a stop request is seen).
+
+        Raises:
+            QueueUnavailableError: Redis is down.
+        """
+        with redis_errors(f"read {','.join(self.streams)}"):
+            if not self._history_done:
+                entries = self._read_history()
+                if entries:
+                    return entries
+                self._history_done = True
+            if time.monotonic() >= self._next_reclaim:
+                entries = self._reclaim()
+                if entries:
+                    return entries
+                self._next_reclaim = time.monotonic() + self.settings.claim_idle_ms / 2000
+            return self._read_new()
+
+    def _read_history(self) -> list[Entry]:
+        """Entries this consumer name read before a restart and never completed."""
+        entries: list[Entry] = []
+        deleted: list[tuple[str, str]] = []
+        for stream in self.streams:
+            reply = self.client.xreadgroup(self.group, self.name, {stream: "0"}, count=self.batch_size)
+            for entry_id, fields in _rows(reply):
+                if fields:
+                    entries.append(Entry(stream, entry_id, dict(fields)))
+                else:
+                    deleted.append((stream, entry_id))
+        self._ack_only(deleted)
+        return self._screen(self._with_deliveries(entries))
+
+    def _reclaim(self) -> list[Entry]:
+        """Claim entries idle longer than ``claim_idle_ms`` on other (dead) consumers."""
+        entries: list[Entry] = []
+        for stream in self.streams:
+            reply = self.client.xautoclaim(
+                stream,
+                self.group,
+                self.name,
+                self.settings.claim_idle_ms,
+                start_id=self._claim_cursor[stream],
+                count=self.batch_size,
+            )
+            self._claim_cursor[stream] = _decode_id(reply[0])
+            for entry_id, fields in reply[1]:
+                if fields:
+                    entries.append(Entry(stream, _decode_id(entry_id), dict(fields)))
+        if entries:
+            log.warning("claimed %d entries left pending by other consumers", len(entries))
+        return self._screen(self._with_deliveries(entries))
+
+    def _read_new(self) -> list[Entry]:
+        self._round += 1
+        order = list(self.streams)
+        if len(order) > 1 and self._round % self.settings.priority_share == 0:
+            order = order[1:] + order[:1]
+        entries: list[Entry] = []
+        if len(order) > 1:
+            for stream in order:
+                need = self.batch_size - len(entries)
+                if need <= 0:
+                    break
+                reply = self.client.xreadgroup(self.group, self.name, {stream: ">"}, count=need)
+                entries.extend(Entry(stream, i, dict(f)) for i, f in _rows(reply))
+            if entries:
+                return entries
+        reply = self.client.xreadgroup(
+            self.group, self.name, dict.fromkeys(order, ">"), count=self.batch_size, block=self.block_ms
+        )
+        for stream, rows in _streams(reply):
+            entries.extend(Entry(stream, i, dict(f)) for i, f in rows)
+        return entries
+
+    def _with_deliveries(self, entries: list[Entry]) -> list[Entry]:
+        """Fill in Redis' delivery counters (one XPENDING per stream)."""
+        if not entries:
+            return entries
+        counts: dict[tuple[str, str], int] = {}
+        pipe = self.client.pipeline(transaction=False)
+        spans = []
+        for stream in self.streams:
+            ids = [e.id for e in entries if e.queue == stream]
+            if ids:
+                spans.append(stream)
+                pipe.xpending_range(
+                    stream,
+                    self.group,
+                    min=ids[0],
+                    max=ids[-1],
+                    count=len(ids) * 4 + 16,
+                    consumername=self.name,
+                )
+        for stream, rows in zip(spans, pipe.execute(), strict=True):
+            for row in rows:
+                counts[(stream, _decode_id(row["message_id"]))] = int(row["times_delivered"])
+        return [Entry(e.queue, e.id, e.fields, counts.get((e.queue, e.id), e.deliveries)) for e in entries]
+
+    def _screen(self, entries: list[Entry]) -> list[Entry]:
+        """Dead-letter entries delivered too often (their consumers keep dying on them)."""
+        limit = self.settings.max_deliveries
+        over = [e for e in entries if e.deliveries > limit]
+        if over:
+            failed = []
+            for entry in over:
+                reason = (
+                    f"delivered {entry.deliveries} times without completing (limit {limit}); "
+                    "consumers crashed or hung on it"
+                )
+                outputs = self.on_dead_letter(entry, reason) if self.on_dead_letter else ()
+                failed.append((entry, reason, outputs))
+            self.dead_letter(failed)
+        return [e for e in entries if e.deliveries <= limit]
+
+    # -- completing ------------------------------------------------------------------------
+
+    def complete(self, done: Sequence[tuple[Entry, Sequence[Output]]]) -> None:
+        """Hand off: add every output and ack+delete every input, in one MULTI/EXEC.
+
+        Raises:
+            QueueUnavailableError: Redis is down; nothing was written or acknowledged.
+        """
+        if not done:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for _, outputs in done:
+            for out in outputs:
+                pipe.xadd(out.queue, dict(out.fields))
+        self._ack_into(pipe, [(e.queue, e.id) for e, _ in done])
+        with redis_errors("complete batch"):
+            pipe.execute()
+
+    def dead_letter(self, failed: Sequence[tuple[Entry, str, Sequence[Output]]]) -> None:
+        """Move entries to their dead-letter streams with the reason, atomically with the ack.
+
+        Each entry's outputs (e.g. an ``error`` event) are written in the same transaction.
+
+        Raises:
+            QueueUnavailableError: Redis is down; the entries stay pending.
+        """
+        if not failed:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        now = repr(time.time())
+        for entry, reason, outputs in failed:
+            for out in outputs:
+                pipe.xadd(out.queue, dict(out.fields))
+            fields: dict[Any, Any] = dict(entry.fields)
+            fields.update(
+                {
+                    DEAD_PREFIX + "reason": reason[:2000],
+                    DEAD_PREFIX + "queue": entry.queue,
+                    DEAD_PREFIX + "id": entry.id,
+                    DEAD_PREFIX + "deliveries": str(entry.deliveries),
+                    DEAD_PREFIX + "group": self.group,
+                    DEAD_PREFIX + "consumer": self.name,
+                    DEAD_PREFIX + "at": now,
+                }
+            )
+            pipe.xadd(keys.dead_letter(entry.queue), fields)
+            log.error(
+                "dead-lettered %s %s after %d deliveries: %s",
+                entry.queue,
+                entry.id,
+                entry.deliveries,
+                reason[:300],
+            )
+        self._ack_into(pipe, [(e.queue, e.id) for e, _, _ in failed])
+        with redis_errors("dead-letter"):
+            pipe.execute()
+
+    def redeliver(self, entries: Sequence[Entry]) -> list[Entry]:
+        """Count another delivery of entries that failed unexpectedly (XCLAIM bumps the counter)."""
+        with redis_errors("redeliver"):
+            for stream in self.streams:
+                ids = [e.id for e in entries if e.queue == stream]
+                if ids:
+                    self.client.xclaim(stream, self.group, self.name, 0, ids)
+        return [Entry(e.queue, e.id, e.fields, e.deliveries + 1) for e in entries]
+
+    def touch(self, entries: Sequence[Entry]) -> None:
+        """Reset the idle time of entries this consumer still works on (keeps them ours)."""
+        with redis_errors("touch"):
+            for stream in self.streams:
+                ids = [e.id for e in entries if e.queue == stream]
+                if ids:
+                    self.client.xclaim(stream, self.group, self.name, 0, ids, justid=True)
+
+    def _ack_into(self, pipe: Any, items: Sequence[tuple[str, str]]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in items:
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, self.group, *ids)
+            pipe.xdel(stream, *ids)
+
+    def _ack_only(self, items: Sequence[tuple[str, str]]) -> None:
+        if items:
+            pipe = self.client.pipeline(transaction=True)
+            self._ack_into(pipe, items)
+            pipe.execute()
+
+
+def _streams(reply: Any) -> list[tuple[str, list[tuple[str, dict[bytes, bytes]]]]]:
+    """Normalise an XREADGROUP reply (RESP2 list or RESP3 dict) to (stream, rows)."""
+    if not reply:
+        return []
+    items = reply.items() if isinstance(reply, dict) else reply
+    out = []
+    for stream, rows in items:
+        name = stream.decode() if isinstance(stream, bytes) else stream
+        if rows and isinstance(rows[0], list) and len(rows) == 1 and isinstance(rows[0][0], list):
+            rows = rows[0]
+        out.append((name, [(_decode_id(i), f or {}) for i, f in rows]))
+    return out
+
+
+def _rows(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
+    rows: list[tuple[str, dict[bytes, bytes]]] = []
+    for _, stream_rows in _streams(reply):
+        rows.extend(stream_rows)
+    return rows

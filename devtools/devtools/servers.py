@@ -1,0 +1,164 @@
+"""Start real servers on loopback for tests, benchmarks and the local stack."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until it is true; raise TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.1f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def port_open(host: str, port: int) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def require(binary: str) -> str:
+    """Path of a required executable, or a clear error naming the package to install."""
+    found = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+    if found is None:
+        raise FileNotFoundError(
+            f"{binary} is not installed (Debian: apt-get install redis-server postfix swaks)"
+        )
+    return found
+
+
+class RedisProcess:
+    """A private redis-server on loopback with AOF persistence in ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        appendfsync: str = "always",
+        password: str | None = None,
+        config_file: Path | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.appendfsync = appendfsync
+        self.password = password
+        self.config_file = config_file
+        self.extra = extra or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """redis:// URL of the server."""
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        """The redis-server command line."""
+        args = [require("redis-server")]
+        if self.config_file is not None:
+            args.append(str(self.config_file))
+        settings = {
+            "port": str(self.port),
+            "bind": LOOPBACK,
+            "dir": str(self.directory),
+            "appendonly": "yes",
+            "appendfsync": self.appendfsync,
+            "save": "",
+            "daemonize": "no",
+            "logfile": str(self.directory / "redis.log"),
+            "pidfile": "",
+            **self.extra,
+        }
+        if self.password:
+            settings["requirepass"] = self.password
+        for key, value in settings.items():
+            args += [f"--{key}", value]
+        return args
+
+    def start(self, timeout_s: float = 10.0) -> RedisProcess:
+        """Start and wait until it answers PING."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(self._answers, timeout_s, what=f"redis-server on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            log_text = (
+                (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                if (self.directory / "redis.log").exists()
+                else ""
+            )
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err}{log_text}")
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as s:
+                auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+                s.sendall(auth + b"PING\r\n")
+                reply = s.recv(64)
+                return b"PONG" in reply or (bool(auth) and b"+OK" in reply)
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Clean shutdown (SIGTERM: Redis flushes the AOF)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and data directory."""
+        self.stop()
+        self.start()
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path, **kwargs: object) -> Iterator[RedisProcess]:
+    """A running :class:`RedisProcess`, stopped on exit."""
+    server = RedisProcess(directory, **kwargs)  # type: ignore[arg-type]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,155 @@
+"""Configuration loading: broken files give one precise line each; valid ones load."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pytest
+
+from common import cli
+from common.config import load_config
+from common.errors import ConfigError
+from devtools import testing
+
+REPO = Path(__file__).resolve().parents[2]
+CASES = sorted((REPO / "tests/data/config").glob("*.yaml"))
+
+
+def _expectations(path: Path) -> tuple[list[str], list[str]]:
+    expect, reject = [], []
+    for line in path.read_text().splitlines():
+        if line.startswith("# expect: "):
+            expect.append(line.removeprefix("# expect: "))
+        elif line.startswith("# reject: "):
+            reject.append(line.removeprefix("# reject: "))
+    return expect, reject
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_broken_config_gives_precise_error(case: Path, tmp_path: Path) -> None:
+    # Each file is broken in one way; the error names the file and the key path.
+    (tmp_path / "dkim.pem").write_bytes(testing.rsa_pem())
+    (tmp_path / "garbage.pem").write_text("not a key\n")
+    good_global, good_customer = tmp_path / "global.yaml", tmp_path / "customer.yaml"
+    good_global.write_text("{}\n")
+    good_customer.write_text("{}\n")
+    target = tmp_path / case.name
+    shutil.copy(case, target)
+    is_global = case.name.endswith(".global.yaml")
+    expect, reject = _expectations(case)
+    assert expect, f"{case.name} has no '# expect:' line"
+
+    with pytest.raises(ConfigError) as info:
+        load_config(target if is_global else good_global, good_customer if is_global else target)
+
+    problems = info.value.problems
+    for wanted in expect:
+        assert any(wanted in line for line in problems), f"{wanted!r} not in {problems}"
+    for line in problems:
+        assert line.startswith(f"{target}: "), line
+    for secret in reject:
+        assert all(secret not in line for line in problems)
+
+
+@pytest.fixture(autouse=True)
+def _example_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The example customer file reads its passwords from the environment.
+    monkeypatch.setenv("RECEIVER_PASSWORD_SOMEUSER", "example")
+    monkeypatch.setenv("HTTPRECEIVER_PASSWORD_SOMEUSER", "example")
+
+
+def _example_dir(tmp_path: Path) -> Path:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    for name in ("dkim-example.com.pem", "dkim-bexample.com.pem"):
+        (tmp_path / "configs" / name).write_bytes(testing.rsa_pem())
+    return tmp_path / "configs"
+
+
+def test_example_configs_load(tmp_path: Path) -> None:
+    # The commented examples in configs/ are valid for every service (keys generated here).
+    directory = _example_dir(tmp_path)
+    config = load_config(
+        directory / "inboxbooster-mailer-global.yaml", directory / "inboxbooster-mailer-customer.yaml"
+    )
+    assert config.global_.reliable_queue.queue_names.primary_queue == "IB-MAIL-QUEUE-P0"
+    assert config.transformer.domain("EXAMPLE.com") is not None
+    for service in ("receiver", "httpreceiver", "transformer", "postfixlog", "mxserver", "backdata", "redis"):
+        load_config(
+            directory / "inboxbooster-mailer-global.yaml",
+            directory / "inboxbooster-mailer-customer.yaml",
+            service=service,
+        )
+
+
+def test_missing_section_names_the_service(tmp_path: Path) -> None:
+    customer = tmp_path / "c.yaml"
+    customer.write_text("backdata: {post-url: 'http://127.0.0.1:1/'}\n")
+    glob = tmp_path / "g.yaml"
+    glob.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_config(glob, customer, service="receiver")
+    assert f"{customer}: receiver: section is missing (required by receiver)" in info.value.problems
+    assert f"{customer}: transformer: section is missing (required by receiver)" in info.value.problems
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent-global.yaml", tmp_path / "absent-customer.yaml")
+    assert len(info.value.problems) == 2
+    assert "absent-global.yaml: cannot read file: No such file or directory" in info.value.problems[0]
+
+
+def test_secrets_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ${env:…} and ${file:…} keep secrets out of the ConfigMap.
+    monkeypatch.setenv("IB_TEST_PASSWORD", "s3cret")
+    (tmp_path / "whsec").write_text("whsec_abc\n")
+    customer = tmp_path / "c.yaml"
+    customer.write_text(
+        "receiver:\n  bind: {inet-port: 587}\n"
+        "  auth-logins: [{username: u, password: '${env:IB_TEST_PASSWORD}'}]\n"
+        f"backdata: {{post-url: 'http://x/', webhook-secret: '${{file:{tmp_path}/whsec}}'}}\n"
+    )
+    glob = tmp_path / "g.yaml"
+    glob.write_text("")
+    config = load_config(glob, customer)
+    assert config.customer.receiver is not None
+    assert config.customer.receiver.auth_logins[0].password.get_secret_value() == "s3cret"
+    assert config.customer.backdata is not None
+    assert config.customer.backdata.webhook_secret is not None
+    assert config.customer.backdata.webhook_secret.get_secret_value() == "whsec_abc"
+    assert "s3cret" not in repr(config)
+
+
+def test_redis_fallback_order(make_config) -> None:
+    # A service's own reliable-queue.redis wins, then common-config.redis, then defaults.
+    config = make_config(
+        {
+            "receiver": {"reliable-queue": {"redis": {"hostname": "own", "port": 1}}},
+            "backdata": {"reliable-queue": None},
+        }
+    )
+    assert config.redis_for("receiver").hostname == "own"
+    assert config.redis_for("backdata").hostname == "127.0.0.1"
+    config = make_config({"common-config": {"redis": None}, "backdata": {"reliable-queue": None}})
+    assert config.redis_for("backdata").hostname == "redis"
+    assert config.redis_for("backdata").port == 6379
+
+
+def test_check_config_flag_exits_zero_or_two(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = _example_dir(tmp_path)
+    args = argparse.Namespace(
+        global_config_file=directory / "inboxbooster-mailer-global.yaml",
+        customer_config_file=directory / "inboxbooster-mailer-customer.yaml",
+        check_config=True,
+    )
+    with pytest.raises(SystemExit) as ok:
+        cli.load(args, "transformer")
+    assert ok.value.code == 0
+    assert "configuration OK" in capsys.readouterr().out
+    (directory / "dkim-example.com.pem").unlink()
+    with pytest.raises(SystemExit) as bad:
+        cli.load(args, "transformer")
+    assert bad.value.code == 2
+    assert "dkim-example.com.pem does not exist" in capsys.readouterr().err
