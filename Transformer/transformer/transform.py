@@ -1,0 +1,196 @@
+"""Turn one submitted message into a signed outbound message and its envelope.
+
+Per message (DESIGN §4), parsing it once:
+
+1. the From domain selects the domain profile (key, selector, return-path domain);
+2. routing and internal headers are removed: ``X-Uuid``, ``X-Stream-Id``, ``X-Priority``,
+   ``X-ReturnPathIb``, ``X-RecipientIb`` (the original's), ``Bcc`` (never delivered, must not
+   be shown to the other recipients) and ``Return-Path`` (written by the final MTA);
+3. ``Date`` is added when absent (a client's Date is kept); ``Message-ID``
+   (``<uuid@return-path-domain>``), ``X-Mailer``, ``Feedback-ID``, ``List-Unsubscribe``
+   (https one-click URL when configured, plus the tagged mailto) and, with the https URL,
+   ``List-Unsubscribe-Post`` replace any the client sent; ``email-headers.inject`` headers are
+   added;
+4. the beacon goes into every text/html part (when the domain has a ``beacon-url``);
+5. DKIM signatures are added last.
+
+The envelope -- tagged return path, recipients from To/Cc, uuid, stream id, priority --
+travels in the :class:`~common.payloads.OutboundMail` fields, never in headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.header import Header
+from email.utils import format_datetime, getaddresses
+from typing import Final
+
+from common.addressing import AddressSigner, valid_uuid
+from common.errors import PermanentError
+from common.payloads import OutboundMail, SubmittedMail
+from common.submission import recipients
+from transformer import beacon
+from transformer.message import CRLF, MAX_LINE, MessageError, RawMessage
+from transformer.settings import DomainProfile, Settings
+
+log = logging.getLogger(__name__)
+
+#: Removed from every message: routing headers and internal headers of the original.
+INTERNAL_HEADERS: Final = ("x-uuid", "x-stream-id", "x-priority", "x-returnpathib", "x-recipientib")
+#: Removed because they must not reach recipients or are written by the final MTA.
+STRIPPED_HEADERS: Final = ("bcc", "return-path")
+#: Replaced by the Transformer's own.
+REPLACED_HEADERS: Final = ("message-id", "feedback-id", "list-unsubscribe", "list-unsubscribe-post")
+
+_TOKEN: Final = re.compile(r"\{\{\s*token\s*\}\}")
+_INJECT_PLACEHOLDER: Final = re.compile(r"\{\{\s*(uuid|stream-id|from-domain|return-path-domain)\s*\}\}")
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes (kept as surrogates by the parser) shown as U+FFFD.
+
+    Values that leave the message -- envelope fields, event texts -- must be valid UTF-8.
+    """
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class Unprocessable(PermanentError):
+    """The message can never be sent as it is; carries what is known about it for the event."""
+
+    def __init__(self, reason: str, *, uuid: str | None = None, stream_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.uuid = uuid
+        self.stream_id = stream_id
+
+
+@dataclass(frozen=True)
+class Transformed:
+    """A transformed message and what happened on the way."""
+
+    mail: OutboundMail
+    warnings: tuple[str, ...]
+    beacons: int
+    sign_seconds: float
+
+
+class MessageTransformer:
+    """Applies :mod:`transformer.transform`'s steps with one configuration."""
+
+    def __init__(self, settings: Settings, addresses: AddressSigner, clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.addresses = addresses
+        self.clock = clock
+        removed = [*INTERNAL_HEADERS, *STRIPPED_HEADERS, *REPLACED_HEADERS]
+        removed.extend(name.lower() for name, _ in settings.inject)
+        if settings.x_mailer is not None:
+            removed.append("x-mailer")
+        self._removed = frozenset(removed)
+
+    def transform(self, submitted: SubmittedMail) -> Transformed:
+        """Transform and sign one message.
+
+        Raises:
+            Unprocessable: the message cannot be parsed, has no usable X-Uuid, From address,
+                configured From domain or recipient.
+        """
+        fallback_uuid = submitted.uuid if valid_uuid(submitted.uuid) else None
+        try:
+            msg = RawMessage.parse(submitted.raw)
+        except MessageError as exc:
+            raise Unprocessable(f"unparsable message: {exc}", uuid=fallback_uuid) from None
+        uuid = msg.get("X-Uuid")
+        stream_id = printable(msg.get("X-Stream-Id") or "") or None
+        if uuid is None:
+            raise Unprocessable("X-Uuid missing", uuid=fallback_uuid, stream_id=stream_id)
+        if not valid_uuid(uuid):
+            raise Unprocessable(
+                "X-Uuid is not [a-z0-9]+ of at most 46 characters", uuid=fallback_uuid, stream_id=stream_id
+            )
+        profile = self._profile(msg, uuid, stream_id)
+        # An address with bytes that are not UTF-8 cannot be delivered (nor encoded for Redis).
+        rcpts = tuple(r for r in recipients(msg.header_message(("To", "Cc"))) if printable(r) == r)
+        if not rcpts:
+            raise Unprocessable("To and Cc hold no valid recipient address", uuid=uuid, stream_id=stream_id)
+
+        warnings = self._edit_headers(msg, profile, uuid, stream_id)
+        beacons = 0
+        if profile.beacon_url is not None:
+            beacons = self._insert_beacon(msg, profile.beacon_url, uuid, stream_id, warnings)
+        if len(msg.body) > MAX_LINE and max(map(len, msg.body.split(CRLF))) > MAX_LINE:
+            warnings.append("a body line is longer than 998 octets; MTAs may break it (and the signature)")
+        started = time.perf_counter()
+        profile.signer.sign(msg)
+        sign_seconds = time.perf_counter() - started
+        mail = OutboundMail(
+            raw=msg.to_bytes(),
+            uuid=uuid,
+            mail_from=self.addresses.return_path(uuid, profile.return_path_domain),
+            recipients=rcpts,
+            from_domain=profile.domain,
+            stream_id=stream_id,
+            submitted_at=submitted.submitted_at,
+            meta={"priority": str(submitted.priority)},
+        )
+        return Transformed(mail, tuple(warnings), beacons, sign_seconds)
+
+    def _profile(self, msg: RawMessage, uuid: str, stream_id: str | None) -> DomainProfile:
+        addresses = [a for _, a in getaddresses(msg.get_all("From")) if "@" in a]
+        if not addresses:
+            raise Unprocessable("From header is missing or has no address", uuid=uuid, stream_id=stream_id)
+        domain = printable(addresses[0].rpartition("@")[2].strip().lower().rstrip("."))
+        profile = self.settings.profiles.get(domain)
+        if profile is None:
+            raise Unprocessable(
+                f"From domain {domain} is not configured (transformer.domain-settings)",
+                uuid=uuid,
+                stream_id=stream_id,
+            )
+        return profile
+
+    def _edit_headers(self, msg: RawMessage, profile: DomainProfile, uuid: str, stream_id: str | None) -> list[str]:
+        warnings: list[str] = []
+        if msg.has("List-Unsubscribe"):
+            warnings.append("replaced the client's List-Unsubscribe with the signed one")
+        msg.remove(self._removed)
+        rp_domain = profile.return_path_domain
+        if not msg.has("Date"):
+            msg.append("Date", format_datetime(datetime.fromtimestamp(self.clock(), UTC)))
+        msg.append("Message-ID", f"<{uuid}@{rp_domain}>")
+        if self.settings.x_mailer is not None:
+            msg.append("X-Mailer", self.settings.x_mailer)
+        fb = self.settings.feedback
+        campaign = stream_id or fb.campaign_id or ""
+        msg.append("Feedback-ID", f"{campaign}:{uuid}:{fb.mail_type or ''}:{fb.sender_id or ''}")
+        unsubscribe = [f"<mailto:{self.addresses.unsubscribe_address(uuid, rp_domain)}>"]
+        if profile.unsubscribe_url is not None:
+            token = self.addresses.unsubscribe_token(uuid)
+            unsubscribe.insert(0, "<" + _TOKEN.sub(token, profile.unsubscribe_url) + ">")
+        msg.append("List-Unsubscribe", ", ".join(unsubscribe))
+        if profile.unsubscribe_url is not None:
+            msg.append("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+        values = {"uuid": uuid, "stream-id": stream_id or "", "from-domain": rp_domain, "return-path-domain": rp_domain}
+        for name, template in self.settings.inject:
+            value = _INJECT_PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+            if value.isascii():
+                msg.append(name, value)
+            else:  # RFC 2047: raw UTF-8 in a header needs SMTPUTF8 end to end
+                msg.append_folded(name, Header(value, "utf-8", header_name=name).encode(linesep="\r\n"))
+        return warnings
+
+    @staticmethod
+    def _insert_beacon(msg: RawMessage, template: str, uuid: str, stream_id: str | None, warnings: list[str]) -> int:
+        ctype = (msg.get("Content-Type") or "text/plain").lower()
+        if not (ctype.startswith("multipart/") or ctype.startswith("text/html")):
+            return 0
+        tag = beacon.image_tag(beacon.beacon_url(template, uuid=uuid, stream_id=stream_id))
+        result = beacon.insert_beacon(msg.fields, msg.body, tag)
+        msg.body = result.body
+        warnings.extend(result.warnings)
+        return result.inserted

@@ -1,0 +1,132 @@
+"""Per-message rules: refused messages carry their uuid, nothing internal leaks, tags are genuine."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from common.addressing import AddressSigner
+from common.payloads import SubmittedMail
+from transformer.message import RawMessage
+from transformer.transform import Unprocessable
+
+GOOD = (
+    b"From: news@example.test\r\nTo: a@dest.test\r\nSubject: s\r\nX-Uuid: u1\r\n"
+    b"X-Stream-Id: st\r\nX-Priority: 0\r\n\r\nbody\r\n"
+)
+SIGNER = AddressSigner(b"golden-secret")
+
+
+def _submit(raw: bytes, uuid: str = "u1", priority: int = 1) -> SubmittedMail:
+    return SubmittedMail(raw, uuid, priority, "smtp", 1234.5)
+
+
+@pytest.mark.parametrize(
+    ("raw", "entry_uuid", "reason", "event_uuid", "stream"),
+    [
+        (b"not a message at all\r\n", "u9", "unparsable message", "u9", None),
+        (GOOD.replace(b"X-Uuid: u1\r\n", b""), "u9", "X-Uuid missing", "u9", "st"),
+        (GOOD.replace(b"X-Uuid: u1", b"X-Uuid: Not-Valid"), "BAD!", "X-Uuid is not", None, "st"),
+        (
+            GOOD.replace(b"news@example.test", b"news@unknown.test"),
+            "u1",
+            "From domain unknown.test is not configured",
+            "u1",
+            "st",
+        ),
+        (GOOD.replace(b"From: news@example.test\r\n", b""), "u1", "From header is missing", "u1", "st"),
+        (GOOD.replace(b"To: a@dest.test", b"To: undisclosed-recipients:;"), "u1", "no valid recipient", "u1", "st"),
+    ],
+)
+def test_unprocessable_messages_say_why_and_keep_the_uuid(
+    transformer_factory, raw: bytes, entry_uuid: str, reason: str, event_uuid: str | None, stream: str | None
+) -> None:
+    transformer, _ = transformer_factory()
+    with pytest.raises(Unprocessable, match=reason) as info:
+        transformer.transform(_submit(raw, entry_uuid))
+    assert info.value.uuid == event_uuid
+    assert info.value.stream_id == stream
+
+
+def test_envelope_travels_in_fields_and_nothing_internal_leaks(transformer_factory) -> None:
+    raw = GOOD.replace(
+        b"X-Priority: 0\r\n",
+        b"X-Priority: 0\r\nX-ReturnPathIb: bounce-x@evil.test\r\nX-RecipientIb: r@dest.test\r\n"
+        b"Bcc: secret@dest.test\r\nX-UUID: again\r\nx-priority: 1\r\n",
+    )
+    transformer, _ = transformer_factory()
+    mail = transformer.transform(_submit(raw, priority=0)).mail
+    out = RawMessage.parse(mail.raw)
+    for name in ("X-Uuid", "X-Stream-Id", "X-Priority", "X-ReturnPathIb", "X-RecipientIb", "Bcc"):
+        assert not out.has(name), name
+    assert b"secret@dest.test" not in mail.raw
+    assert (mail.uuid, mail.stream_id, mail.from_domain, mail.recipients) == (
+        "u1",
+        "st",
+        "example.test",
+        ("a@dest.test",),
+    )
+    assert mail.submitted_at == 1234.5
+    assert mail.meta == {"priority": "0"}
+    fields = mail.to_fields()
+    assert fields["mail_from"] == mail.mail_from
+    assert set(fields) >= {"raw", "uuid", "mail_from", "rcpts", "from_domain", "ts", "stream_id"}
+
+
+def test_return_path_and_unsubscribe_addresses_are_tagged(transformer_factory) -> None:
+    # Genuine addresses parse back to the uuid; tampered or foreign ones are recognised as forged.
+    transformer, _ = transformer_factory(unsubscribe_url="https://u.example.test/unsub/{{token}}")
+    mail = transformer.transform(_submit(GOOD)).mail
+    unsub_header = RawMessage.parse(mail.raw).get("List-Unsubscribe") or ""
+    mailto = re.search(r"<mailto:([^>]+)>", unsub_header)
+    token = re.search(r"/unsub/([^>]+)>", unsub_header)
+    assert mailto is not None and token is not None
+    assert SIGNER.parse_address(mail.mail_from) == ("bounce", "u1")
+    assert SIGNER.parse_address(mailto.group(1)) == ("unsub", "u1")
+    assert SIGNER.parse_token(token.group(1)) == "u1"
+
+    local, _, domain = mail.mail_from.partition("@")
+    tag = local.rsplit("-", 1)[1]
+    forged = [
+        mail.mail_from.replace("bounce-u1-", "bounce-u2-"),  # another message's uuid, same tag
+        mail.mail_from.replace(tag, tag[::-1]),  # tampered tag
+        mail.mail_from.replace(tag, "a" * 10),
+        f"bounce-u1@{domain}",  # the original's untagged format
+        mailto.group(1).replace("unsub-", "bounce-"),  # an unsubscribe tag used as a bounce tag
+        AddressSigner(b"another installation").return_path("u1", domain),  # foreign secret
+    ]
+    for address in forged:
+        assert SIGNER.parse_address(address) is None, address
+    assert SIGNER.parse_token(token.group(1).replace("u1-", "u2-")) is None
+
+
+def test_x_mailer_null_keeps_the_clients_and_configured_replaces_it(transformer_factory) -> None:
+    raw = GOOD.replace(b"Subject: s\r\n", b"Subject: s\r\nX-Mailer: Client 1.0\r\n")
+    keep, _ = transformer_factory(x_mailer=None)
+    assert RawMessage.parse(keep.transform(_submit(raw)).mail.raw).get_all("X-Mailer") == ["Client 1.0"]
+    ours, _ = transformer_factory(x_mailer="Inboxbooster-Mailer")
+    assert RawMessage.parse(ours.transform(_submit(raw)).mail.raw).get_all("X-Mailer") == ["Inboxbooster-Mailer"]
+
+
+def test_feedback_id_without_stream_or_campaign_has_empty_fields(transformer_factory) -> None:
+    from common.config.transformer import FeedbackId
+
+    transformer, _ = transformer_factory(feedback=FeedbackId())
+    mail = transformer.transform(_submit(GOOD.replace(b"X-Stream-Id: st\r\n", b""))).mail
+    assert RawMessage.parse(mail.raw).get("Feedback-ID") == ":u1::"
+
+
+def test_non_ascii_injected_value_is_rfc2047_encoded(transformer_factory, verifiers) -> None:
+    transformer, records = transformer_factory(inject={"X-Team": "Équipe {{stream-id}}"})
+    mail = transformer.transform(_submit(GOOD)).mail
+    (field,) = [f for f in RawMessage.parse(mail.raw).fields if f.key == "x-team"]
+    assert field.raw.isascii() and b"=?utf-8?" in field.raw
+    assert verifiers(mail.raw, records)[0] == [True]
+
+
+def test_long_body_line_is_sent_with_a_warning(transformer_factory) -> None:
+    raw = GOOD.replace(b"body\r\n", b"x" * 1200 + b"\r\n")
+    transformer, _ = transformer_factory()
+    result = transformer.transform(_submit(raw))
+    assert result.warnings == ("a body line is longer than 998 octets; MTAs may break it (and the signature)",)
