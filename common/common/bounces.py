@@ -32,7 +32,9 @@ there was no SMTP reply and the domain cannot be reached (DNS failure, null MX, 
 timed out), ``autoreply`` for automatic replies.
 
 Text patterns are tried first (enhanced status codes are often generic, e.g. every Microsoft
-rejection is 5.7.1 or 5.5.0), then the status code, then the reply's class.
+rejection is 5.7.1 or 5.5.0), then the status code, then the reply's class.  Generic wordings
+that some servers also put in front of blocks ("Recipient address rejected", "mailbox
+unavailable") count as user-unknown only when no block, content or rate pattern matched.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
             r"(?:account|mailbox|user|address)[^.;]{0,40}\b(?:is )?"
             r"(?:disabled|inactive|deactivated|suspended|locked|no longer active|not active)",
             r"\bdisabled (?:account|mailbox|recipient)",
-            r"inactive (?:account|mailbox|user|recipient)",
+            r"inactive (?:e-?mail )?(?:account|mailbox|user|recipient|address)",
             r"mailbox (?:is )?(?:disabled|unavailable due to inactivity)",
             r"account (?:has been|is) (?:closed|terminated)",
         ),
@@ -139,15 +141,14 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
             r"(?:does not|doesn't|did not) exist",
             r"not a valid (?:mailbox|recipient|user)",
             r"invalid (?:recipient|mailbox|address|user)",
-            r"recipient (?:address )?rejected",
+            r"recipient address rejected: access denied\. (?:AS\(201806281\)|for more information see https://aka\.ms/EXOSmtpErrors)",
+            r"not listed in (?:the )?(?:[\w&]+ ){0,4}(?:directory|address book)",
             r"RecipientNotFound",
             r"bad destination (?:mailbox|system) address",
             r"no mailbox",
             r"doesn't have an? \S+ account",
-            r"undeliverable address",
             r"unknown or illegal alias",
             r"not our customer",
-            r"mailbox unavailable",
             r"addressee unknown",
             r"user doesn't exist",
         ),
@@ -161,6 +162,18 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
             r"unauthenticated (?:email|mail|sender)",
             r"not (?:properly )?authenticated",
             r"sender (?:address )?verification",
+        ),
+    ),
+    # "Relay access denied" is about the destination, not about our reputation.
+    ("policy", _rx(r"relay(?:ing)? (?:access )?(?:denied|not permitted)")),
+    (
+        # Content verdicts that also say "blocked"/"rejected": the content is what matters.
+        "spam-content",
+        _rx(
+            r"blocked because (?:of )?(?:its|the) content",
+            r"contains? (?:a )?(?:virus|malware)",
+            r"(?:classified|identified|detected|marked) as (?:spam|junk|phishing)",
+            r"spam (?:content|message|detected)",
         ),
     ),
     (
@@ -199,6 +212,8 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
             r"sending limit",
             r"too much mail",
             r"\bTS0[1-4]\b",
+            r"grey ?list",
+            r"gray ?list",
             r"slow down",
             r"4\.7\.28",
         ),
@@ -217,6 +232,11 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
             r"bulk mail",
             r"unsolicited",
         ),
+    ),
+    (
+        # Generic wordings that also front policy rejections: only when nothing above matched.
+        "user-unknown",
+        _rx(r"recipient (?:address )?rejected", r"mailbox unavailable", r"undeliverable address"),
     ),
     (
         "network",
@@ -267,7 +287,7 @@ STATUS_RULES: Final[dict[str, str]] = {
 }
 _AUTH_DETAILS: Final = frozenset(str(n) for n in range(20, 28))
 
-_CODE_RE: Final = re.compile(r"(?<![\d.])([245]\d\d)(?:[ -]|$)")
+_CODE_RE: Final = re.compile(r"(?<![\d.:])([245]\d\d)(?:[ -]|:\s|$)")
 _STATUS_RE: Final = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 

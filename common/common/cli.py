@@ -55,8 +55,6 @@ def load(args: argparse.Namespace, service: str) -> Config:
             sys.stderr.write(f"  {line}\n")
         raise SystemExit(EXIT_CONFIG) from None
     if args.check_config:
-        sys.stdout.write(
-            f"{service}: configuration OK ({args.global_config_file}, {args.customer_config_file})\n"
-        )
+        sys.stdout.write(f"{service}: configuration OK ({args.global_config_file}, {args.customer_config_file})\n")
         raise SystemExit(0)
     return config

@@ -71,9 +71,7 @@ def public_key_record(key: PrivateKey) -> str:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
 
 
@@ -90,7 +88,5 @@ def generate_rsa_pem(bits: int = 2048) -> bytes:
 def generate_ed25519_seed() -> bytes:
     """A new Ed25519 key as base64 of the raw seed (dkimpy's format)."""
     key = ed25519.Ed25519PrivateKey.generate()
-    raw = key.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     return base64.b64encode(raw) + b"\n"

@@ -22,8 +22,11 @@ Other keys::
   IB:httpreceiver:idem:<user>:<key>          STRING  HttpReceiver: Idempotency-Key -> first answer (TTL 24 h)
   IB:receiver:authfail:<ip>                  STRING  Receiver: failed AUTH counter per client address (TTL)
   IB:receiver:lockout:<ip>                   STRING  Receiver: lockout marker per client address (TTL)
-  IB:mxserver:seen:<digest>                  STRING  MxServer: de-duplication of received reports (TTL)
   IB:health:<service>:<consumer>             STRING  worker heartbeat (TTL)
+  IB:backdata:parked                         STREAM  BackData: events the webhook refused alone, with due time
+  IB:backdata:bounce-manager                 STREAM  BackData: records for the bounce manager (group backdata)
+  IB:backdata:bounce-manager:dead            STREAM  BackData: bounce-manager records past max-age
+  IB:redis:last-backup                       STRING  Redis sidecar: time of the last periodic/manual backup
 """
 
 from __future__ import annotations

@@ -253,9 +253,7 @@ class Queues:
             pipe.xinfo_groups(queue)
             length, dead, groups = pipe.execute(raise_on_error=False)
         if isinstance(length, Exception) or isinstance(dead, Exception):
-            raise QueueUnavailableError(
-                f"stats of {queue}: {length if isinstance(length, Exception) else dead}"
-            )
+            raise QueueUnavailableError(f"stats of {queue}: {length if isinstance(length, Exception) else dead}")
         pending = 0
         if isinstance(groups, list):
             for info in groups:
@@ -276,11 +274,19 @@ class Queues:
             rows = self.redis.xrange(dead, count=count)
         return [Entry(dead, _decode_id(i), dict(f)) for i, f in rows]
 
-    def replay_dead_letters(self, queue: str, ids: Sequence[str] | None = None, count: int = 1000) -> int:
+    def replay_dead_letters(
+        self,
+        queue: str,
+        ids: Sequence[str] | None = None,
+        count: int = 1000,
+        *,
+        stamp: Fields | None = None,
+    ) -> int:
         """Move dead-lettered entries back to ``queue`` (metadata removed); returns how many.
 
         Each move is atomic (add to the queue and delete from the dead-letter stream in one
-        MULTI/EXEC).  Without ``ids`` the oldest ``count`` entries are replayed.
+        MULTI/EXEC).  Without ``ids`` the oldest ``count`` entries are replayed.  ``stamp``
+        fields are set on every replayed entry (e.g. when it was replayed).
         """
         dead = keys.dead_letter(queue)
         with redis_errors(f"replay {dead}"):
@@ -295,6 +301,7 @@ class Queues:
             pipe = self.redis.pipeline(transaction=True)
             for entry_id, fields in rows:
                 original = {k: v for k, v in fields.items() if not k.startswith(DEAD_PREFIX.encode())}
+                original.update({k.encode(): v for k, v in (stamp or {}).items()})
                 pipe.xadd(queue, original)
                 pipe.xdel(dead, entry_id)
             pipe.execute()
@@ -563,6 +570,27 @@ class Consumer:
                 if ids:
                     self.client.xclaim(stream, self.group, self.name, 0, ids)
         return [Entry(e.queue, e.id, e.fields, e.deliveries + 1) for e in entries]
+
+    def release(self, entries: Sequence[Entry]) -> None:
+        """Give back entries this consumer will not finish (graceful stop during a retry wait).
+
+        Their delivery counters are set back to the deliveries that really happened, and they
+        become claimable by any consumer at once; a restart of this consumer re-reads them.
+        """
+        with redis_errors("release"):
+            pipe = self.client.pipeline(transaction=False)
+            for entry in entries:
+                pipe.xclaim(
+                    entry.queue,
+                    self.group,
+                    self.name,
+                    0,
+                    [entry.id],
+                    idle=self.settings.claim_idle_ms,
+                    retrycount=max(entry.deliveries - 1, 0),
+                    justid=True,
+                )
+            pipe.execute()
 
     def touch(self, entries: Sequence[Entry]) -> None:
         """Reset the idle time of entries this consumer still works on (keeps them ours)."""

@@ -28,6 +28,7 @@ from common.addressing import MAX_UUID_LENGTH, valid_uuid
 
 _ADDRESS_RE: Final = re.compile(r"^[^@\s<>,;]+@(?:[^@\s<>,;.]+\.)+[^@\s<>,;.]+$")
 _PARSER: Final = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+_HEADER_END: Final = re.compile(rb"\n\r?\n")
 
 
 class Rejection(Exception):
@@ -64,16 +65,21 @@ class Submission:
 
 
 def parse_headers(raw: bytes) -> Message:
-    """Parse only the header block of ``raw``."""
-    return _PARSER.parsebytes(raw, headersonly=True)
+    """Parse only the header block of ``raw``.
+
+    The parser is handed the bytes up to the first empty line: it would otherwise split the
+    whole body into lines just to skip them (most of the CPU of a 10 KB submission).
+    """
+    if raw.startswith((b"\n", b"\r\n")):
+        return _PARSER.parsebytes(b"", headersonly=True)
+    end = _HEADER_END.search(raw)
+    return _PARSER.parsebytes(raw if end is None else raw[: end.end()], headersonly=True)
 
 
 def _single(msg: Message, name: str) -> str | None:
     values = msg.get_all(name) or []
     if len(values) > 1 and len({str(v).strip() for v in values}) > 1:
-        raise Rejection(
-            f"{name.lower()}-repeated", f"{name} header appears {len(values)} times with different values"
-        )
+        raise Rejection(f"{name.lower()}-repeated", f"{name} header appears {len(values)} times with different values")
     return str(values[0]).strip() if values else None
 
 
@@ -125,13 +131,9 @@ def validate(raw: bytes, is_configured_domain: Callable[[str], bool]) -> Submiss
     from_fields = msg.get_all("From") or []
     from_addresses = [a for _, a in getaddresses([str(v) for v in from_fields]) if a]
     if not from_addresses:
-        raise Rejection(
-            "from-missing", "From header is missing or has no address", smtp_code=550, status="5.1.7"
-        )
+        raise Rejection("from-missing", "From header is missing or has no address", smtp_code=550, status="5.1.7")
     if len(from_addresses) > 1:
-        raise Rejection(
-            "from-multiple", "From header must hold exactly one address", smtp_code=550, status="5.1.7"
-        )
+        raise Rejection("from-multiple", "From header must hold exactly one address", smtp_code=550, status="5.1.7")
     from_address = from_addresses[0].strip()
     if not valid_address(from_address):
         raise Rejection("from-malformed", "From address is not valid", smtp_code=550, status="5.1.7")
@@ -146,9 +148,7 @@ def validate(raw: bytes, is_configured_domain: Callable[[str], bool]) -> Submiss
 
     rcpts = recipients(msg)
     if not rcpts:
-        raise Rejection(
-            "no-recipients", "To and Cc hold no valid recipient address", smtp_code=554, status="5.1.3"
-        )
+        raise Rejection("no-recipients", "To and Cc hold no valid recipient address", smtp_code=554, status="5.1.3")
 
     stream_id = _single(msg, "X-Stream-Id")
     return Submission(

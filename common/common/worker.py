@@ -100,9 +100,7 @@ class EntryHandler(abc.ABC):
                 reason = str(exc)
                 outcomes.append(Fail(reason, self.dead_letter_outputs(entry, reason)))
             except Exception as exc:
-                log.exception(
-                    "unexpected error on %s %s (delivery %d)", entry.queue, entry.id, entry.deliveries
-                )
+                log.exception("unexpected error on %s %s (delivery %d)", entry.queue, entry.id, entry.deliveries)
                 outcomes.append(Retry(f"{type(exc).__name__}: {exc}", counts=True))
         return outcomes
 
@@ -188,6 +186,13 @@ class Worker:
                 self._backoff(streak, retry_after, pending[0].queue, pending)
             else:
                 streak = 0
+        if pending:
+            # Stopping while entries wait for a retry: a restart must not count that as a
+            # crash, so hand them back with the deliveries that really happened.
+            try:
+                self.consumer.release(pending)
+            except TemporaryError as exc:
+                log.warning("cannot release %d pending entries (%s)", len(pending), exc)
         log.info("worker %s stopped after %d entries", self.consumer.name, self.processed)
 
     def _setup(self) -> None:
@@ -233,12 +238,13 @@ class Worker:
         self._count(batch[0].queue, len(done), len(failed), len(retry))
         if self.metrics is not None:
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        for entry in retry:
+        if retry:
             log.warning(
-                "will retry %s %s (delivery %d/%d)",
-                entry.queue,
-                entry.id,
-                entry.deliveries,
+                "will retry %d entries of %s (first %s, delivery %d/%d)",
+                len(retry),
+                retry[0].queue,
+                retry[0].id,
+                max(e.deliveries for e in retry),
                 self.consumer.settings.max_deliveries,
             )
         # Keep input order: the retried entries are tried again before anything new.

@@ -70,9 +70,7 @@ def _example_dir(tmp_path: Path) -> Path:
 def test_example_configs_load(tmp_path: Path) -> None:
     # The commented examples in configs/ are valid for every service (keys generated here).
     directory = _example_dir(tmp_path)
-    config = load_config(
-        directory / "inboxbooster-mailer-global.yaml", directory / "inboxbooster-mailer-customer.yaml"
-    )
+    config = load_config(directory / "inboxbooster-mailer-global.yaml", directory / "inboxbooster-mailer-customer.yaml")
     assert config.global_.reliable_queue.queue_names.primary_queue == "IB-MAIL-QUEUE-P0"
     assert config.transformer.domain("EXAMPLE.com") is not None
     for service in ("receiver", "httpreceiver", "transformer", "postfixlog", "mxserver", "backdata", "redis"):

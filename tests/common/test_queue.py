@@ -123,9 +123,7 @@ def test_entry_delivered_too_often_is_dead_lettered(queues: Queues, queue_settin
     assert b"delivered 4 times without completing" in dead.fields[b"dl-reason"]
 
 
-def test_priority_queue_first_but_default_never_starves(
-    queues: Queues, queue_settings: QueueSettings
-) -> None:
+def test_priority_queue_first_but_default_never_starves(queues: Queues, queue_settings: QueueSettings) -> None:
     queues.enqueue_many("P0", [{"payload": f"p0-{i}"} for i in range(200)], limit=False)
     queues.enqueue_many("P1", [{"payload": f"p1-{i}"} for i in range(20)], limit=False)
     consumer = Consumer(queues, ["P0", "P1"], "g", "t", batch_size=10, block_ms=100)

@@ -168,3 +168,25 @@ def test_temporary_permanent_and_unexpected_errors(queues: Queues) -> None:
     assert handler.calls[b"bug"] == 3
     assert handler.calls[b"temp-5"] == 6
     assert queues.redis.xlen("EVENTS") == 2
+
+
+class _AlwaysDown(EntryHandler):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def handle(self, entry: Entry) -> Sequence[Output]:
+        self.calls += 1
+        raise TemporaryError("webhook down")
+
+
+def test_graceful_stop_during_retry_does_not_count_a_delivery(queues: Queues) -> None:
+    # Stopping while waiting to retry is not a crash: after a restart the entry comes back
+    # with the same delivery count, so long outages with restarts never dead-letter it.
+    queues.enqueue("IN", {"payload": "event"})
+    for _ in range(4):  # more restarts than max-deliveries (3)
+        handler = _AlwaysDown()
+        _run_worker(queues, handler, lambda h=handler: h.calls >= 2)
+    again = Consumer(queues, ["IN"], "g", "w", block_ms=50)
+    [entry] = again.read()
+    assert entry.deliveries == 1  # graceful stops gave their deliveries back
+    assert queues.redis.xlen("IN:dead") == 0

@@ -45,9 +45,7 @@ def main() -> int:
     p.add_argument("--max-deliveries", type=int, default=3)
     args = p.parse_args()
     logs.setup("test-worker", "WARNING")
-    settings = QueueSettings(
-        max_length=0, max_deliveries=args.max_deliveries, claim_idle_ms=500, batch_size=args.batch
-    )
+    settings = QueueSettings(max_length=0, max_deliveries=args.max_deliveries, claim_idle_ms=500, batch_size=args.batch)
     queues = Queues(redis.Redis(port=args.port), settings)
     consumer = Consumer(queues, ["IN"], "g", args.name, block_ms=200)
     if args.mode == "hang":

@@ -41,9 +41,7 @@ class RedisServer(StrictModel):
     )
     username: str | None = Field(None, description="Redis ACL user name (Redis 6+).")
     db: int = Field(0, ge=0, description="Redis database number.")
-    socket_timeout: float = Field(
-        10.0, gt=0, description="Seconds before a Redis command is considered failed."
-    )
+    socket_timeout: float = Field(10.0, gt=0, description="Seconds before a Redis command is considered failed.")
 
 
 class ReliableQueueClient(StrictModel):

@@ -4,21 +4,37 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from common.config.base import RedisServer, StrictModel
 
 
 class ObjectStorage(StrictModel):
-    """S3-compatible bucket for Redis backups."""
+    """S3-compatible bucket for Redis backups (uploaded on stop, restored on start; never deleted)."""
 
-    type: Literal["s3"] = "s3"
-    bucket: str = Field(..., min_length=1)
-    region: str = "us-east-1"
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    endpoint_url: str | None = None
+    type: Literal["s3"] = Field("s3", description="Only S3 and S3-compatible stores are supported.")
+    bucket: str = Field(..., min_length=1, description="Bucket name (it must exist).")
+    region: str = Field("us-east-1", description="Bucket region.")
+    access_key_id: SecretStr | None = Field(
+        None, description="Access key; default the environment's credentials (AWS_*, IRSA, instance role)."
+    )
+    secret_access_key: SecretStr | None = Field(None, description="Secret key paired with access-key-id.")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, GCS interoperability, ...); default AWS."
+    )
     object_key: str = Field("dump.rdb", min_length=1, description="Object name of the backup.")
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        None, description="Ask the store to encrypt the backup at rest."
+    )
+    sse_kms_key_id: str | None = Field(None, description="KMS key for server-side-encryption aws:kms.")
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> ObjectStorage:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access-key-id and secret-access-key go together")
+        if self.sse_kms_key_id is not None and self.server_side_encryption != "aws:kms":
+            raise ValueError("sse-kms-key-id needs server-side-encryption: aws:kms")
+        return self
 
 
 class CommonConfig(StrictModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from common.config.base import AuthLogin, Prometheus, ReliableQueueClient, StrictModel
 
@@ -13,6 +13,12 @@ class HttpBind(StrictModel):
     inet_interface: str = Field("0.0.0.0", description="Listen address of both ports.")
     inet_port: int = Field(8080, ge=0, le=65535, description="API port.")
     inet_port_metrics: int = Field(9090, ge=0, le=65535, description="Metrics/health port.")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> HttpBind:
+        if self.inet_port == self.inet_port_metrics and self.inet_port != 0:
+            raise ValueError("inet-port and inet-port-metrics must differ (metrics never share the API port)")
+        return self
 
 
 class HttpReceiverSection(StrictModel):
@@ -29,4 +35,6 @@ class HttpReceiverSection(StrictModel):
     idempotency_window_seconds: int = Field(
         86_400, ge=0, description="How long an Idempotency-Key is remembered (0 disables the feature)."
     )
-    workers: int = Field(0, ge=0, description="gunicorn worker processes (0 = 2 per core).")
+    workers: int = Field(
+        0, ge=0, le=256, description="gunicorn worker processes, each with 4 threads (0 = one per core)."
+    )

@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Final
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.config.base import Prometheus, ReliableQueueClient, StrictModel
+
+#: main.cf parameters PostfixLog manages itself: overriding them would break the loopback-only
+#: guarantee, the queue-id mapping or the log follower.
+MANAGED_PARAMETERS: Final = frozenset(
+    (
+        "queue_directory",
+        "data_directory",
+        "maillog_file",
+        "maillog_file_prefixes",
+        "inet_interfaces",
+        "mynetworks",
+        "mynetworks_style",
+        "enable_long_queue_ids",
+        "smtpd_peername_lookup",
+        "smtpd_authorized_xforward_hosts",
+    )
+)
+#: Keys of ``string-replacer.main-cf`` that are not main.cf parameters of the same name.
+SPECIAL_KEYS: Final = frozenset(("mailname",))
+_PARAMETER_NAME: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def main_cf_problems(main_cf: dict[str, str | int | bool]) -> list[str]:
+    """Problems with main.cf overrides, one line each (empty when acceptable)."""
+    problems = []
+    for key, value in main_cf.items():
+        text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
+        if key in SPECIAL_KEYS:
+            pass
+        elif not _PARAMETER_NAME.match(key):
+            problems.append(f"{key}: not a Postfix parameter name")
+        elif key in MANAGED_PARAMETERS:
+            problems.append(f"{key}: managed by PostfixLog, cannot be overridden")
+        if "\n" in text or "\r" in text:
+            problems.append(f"{key}: value must be a single line")
+    return problems
 
 
 class PostfixEndpoint(StrictModel):
@@ -14,6 +52,10 @@ class PostfixEndpoint(StrictModel):
 
     hostname: str = Field("127.0.0.1", description="Postfix smtpd host (loopback).")
     port: int = Field(10025, ge=1, le=65535, description="Postfix smtpd port.")
+    connections: int = Field(4, ge=1, le=64, description="Parallel SMTP sessions PostfixLog keeps open to Postfix.")
+    timeout_seconds: float = Field(
+        60.0, gt=0, le=600, description="Seconds to wait for one Postfix reply before giving up."
+    )
 
 
 class MasterCf(StrictModel):
@@ -25,8 +67,22 @@ class MasterCf(StrictModel):
 class StringReplacer(StrictModel):
     """Postfix configuration overrides (``main-cf.<parameter>: value``)."""
 
-    main_cf: dict[str, str | int | bool] = Field(default_factory=dict)
+    main_cf: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description=(
+            "Any main.cf parameter (e.g. myhostname, maximal_queue_lifetime), plus mailname "
+            "(becomes myorigin). YAML booleans become yes/no."
+        ),
+    )
     master_cf: MasterCf = Field(default_factory=MasterCf)
+
+    @field_validator("main_cf")
+    @classmethod
+    def _acceptable(cls, value: dict[str, str | int | bool]) -> dict[str, str | int | bool]:
+        problems = main_cf_problems(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class Sandbox(StrictModel):
@@ -48,4 +104,9 @@ class PostfixLogSection(StrictModel):
     instance_directory: Path = Field(
         Path("/var/lib/inboxbooster/postfix"),
         description="Private Postfix instance: etc/, queue/, data/, log/ live here.",
+    )
+    log_rotate_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Rotate Postfix' log (to postfix.log.1) once it is read and this big; 0 = never.",
     )

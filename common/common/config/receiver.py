@@ -39,12 +39,15 @@ class ReceiverSection(StrictModel):
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate; default receiver_cert.pem next to the customer file."
     )
-    tls_key_file: Path | None = Field(
-        None, description="PEM key; default receiver_key.pem next to the customer file."
-    )
+    tls_key_file: Path | None = Field(None, description="PEM key; default receiver_key.pem next to the customer file.")
     hostname: str | None = Field(None, description="Name in the SMTP banner; default the host name.")
     processes: int = Field(0, ge=0, description="Worker processes sharing the port (0 = one per core).")
     auth_lockout: AuthLockout = Field(default_factory=AuthLockout)
+    shutdown_grace_seconds: float = Field(
+        25.0,
+        gt=0,
+        description="On SIGTERM, how long open transactions may take to finish (keep below the pod's grace period).",
+    )
 
     @field_validator("ignore_smtp_mail_from_rcpt_to")
     @classmethod
