@@ -1,0 +1,136 @@
+"""BackData assembled: the webhook worker (main thread) and the bounce-manager worker (a thread).
+
+Consumes ``EVENT_QUEUE`` (group ``backdata``) and, with a bounce manager configured,
+``IB:backdata:bounce-manager``.  Both loops share one stop flag: on SIGTERM each finishes the
+POST in flight (at most ``timeout-seconds``), leaves what is not delivered pending in Redis,
+and :meth:`BackData.run` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from backdata import SERVICE
+from backdata.bouncemanager import STREAM as BOUNCE_MANAGER_STREAM
+from backdata.bouncemanager import BounceManagerHandler
+from backdata.consumer import BatchingConsumer
+from backdata.delivery import WebhookHandler
+from backdata.metrics import BackDataMetrics, BacklogCollector
+from backdata.parking import Parking
+from backdata.poster import Poster
+from backdata.signing import Signer
+from common import keys
+from common.config import Config
+from common.config.backdata import BackDataSection
+from common.lifecycle import Stopper
+from common.queue import Queues, QueueSettings, consumer_name
+from common.worker import RetryPolicy, Worker, WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+def section_of(config: Config) -> BackDataSection:
+    """The ``backdata`` section (``load_config(service="backdata")`` guarantees it)."""
+    section = config.customer.backdata
+    if section is None:
+        raise ValueError("the customer file has no backdata section")
+    return section
+
+
+def signer_of(section: BackDataSection) -> Signer | None:
+    """The Standard Webhooks signer, or None without ``webhook-secret``."""
+    secrets = [s.get_secret_value() for s in (section.webhook_secret, section.webhook_secret_previous) if s]
+    return Signer(secrets) if secrets else None
+
+
+class BackData:
+    """Both workers, built from the configuration."""
+
+    def __init__(
+        self,
+        config: Config,
+        client: redis.Redis,
+        stopper: Stopper,
+        registry: CollectorRegistry,
+        heartbeat: Callable[[], None] | None = None,
+        block_ms: int = 1000,
+    ) -> None:
+        section = section_of(config)
+        self.stopper = stopper
+        self.queue = config.global_.backdata.queue_name
+        settings = QueueSettings.from_config(config.global_)
+        queues = Queues(client, settings)
+        metrics = BackDataMetrics(registry)
+        registry.register(BacklogCollector(queues, self.queue, keys.GROUP_BACKDATA))
+        worker_metrics = WorkerMetrics(registry)
+        base_s = min(1.0, section.max_backoff_seconds)
+        policy = RetryPolicy(base_s=base_s, cap_s=section.max_backoff_seconds)
+        parking = Parking(queues, self.queue, base_s=base_s, cap_s=section.max_backoff_seconds)
+        consumer = BatchingConsumer(
+            queues,
+            [self.queue],
+            keys.GROUP_BACKDATA,
+            consumer_name(SERVICE),
+            batch_size=section.batch_size,
+            max_wait_ms=section.batch_max_wait_ms,
+            parking=parking,
+            block_ms=block_ms,
+        )
+        handler = WebhookHandler(
+            Poster(section.post_url, timeout_s=section.timeout_seconds, signer=signer_of(section)),
+            parking,
+            metrics,
+            stopper,
+            max_age_s=section.max_age_seconds,
+            budget_s=settings.claim_idle_ms / 2000,
+            bounce_manager=section.bounce_manager is not None,
+            heartbeat=heartbeat,
+        )
+        self.worker = Worker(consumer, handler, stopper, policy=policy, metrics=worker_metrics, heartbeat=heartbeat)
+        self.side: Worker | None = None
+        if section.bounce_manager is not None:
+            bm_consumer = BatchingConsumer(
+                queues,
+                [BOUNCE_MANAGER_STREAM],
+                keys.GROUP_BACKDATA,
+                consumer_name(SERVICE),
+                batch_size=section.batch_size,
+                max_wait_ms=section.batch_max_wait_ms,
+                block_ms=block_ms,
+            )
+            bm_handler = BounceManagerHandler(
+                Poster(section.bounce_manager.url, timeout_s=section.timeout_seconds),
+                section.bounce_manager,
+                metrics,
+                max_age_s=section.max_age_seconds,
+            )
+            self.side = Worker(bm_consumer, bm_handler, stopper, policy=policy, metrics=worker_metrics)
+        self.failed = False
+
+    def run(self) -> None:
+        """Run until the stopper is set; a crashed bounce-manager thread stops the service too."""
+        thread = None
+        if self.side is not None:
+            thread = threading.Thread(target=self._run_side, args=(self.side,), name="bounce-manager", daemon=True)
+            thread.start()
+        log.info("delivering %s", self.queue)
+        try:
+            self.worker.run()
+        finally:
+            self.stopper.stop()
+            if thread is not None:
+                thread.join()
+
+    def _run_side(self, worker: Worker) -> None:
+        try:
+            worker.run()
+        except BaseException:
+            log.exception("the bounce-manager worker crashed; stopping the service")
+            self.failed = True
+            self.stopper.stop()
+            raise
