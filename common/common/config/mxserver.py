@@ -50,7 +50,10 @@ class MxServerSection(StrictModel):
     tls_key_file: Path | None = Field(None, description="PEM key for tls-cert-file.")
     hostname: str | None = Field(None, description="Name in the SMTP banner; default the host name.")
     max_connections: int = Field(
-        200, ge=1, description="Concurrent SMTP sessions; further clients get 421 and may retry."
+        50,
+        ge=1,
+        description="Concurrent SMTP sessions; further clients get 421 and retry later. "
+        "Worst-case memory is about 2 x max-connections x max-message-size.",
     )
 
     @model_validator(mode="after")

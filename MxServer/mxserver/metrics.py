@@ -1,0 +1,60 @@
+"""MxServer's Prometheus metrics (one instance per process, on an explicit registry).
+
+The original's names are kept: ``mxserver_received_unsubscribe_total``,
+``mxserver_received_spam_total``, ``mxserver_received_autoreply_total``,
+``mxserver_received_unclassified_total`` and ``mxserver_warnings_total``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from mxserver.classifier import Classification
+
+
+class MxMetrics:
+    """Counters of received mail by outcome, refused recipients, temporary failures."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.unsubscribe = Counter("mxserver_received_unsubscribe", "Unsubscribe mails received", registry=r)
+        self.spam = Counter("mxserver_received_spam", "Spam reports (ARF/JMRP) received", registry=r)
+        self.autoreply = Counter("mxserver_received_autoreply", "Automatic replies received", registry=r)
+        self.unclassified = Counter(
+            "mxserver_received_unclassified", "Mails kept in the eml directory (not classified)", registry=r
+        )
+        self.bounce = Counter(
+            "mxserver_received_bounce", "Bounce reports (DSN or text) received", ["report"], registry=r
+        )
+        self.deferred = Counter("mxserver_received_deferred", "Delay notices received", ["report"], registry=r)
+        self.events = Counter("mxserver_events", "Events written to the event queue", ["event", "type"], registry=r)
+        self.rejected = Counter(
+            "mxserver_rejected_recipients", "RCPT TO refused (relay, forged tag, unknown)", ["reason"], registry=r
+        )
+        self.temporary_failures = Counter(
+            "mxserver_temporary_failures",
+            "Mails answered with a 4xx (Redis or disk unavailable)",
+            ["cause"],
+            registry=r,
+        )
+        self.warnings = Counter("mxserver_warnings", "Unexpected problems (see the log)", registry=r)
+        self.sessions = Gauge("mxserver_sessions", "Open SMTP sessions", registry=r)
+        self.eml_files = Gauge("mxserver_eml_directory_files", "Files in the eml directory", registry=r)
+        self.eml_bytes = Gauge("mxserver_eml_directory_bytes", "Bytes in the eml directory", registry=r)
+
+    def count(self, result: Classification) -> None:
+        """Count one received mail by its classification and the events it produced."""
+        if result.kind == "unsubscribe":
+            self.unsubscribe.inc()
+        elif result.kind == "spam-report":
+            self.spam.inc()
+        elif result.kind == "autoreply":
+            self.autoreply.inc()
+        elif result.kind == "bounce":
+            self.bounce.labels(result.report).inc()
+        elif result.kind == "deferred":
+            self.deferred.labels(result.report).inc()
+        else:
+            self.unclassified.inc()
+        for event in result.events:
+            self.events.labels(event.event, event.type or "").inc()

@@ -1,0 +1,343 @@
+"""Bounces that are not RFC 3464: the plain-text formats of common MTAs and providers.
+
+Many systems still send (or also send) human-readable non-delivery reports without a
+machine-readable ``message/delivery-status`` part: classic Exim, qmail, Yahoo, Lotus Domino,
+old Exchange, GroupWise, MDaemon, OpenSMTPD, Mimecast, plain-text Sendmail and Postfix…
+
+Recognition needs two things: the message looks like a bounce (``X-Failed-Recipients``, a
+bounce subject, or a mailer-daemon sender together with a known MTA wording) and at least one
+recipient or reason can be read from the text.  Extraction is line based and shared by every
+format: each candidate address starts a window of following lines (until a blank line); the
+window, or else the nearest line that carries an SMTP reply or a known reason, is the reason.
+:data:`FORMATS` only names the MTA (for the event's ``report`` field) and adds nothing
+format-specific beyond that, which keeps unknown variants working.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from email.message import Message
+from typing import Final
+
+from common import bounces
+from mxserver import mime
+from mxserver.dsn import Failure, clean_reason, find_status, host_ip
+
+
+def _rx(*alternatives: str) -> re.Pattern[str]:
+    return re.compile("|".join(alternatives), re.IGNORECASE)
+
+
+#: (name, wording that identifies the MTA) -- checked in order against the report text.
+FORMATS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+    ("yahoo", _rx(r"Sorry, we were unable to deliver your message to the following address")),
+    ("qmail", _rx(r"This is the qmail-send program", r"I'm afraid I wasn't able to deliver your message")),
+    (
+        "exim",
+        _rx(
+            r"This message was created automatically by mail delivery software",
+            r"A message that you sent could not be delivered to one or more of\s+its\s+recipients",
+            r"has not yet been delivered to one or more of its\s+recipients",
+        ),
+    ),
+    ("postfix", _rx(r"This is the mail system at host", r"This is the Postfix program")),
+    (
+        "sendmail",
+        _rx(
+            r"The original message was received at",
+            r"-+\s*The following addresses had (?:permanent fatal|transient non-fatal) errors",
+            r"-+\s*Transcript of session follows",
+        ),
+    ),
+    (
+        "exchange",
+        _rx(
+            r"Your message did not reach some or all of the intended recipients",
+            r"The following recipient\(s\) (?:cannot|could not) be reached",
+            r"Delivery has failed to these recipients or groups",
+            r"Your message (?:to \S+ )?(?:wasn't|couldn't be) delivered",
+        ),
+    ),
+    ("domino", _rx(r"was not delivered to:", r"Domino Directory", r"Lotus Notes")),
+    ("groupwise", _rx(r"The message that you sent was undeliverable to the following", r"GroupWise")),
+    ("mdaemon", _rx(r"PERMANENT fatal delivery errors", r"MDaemon")),
+    (
+        "opensmtpd",
+        _rx(
+            r"This is the MAILER-DAEMON, please DO NOT REPLY",
+            r"An error has occurred while attempting to deliver a message for\s+the following list",
+        ),
+    ),
+    ("mimecast", _rx(r"mimecast", r"The reason for the problem:")),
+    (
+        "gmail",
+        _rx(
+            r"Google tried to deliver your message",
+            r"Delivery to the following recipient failed permanently",
+            r"There was a temporary problem delivering your message",
+        ),
+    ),
+    ("barracuda", _rx(r"Barracuda")),
+    ("yandex", _rx(r"Message was not delivered", r"Сообщение не доставлено", r"Yandex")),
+)
+
+BOUNCE_SUBJECT: Final = _rx(
+    r"undeliver",
+    r"undelivered",
+    r"delivery (?:status notification|failure|failed|has failed|problem|notification|incomplete)",
+    r"mail delivery (?:failed|failure|problem|error)",
+    r"failure notice",
+    r"returned mail",
+    r"non[- ]?deliver",
+    r"not (?:been )?delivered",
+    r"could(?: not|n't) be delivered",
+    r"wasn't delivered",
+    r"delayed mail",
+    r"delivery delayed",
+    r"warning: (?:message|could not send)",
+    r"mail system error",
+    r"returned to sender",
+    r"message status - undeliverable",
+    r"permanent delivery failure",
+    r"unzustellbar",
+    r"nicht zustellbar",
+    r"non recapitabile",
+    r"non remis",
+    r"no se (?:pudo|puede) entregar",
+    r"onbestelbaar",
+    r"niedostarczaln",
+    r"недоставлен",
+    r"не доставлено",
+    r"Échec de (?:la )?(?:remise|distribution)",
+)
+_REPLY_PREFIX: Final = _rx(r"^\s*(?:re|fw|fwd|aw|wg|sv|vs|tr|rif|antw|odp|ответ)\s*(?:\[\d+\])?\s*:")
+DAEMON_LOCALS: Final = frozenset(
+    ("mailer-daemon", "postmaster", "mail-daemon", "mailerdaemon", "mailer_daemon", "mdaemon", "mail.daemon")
+)
+_DAEMON_NAME: Final = _rx(
+    r"mail delivery (?:system|subsystem|service)",
+    r"mail administrator",
+    r"mailer[- ]daemon",
+    r"postmaster",
+    r"microsoft outlook",
+    r"system administrator",
+)
+_DELAY: Final = _rx(
+    r"\bdelay(?:ed)?\b",
+    r"has not (?:yet )?been delivered",
+    r"will (?:continue to |keep )?(?:try|retry)",
+    r"will be retried",
+    r"still (?:trying|being retried)",
+    r"delivery attempts will continue",
+    r"could not (?:be delivered|send message) for (?:the )?past",
+    r"temporary problem delivering",
+)
+_PERMANENT: Final = _rx(
+    r"permanent(?:ly)? (?:error|fatal|failure|failed)",
+    r"failed permanently",
+    r"I've given up",
+    r"giving up on",
+    r"has been rejected",
+    r"could not be delivered to one or more",
+    r"undeliverable to the following",
+    r"was not delivered to:",
+    r"PERMANENT fatal",
+)
+_ORIGINAL_MARKER: Final = _rx(
+    r"^\s*-+\s*This is a copy of (?:the|your) message",
+    r"^\s*-+\s*Below this line is a copy of the message",
+    r"^\s*-+\s*(?:Original|Unsent) message(?: follows)?\s*-*",
+    r"^\s*-+\s*Original message follows",
+    r"^\s*Possibly truncated original message follows",
+    r"^\s*Original message headers:",
+    r"^\s*Below is a copy of the original message",
+    r"^\s*The original message (?:headers )?(?:was|were|is) (?:included|attached) (?:below|as attachment)",
+    r"^(?:Return-Path|Received|DKIM-Signature|ARC-Seal):[ \t]",
+)
+_ID_LINE: Final = _rx(r"^\s*(?:Message-ID|In-Reply-To|References|Reporting-MTA|Arrival-Date)\b")
+MAX_WINDOW: Final = 8
+
+
+@dataclass(frozen=True)
+class TextBounce:
+    """A recognised plain-text bounce."""
+
+    report: str
+    failures: list[Failure]
+
+
+def looks_like_bounce(msg: Message, text: str) -> bool:
+    """True when the message presents itself as a non-delivery report."""
+    if mime.has_header(msg, "X-Failed-Recipients"):
+        return True
+    subject = mime.header(msg, "Subject")
+    if subject and not _REPLY_PREFIX.search(subject) and BOUNCE_SUBJECT.search(subject):
+        return True
+    sender = mime.header(msg, "From")
+    address = (mime.first_address(sender) or "").lower()
+    daemon = address.partition("@")[0] in DAEMON_LOCALS or bool(_DAEMON_NAME.search(sender))
+    return daemon and format_name(text) != "generic"
+
+
+def format_name(text: str) -> str:
+    """The MTA whose wording the report uses ('generic' when none is known)."""
+    head = text[:20_000]
+    for name, pattern in FORMATS:
+        if pattern.search(head):
+            return name
+    return "generic"
+
+
+def report_region(text: str) -> str:
+    """The report's own text: everything before the quoted original message."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if i >= 2 and _ORIGINAL_MARKER.search(line):
+            return "\n".join(lines[:i])
+    return text
+
+
+def _candidates(lines: Sequence[str], excluded: set[str], preferred: Sequence[str]) -> list[tuple[str, int]]:
+    found: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        if _ID_LINE.search(line):
+            continue
+        for match in mime.EMAIL_RE.finditer(line):
+            addr = match.group(1).strip(".'")
+            key = addr.lower()
+            if key in excluded or key.partition("@")[0] in DAEMON_LOCALS:
+                continue
+            found.setdefault(key, i)
+    if preferred:
+        wanted = [p.lower() for p in preferred]
+        chosen = [(p, found.get(p, -1)) for p in wanted]
+        return chosen
+    return list(found.items())
+
+
+def _window(lines: Sequence[str], start: int, others: set[str]) -> list[str]:
+    window = [lines[start]]
+    for line in lines[start + 1 : start + 1 + MAX_WINDOW]:
+        if not line.strip() or line.lstrip().startswith("---"):
+            break
+        if any(o in line.lower() for o in others):
+            break
+        window.append(line)
+    return window
+
+
+def _carries_reason(text: str) -> bool:
+    code, status = bounces.parse_reply(text)
+    if code is not None or status is not None:
+        return True
+    return bounces.classify(text).classification != "other"
+
+
+def _reason_near(lines: Sequence[str], start: int) -> tuple[int, str] | None:
+    """(index, text) of the nearest reason after ``start`` (then before it).
+
+    Lines with an SMTP reply or enhanced status code win over lines that only use a known
+    wording; the reason continues on the indented lines that follow it.
+    """
+    start = max(start, 0)
+    order = list(range(start, len(lines))) + list(range(0, start))
+    found = next((i for i in order if _has_code(lines[i])), None)
+    if found is None:
+        found = next((i for i in order if lines[i].strip() and _carries_reason(lines[i])), None)
+    if found is None:
+        return None
+    follow = [lines[found]]
+    for nxt in lines[found + 1 : found + 4]:
+        if not nxt.strip() or not (nxt.startswith((" ", "\t")) or _has_code(nxt)):
+            break
+        follow.append(nxt)
+    return found, " ".join(follow)
+
+
+def _has_code(text: str) -> bool:
+    code, status = bounces.parse_reply(text)
+    return code is not None or status is not None
+
+
+def _reason_for(lines: Sequence[str], start: int, address: str, others: set[str]) -> tuple[str, str]:
+    """(reason, context) for the candidate at line ``start``; context also holds the host name."""
+    if start < 0:
+        near = _reason_near(lines, 0)
+        return (near[1], near[1]) if near else ("", "")
+    window = _window(lines, start, others)
+    context = " ".join(window)
+    remainder = re.sub(re.escape(address), "", window[0], flags=re.I).strip(" \t<>:'\"()-")
+    if remainder and _carries_reason(remainder):
+        return context, context
+    for i, line in enumerate(window[1:], start=1):
+        if _carries_reason(line):
+            return " ".join(window[i:]), context
+    near = _reason_near(lines, start + 1)
+    if near is None:
+        return context, context
+    index, reason = near
+    return reason, " ".join(lines[start : index + 1]) if index >= start else f"{context} {reason}"
+
+
+def parse(msg: Message, text: str, excluded: Iterable[str] = ()) -> TextBounce | None:
+    """The failures of a plain-text bounce; None when ``msg`` is not recognisably one.
+
+    ``excluded`` are addresses that are never the failed recipient (our own return path,
+    the original sender…); addresses on ``mailer-daemon``/``postmaster`` are skipped too.
+    """
+    if not looks_like_bounce(msg, text):
+        return None
+    region = report_region(text)
+    lines = region.split("\n")
+    skip = {a.lower() for a in excluded}
+    skip.update(a.lower() for a in mime.addresses(mime.header(msg, "From")))
+    skip.update(a.lower() for a in mime.addresses(mime.header(msg, "To")))
+    preferred: list[str] = []
+    for value in mime.header_values(msg, "X-Failed-Recipients"):
+        preferred.extend(a for a in mime.addresses(value) if a.lower() not in skip)
+    candidates = _candidates(lines, skip, preferred)
+    subject = mime.header(msg, "Subject")
+    head = f"{subject}\n{region[:3000]}"
+    delayed = bool(_DELAY.search(head)) and not _PERMANENT.search(head)
+    failures: list[Failure] = []
+    others = {addr for addr, _ in candidates}
+    for address, start in candidates:
+        reason, context = _reason_for(lines, start, address, others - {address})
+        failures.append(_failure(address, tidy(clean_reason(reason)), delayed, context))
+    if not failures:
+        fallback = _reason_near(lines, 0)
+        if fallback is None:
+            return None
+        failures.append(_failure(None, tidy(clean_reason(fallback[1])), delayed, fallback[1]))
+    report = format_name(region)
+    if report == "generic" and not any(_carries_reason(f.diagnostic) for f in failures):
+        return None  # a bounce-like subject without a known wording or any reason: a human wrote it
+    return TextBounce(report, failures)
+
+
+_LEAD_CODE: Final = re.compile(r"(?<![\w.])[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}\b)?")
+
+
+def tidy(reason: str) -> str:
+    """The reason from its SMTP reply code on when what precedes it says nothing ("said: 550 …").
+
+    A dangling ")" (Sendmail's ``(reason: …)``) is dropped.
+    """
+    match = _LEAD_CODE.search(reason)
+    if match is not None and match.start() <= 80 and not _carries_reason(reason[: match.start()]):
+        reason = reason[match.start() :]
+    if reason.endswith(")") and reason.count(")") > reason.count("("):
+        reason = reason[:-1].rstrip()
+    return reason
+
+
+def _failure(address: str | None, reason: str, delayed: bool, context: str) -> Failure:
+    return Failure(
+        recipient=address,
+        action="delayed" if delayed else "failed",
+        status=find_status(reason),
+        diagnostic=reason,
+        ip=host_ip(context),
+    )
