@@ -1,0 +1,195 @@
+"""``POST /v1/mail/send``: one raw RFC 822 message in, one entry on the P0 or P1 stream out.
+
+Produces ``reliable-queue.queue-names.primary-queue`` (``X-Priority: 0``) or ``default-queue``
+entries (:class:`common.payloads.SubmittedMail`, the body byte for byte).  The client gets
+``200 {"uuid", "queue"}`` only after Redis has the entry (AOF, DESIGN §2); every refusal
+names its rule:
+
+=====  =================================================================================
+401    no or wrong credentials (HTTP Basic or a bearer API key)
+415    Content-Type is not application/octet-stream or message/rfc822
+413    larger than ``max-message-size`` (refused from Content-Length, before reading)
+400    a validation rule of :mod:`common.submission` failed, or a bad Idempotency-Key
+409    the same Idempotency-Key is being processed right now
+422    the Idempotency-Key was used before with a different message
+503    Redis is unavailable or the queue is over its limit (``Retry-After`` says when to retry)
+=====  =================================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Final
+
+from flask import Response, request
+
+from common.config import Config
+from common.config.httpreceiver import HttpReceiverSection
+from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
+from common.payloads import SubmittedMail
+from common.queue import Queues
+from common.submission import Rejection, Submission, validate
+from httpreceiver.auth import Authenticator
+from httpreceiver.idempotency import IdempotencyStore, Record, Reservation, fingerprint, valid_key
+from httpreceiver.metrics import HttpMetrics
+from httpreceiver.responses import error_answer, json_answer
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES: Final = frozenset(("application/octet-stream", "message/rfc822"))
+#: Seconds a client should wait after a 503: Redis down (usually a restart) / queue full (backlog).
+RETRY_AFTER_UNAVAILABLE_S: Final = 5
+RETRY_AFTER_FULL_S: Final = 30
+
+
+class MailIntake:
+    """The send endpoint of one app instance."""
+
+    def __init__(
+        self,
+        config: Config,
+        section: HttpReceiverSection,
+        queues: Queues,
+        authenticator: Authenticator,
+        idempotency: IdempotencyStore | None,
+        metrics: HttpMetrics,
+    ) -> None:
+        names = config.global_.reliable_queue.queue_names
+        self.queue_of = {0: names.primary_queue, 1: names.default_queue}
+        self.max_size = section.max_message_size
+        self.queues = queues
+        self.auth = authenticator
+        self.idempotency = idempotency
+        self.metrics = metrics
+        transformer = config.transformer
+        self._configured = lambda domain: transformer.domain(domain) is not None
+
+    def send(self) -> Response:
+        """Handle one submission (Flask view)."""
+        user = self.auth.authenticate(request.headers.get("Authorization"))
+        if user is None:
+            self.metrics.auth_failures.inc()
+            log.warning("refused submission from %s: missing or wrong credentials", request.remote_addr)
+            return error_answer(
+                401,
+                "unauthorized",
+                "HTTP Basic credentials (or a bearer API key) from httpreceiver.auth-logins are required",
+                {"WWW-Authenticate": self.auth.challenge()},
+            )
+        refusal = self._check_request()
+        if refusal is not None:
+            return refusal
+        # Without Content-Length (chunked) werkzeug stops reading *silently* at the limit: read
+        # one byte more than allowed, so a body over the limit is refused, never truncated.
+        request.max_content_length = self.max_size + 1
+        raw = request.get_data(cache=False)
+        if len(raw) > self.max_size:
+            return self.too_large()
+        try:
+            submission = validate(raw, self._configured)
+        except Rejection as exc:
+            return self.refuse(400, exc.rule, exc.message)
+        key = request.headers.get("Idempotency-Key") if self.idempotency is not None else None
+        return self._queue(user, raw, submission, key)
+
+    def _check_request(self) -> Response | None:
+        """Refusals decided from the headers alone, before the body is read."""
+        if request.mimetype not in CONTENT_TYPES:
+            return self.refuse(
+                415,
+                "content-type",
+                f"Content-Type must be application/octet-stream or message/rfc822, not {request.mimetype or 'none'!r}",
+            )
+        length = request.content_length
+        if length is not None and length > self.max_size:
+            return self.too_large()
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and self.idempotency is not None and not valid_key(key):
+            return self.refuse(400, "idempotency-key", "Idempotency-Key must be 1-255 printable ASCII characters")
+        return None
+
+    def _queue(self, user: str, raw: bytes, submission: Submission, key: str | None) -> Response:
+        """Queue a valid message (once per Idempotency-Key); 200 only after Redis has it."""
+        queue = self.queue_of[submission.priority]
+        answer = {"uuid": submission.uuid, "queue": queue}
+        reservation: Reservation | None = None
+        if key is not None and self.idempotency is not None:
+            try:
+                found = self.idempotency.reserve(user, key, fingerprint(raw), 200, answer)
+            except QueueUnavailableError as exc:
+                return self.unavailable(exc, submission.uuid)
+            if isinstance(found, Record):
+                return self.repeat(found, fingerprint(raw), submission.uuid)
+            reservation = found
+
+        entry = SubmittedMail(
+            raw=raw, uuid=submission.uuid, priority=submission.priority, via="http", submitted_at=time.time()
+        )
+        try:
+            self.queues.enqueue(queue, entry.to_fields())
+        except TemporaryError as exc:
+            if reservation is not None and self.idempotency is not None:
+                with contextlib.suppress(QueueUnavailableError):
+                    self.idempotency.release(reservation)
+            return self.unavailable(exc, submission.uuid)
+        if reservation is not None and self.idempotency is not None:
+            try:
+                self.idempotency.finish(reservation)
+            except QueueUnavailableError as exc:
+                log.warning("queued %s but could not store its Idempotency-Key answer: %s", submission.uuid, exc)
+        self.metrics.enqueued.inc()
+        self.metrics.recipients.inc(len(submission.recipients))
+        log.info(
+            "queued uuid=%s queue=%s user=%s bytes=%d recipients=%d",
+            submission.uuid,
+            queue,
+            user,
+            len(raw),
+            len(submission.recipients),
+        )
+        return json_answer(200, answer)
+
+    def refuse(self, status: int, rule: str, message: str, headers: dict[str, str] | None = None) -> Response:
+        """A refused submission: counted as dropped, logged with its rule."""
+        self.metrics.dropped.inc()
+        self.metrics.rejections.labels(rule).inc()
+        log.info("refused submission (%d %s): %s", status, rule, message)
+        return error_answer(status, rule, message, headers)
+
+    def too_large(self) -> Response:
+        """413 for a body over ``max-message-size``."""
+        return self.refuse(
+            413, "too-large", f"the message is larger than {self.max_size} bytes (httpreceiver.max-message-size)"
+        )
+
+    def unavailable(self, exc: TemporaryError, uuid: str) -> Response:
+        """503 with Retry-After: nothing was queued, the client must retry."""
+        full = isinstance(exc, QueueFullError)
+        retry_after = int(exc.retry_after or (RETRY_AFTER_FULL_S if full else RETRY_AFTER_UNAVAILABLE_S))
+        log.warning("cannot queue %s, answering 503: %s", uuid, exc)
+        return self.refuse(
+            503,
+            "queue-full" if full else "queue-unavailable",
+            ("the queue is over its limit" if full else "the queue (Redis) is unavailable")
+            + f"; nothing was queued, retry in {retry_after} s",
+            {"Retry-After": str(retry_after)},
+        )
+
+    def repeat(self, record: Record, fp: str, uuid: str) -> Response:
+        """Answer a request whose Idempotency-Key is already known."""
+        if record.fp != fp:
+            return self.refuse(
+                422, "idempotency-key-reused", "this Idempotency-Key was already used with a different message"
+            )
+        if record.state != "done":
+            return error_answer(
+                409,
+                "idempotency-key-in-use",
+                "a request with this Idempotency-Key is being processed; retry shortly",
+                {"Retry-After": "1"},
+            )
+        self.metrics.idempotent_replays.inc()
+        log.info("repeated submission uuid=%s answered from its Idempotency-Key record", uuid)
+        return json_answer(record.status, record.body, {"Idempotent-Replayed": "true"})

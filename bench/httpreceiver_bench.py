@@ -1,0 +1,308 @@
+"""HttpReceiver benchmark: POST /v1/mail/send with 10 KB messages, real gunicorn, real Redis.
+
+Starts a private redis-server (AOF, ``appendfsync always`` unless ``--fsync everysec``) and the
+``httpreceiver`` console script (gunicorn with the versioned gunicorn.conf.py) on free loopback
+ports, then drives it with ``wrk`` (keep-alive connections, Lua body) when installed, else
+with a bounded Python load generator (threads, keep-alive, fixed request count).
+
+Prints requests/s, latency percentiles, the CPU time the server side (gunicorn + Redis) used
+per request, and checks that every 200 answer left exactly one entry in the queue.  Then runs
+the same load against a baseline -- a bare Flask view doing one XADD under the same gunicorn
+settings, with its own fresh Redis -- so a figure taken on a busy machine can be read against
+the floor measured in the same conditions.  Goal: >= 2,000 msg/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from devtools import testing
+from devtools.servers import RedisProcess, free_port, port_open, wait_until
+
+GOAL = 2000
+
+
+def message(size: int) -> bytes:
+    head = (
+        f"From: Sender <news@{testing.SENDER_DOMAIN}>\r\n"
+        "To: Someone <someone@dest.test>\r\n"
+        "Subject: benchmark\r\n"
+        "X-Uuid: bench0001\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+    ).encode()
+    line = b"x" * 76 + b"\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(master: int, redis_pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    return [master, redis_pid, *map(int, children)]
+
+
+def run_wrk(url: str, body_file: Path, auth: str, args: argparse.Namespace) -> dict[str, float]:
+    script = body_file.with_suffix(".lua")
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "message/rfc822"\n'
+        f'wrk.headers["Authorization"] = "Basic {auth}"\n'
+        f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+    )
+    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+    out = subprocess.run([*cmd, "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    (body_file.parent / "wrk.out").write_text(out)
+    figures: dict[str, float] = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    total = re.search(r"(\d+) requests in", out)
+    figures["requests"] = float(total.group(1)) if total else 0.0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    figures["errors"] = float(non2xx.group(1)) if non2xx else 0.0
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if errors:
+        figures["errors"] += sum(int(x) for x in errors.groups())
+    for pct in ("50", "90", "99"):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
+        if m:
+            scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+            figures[f"p{pct}"] = float(m.group(1)) * scale
+    return figures
+
+
+def run_python(port: int, body: bytes, auth: str, args: argparse.Namespace) -> dict[str, float]:
+    """Bounded fallback: ``--requests`` requests over ``--connections`` keep-alive threads."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    per_thread = args.requests // args.connections
+    headers = {"Content-Type": "message/rfc822", "Authorization": f"Basic {auth}"}
+
+    def client() -> None:
+        nonlocal errors
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine: list[float] = []
+        bad = 0
+        for _ in range(per_thread):
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/mail/send", body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+                if resp.getheader("Connection", "").lower() == "close":
+                    conn.close()
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+            mine.append((time.perf_counter() - start) * 1000)
+            bad += not ok
+        with lock:
+            latencies.extend(mine)
+            errors += bad
+
+    threads = [threading.Thread(target=client) for _ in range(args.connections)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(len(latencies) * p / 100))]
+
+    return {
+        "rps": len(latencies) / elapsed,
+        "requests": float(len(latencies)),
+        "errors": float(errors),
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+    }
+
+
+BASELINE_APP = """
+import os
+import redis
+from flask import Flask, request
+
+client = redis.Redis(port=int(os.environ["BENCH_REDIS_PORT"]))
+app = Flask("baseline")
+
+
+@app.post("/v1/mail/send")
+def send():
+    client.xadd("BASELINE", {"raw": request.get_data()})
+    return {"uuid": "x", "queue": "BASELINE"}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=10_240, help="message size in bytes")
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load (wrk)")
+    parser.add_argument("--requests", type=int, default=20_000, help="requests (Python generator)")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--workers", type=int, default=0, help="httpreceiver.workers (0 = one per core)")
+    parser.add_argument("--fsync", choices=["always", "everysec"], default="always")
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--gunicorn-args", default="", help='extra gunicorn settings, e.g. "--threads 8" (GUNICORN_CMD_ARGS)'
+    )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the floor: a bare Flask view doing one XADD under the same gunicorn settings",
+    )
+    args = parser.parse_args()
+    args.client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
+
+    with tempfile.TemporaryDirectory(prefix="bench-httpreceiver-") as tmp:
+        root = Path(tmp)
+        body = message(args.size)
+        (root / "message.eml").write_bytes(body)
+        workers = args.workers or os.cpu_count() or 1
+        print(
+            f"httpreceiver benchmark: {len(body)}-byte messages, {workers} gunicorn workers, "
+            f"{args.connections} connections, client {args.client}, redis appendfsync {args.fsync}, "
+            + (f"gunicorn {args.gunicorn_args!r}, " if args.gunicorn_args else "")
+            + f"{os.cpu_count()} cores shared by client, server and Redis"
+        )
+        ours = measure(root, args, baseline=False)
+        report("httpreceiver", ours, args)
+        if not args.no_baseline:
+            floor = measure(root, args, baseline=True)
+            report("baseline (Flask view doing one XADD, same gunicorn)", floor, args)
+            print(f"  httpreceiver / baseline: {ours['rps'] / floor['rps']:.2f}")
+        print(f"  result: {'goal met' if ours['rps'] >= GOAL else 'below goal'} (goal >= {GOAL} msg/s)")
+
+
+def measure(root: Path, args: argparse.Namespace, *, baseline: bool) -> dict[str, float]:
+    """Start a fresh Redis and the server (httpreceiver or the baseline), load it; the figures."""
+    server = RedisProcess(root / ("redis-baseline" if baseline else "redis"), appendfsync=args.fsync).start()
+    try:
+        return _measure(root, server, args, baseline=baseline)
+    finally:
+        server.stop()
+
+
+def _measure(root: Path, server: RedisProcess, args: argparse.Namespace, *, baseline: bool) -> dict[str, float]:
+    assert server.proc is not None
+    api, metrics = free_port(), free_port()
+    env = {**os.environ, "INBOXBOOSTER_LOG_LEVEL": os.environ.get("INBOXBOOSTER_LOG_LEVEL", "INFO")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if args.gunicorn_args:
+        env["GUNICORN_CMD_ARGS"] = args.gunicorn_args
+    workers = args.workers or os.cpu_count() or 1
+    if baseline:
+        (root / "baseline.py").write_text(BASELINE_APP)
+        settings = Path(__file__).resolve().parents[1] / "HttpReceiver" / "gunicorn.conf.py"
+        # The versioned settings without their hooks (those drive the httpreceiver app object).
+        (root / "baseline_conf.py").write_text(
+            "import runpy\n"
+            f"_all = runpy.run_path({str(settings)!r})\n"
+            "globals().update({k: v for k, v in _all.items() if not k.startswith('_') and not callable(v)})\n"
+        )
+        env["BENCH_REDIS_PORT"] = str(server.port)
+        command = [sys.executable, "-m", "gunicorn", "-c", str(root / "baseline_conf.py"), "--chdir", str(root),
+                   "-w", str(workers), "-b", f"127.0.0.1:{api}", "baseline:app"]  # fmt: skip
+        queue = "BASELINE"
+    else:
+        customer = testing.customer_config(
+            root, redis_port=server.port, ports={"httpreceiver": api, "httpreceiver-metrics": metrics}
+        )
+        customer["httpreceiver"]["workers"] = args.workers
+        global_ = testing.merge(testing.global_config(), {"reliable-queue": {"max-queue-length": 0}})
+        gpath, cpath = testing.write_configs(root / "configs", customer, global_)
+        command = [sys.executable, "-m", "httpreceiver", "--global-config-file", str(gpath),
+                   "--customer-config-file", str(cpath)]  # fmt: skip
+        queue = "IB-MAIL-QUEUE-P1"
+    with (root / ("baseline.log" if baseline else "httpreceiver.log")).open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: port_open("127.0.0.1", api), 20, what="the API port")
+        wait_until(lambda: len(server_pids(proc.pid, 0)) - 2 >= workers, 20, what="all workers")
+        if not baseline:
+            wait_until(lambda: _ready(metrics), 20, what="httpreceiver /readyz")
+        auth = base64.b64encode(f"{testing.RECEIVER_USER}:{testing.RECEIVER_PASSWORD}".encode()).decode()
+        pids = server_pids(proc.pid, server.proc.pid)
+        groups = {"workers": pids[2:], "master": pids[:1], "redis": pids[1:2]}
+        before = {name: cpu_seconds(group) for name, group in groups.items()}
+        wall_before = time.perf_counter()
+        if args.client == "wrk":
+            figures = run_wrk(f"http://127.0.0.1:{api}/v1/mail/send", root / "message.eml", auth, args)
+        else:
+            figures = run_python(api, (root / "message.eml").read_bytes(), auth, args)
+        wall = time.perf_counter() - wall_before
+        for name, group in groups.items():
+            figures[f"cpu_{name}"] = cpu_seconds(group) - before[name]
+        figures["wall"] = wall
+        client = redis.Redis(port=server.port)
+        figures["queued"] = float(client.xlen(queue))
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return figures
+
+
+def report(name: str, figures: dict[str, float], args: argparse.Namespace) -> None:
+    """Print one server's figures."""
+    queued = max(figures["queued"], 1.0)
+    cpu = {key.removeprefix("cpu_"): value for key, value in figures.items() if key.startswith("cpu_")}
+    total = sum(cpu.values())
+    print(f"{name}:")
+    print(
+        f"  requests: {figures['requests']:.0f} ({figures['errors']:.0f} errors), "
+        f"queued entries: {figures['queued']:.0f}"
+    )
+    print(f"  throughput: {figures['rps']:.0f} requests/s")
+    print(
+        "  latency ms: " + ", ".join(f"p{p} {figures[f'p{p}']:.2f}" for p in ("50", "90", "99") if f"p{p}" in figures)
+    )
+    print(
+        f"  server CPU: {total / queued * 1000:.3f} ms per request ("
+        + ", ".join(f"{key} {value / queued * 1000:.3f}" for key, value in cpu.items())
+        + f"), {total / figures['wall'] * 100:.0f}% of one core"
+    )
+    ok = figures["requests"] - figures["errors"]
+    if abs(figures["queued"] - ok) > args.connections:
+        print(f"  WARNING: {ok:.0f} successful answers but {figures['queued']:.0f} queued entries")
+
+
+def _ready(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", "/readyz")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""POST /v1/mail/send rules, in-process (Flask test client) against the real test Redis."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common import passwords
+from common.config.base import RedisServer
+from common.queue import Queues, QueueSettings, connect
+from devtools.servers import free_port
+from tests.httpreceiver.conftest import (
+    P0,
+    P1,
+    AppUnderTest,
+    basic,
+    entries,
+    headers,
+    message,
+)
+
+pytestmark = pytest.mark.redis
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "httpreceiver"
+CASES: list[dict[str, Any]] = yaml.safe_load((DATA / "cases.yaml").read_text())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
+def test_message_corpus(case: dict[str, Any], hr: AppUnderTest) -> None:
+    # Each file is accepted into its queue byte for byte, or refused naming the rule it broke.
+    raw = (DATA / "messages" / case["file"]).read_bytes()
+    resp = hr.client.post("/v1/mail/send", data=raw, headers=headers())
+    assert resp.status_code == case["status"], resp.get_data(as_text=True)
+    assert resp.mimetype == "application/json"
+    body = resp.get_json()
+    if case["status"] == 200:
+        assert body == {"uuid": case["uuid"], "queue": case["queue"]}
+        [fields] = entries(hr.redis, case["queue"])
+        assert fields[b"raw"] == raw
+        assert fields[b"uuid"] == case["uuid"].encode()
+        assert fields[b"via"] == b"http"
+        assert fields[b"priority"] == (b"0" if case["queue"] == P0 else b"1")
+        assert hr.metric("nbr_emails_enqueued_total") == 1
+        assert hr.metric("nbr_recipients_total") == case["recipients"]
+    else:
+        assert body["error"] == case["error"]
+        assert body["message"]
+        assert hr.redis.xlen(P0) + hr.redis.xlen(P1) == 0
+        assert hr.metric("nbr_dropped_emails_total") == 1
+        assert hr.metric("httpreceiver_rejections_total", {"rule": case["error"]}) == 1
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        basic(password="wrong"),
+        basic(user="nobody"),
+        "Basic not-base64!",
+        "Basic " + "bm9jb2xvbg==",  # "nocolon"
+        "Bearer some-key",  # no API keys configured
+        "Digest username=app",
+    ],
+    ids=["none", "wrong-password", "unknown-user", "garbage", "no-colon", "bearer-not-configured", "digest"],
+)
+def test_bad_credentials_get_401_with_challenge(hr: AppUnderTest, authorization: str | None) -> None:
+    hdrs = headers()
+    hdrs.pop("Authorization")
+    if authorization is not None:
+        hdrs["Authorization"] = authorization
+    resp = hr.client.post("/v1/mail/send", data=message(), headers=hdrs)
+    assert resp.status_code == 401
+    assert resp.headers["WWW-Authenticate"].startswith('Basic realm="inboxbooster-mailer"')
+    assert resp.get_json()["error"] == "unauthorized"
+    assert hr.redis.xlen(P1) == 0
+    assert hr.metric("httpreceiver_auth_failures_total") == 1
+
+
+def test_auth_is_checked_before_anything_else(hr: AppUnderTest) -> None:
+    # An anonymous client learns nothing: wrong type and huge size still give 401.
+    resp = hr.client.post(
+        "/v1/mail/send", data=b"x" * 2048, headers={"Content-Type": "text/plain", "Content-Length": "999999999"}
+    )
+    assert resp.status_code == 401
+
+
+def test_hashed_password_and_bearer_keys(make_app: Callable[..., AppUnderTest]) -> None:
+    hashed = passwords.hash_password("s3cret", iterations=2000)
+    app = make_app(
+        {
+            "auth-logins": [{"username": "hashed", "password": hashed}],
+            "api-keys": ["key-one", passwords.hash_password("key-two", iterations=2000)],
+        }
+    )
+    ok = [
+        {"Authorization": basic("hashed", "s3cret")},
+        {"Authorization": basic("hashed", "s3cret")},  # second time from the verification cache
+        {"Authorization": "Bearer key-one"},
+        {"Authorization": "bearer key-two"},
+    ]
+    for i, auth in enumerate(ok):
+        resp = app.client.post("/v1/mail/send", data=message(f"u{i}"), headers={**headers(), **auth})
+        assert resp.status_code == 200, auth
+    for auth in ({"Authorization": basic("hashed", hashed)}, {"Authorization": "Bearer key-three"}):
+        resp = app.client.post("/v1/mail/send", data=message("bad"), headers={**headers(), **auth})
+        assert resp.status_code == 401
+        assert "Bearer" in resp.headers["WWW-Authenticate"]
+    assert app.redis.xlen(P1) == 4
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/octet-stream", 200),
+        ("message/rfc822", 200),
+        ("Message/RFC822; charset=utf-8", 200),
+        ("text/plain", 415),
+        ("application/json", 415),
+        (None, 415),
+    ],
+)
+def test_content_type(hr: AppUnderTest, content_type: str | None, status: int) -> None:
+    hdrs = headers()
+    hdrs.pop("Content-Type")
+    if content_type is not None:
+        hdrs["Content-Type"] = content_type
+    resp = hr.client.post("/v1/mail/send", data=message(), headers=hdrs)
+    assert resp.status_code == status
+    if status == 415:
+        assert resp.get_json()["error"] == "content-type"
+        assert hr.redis.xlen(P1) == 0
+
+
+def test_size_limit_from_content_length(make_app: Callable[..., AppUnderTest]) -> None:
+    app = make_app({"max-message-size": 4096})
+    at_limit = message(body=b"x" * (4096 - len(message(body=b""))))
+    assert len(at_limit) == 4096
+    assert app.client.post("/v1/mail/send", data=at_limit, headers=headers()).status_code == 200
+    resp = app.client.post("/v1/mail/send", data=at_limit + b"y", headers=headers())
+    assert resp.status_code == 413
+    assert resp.get_json()["error"] == "too-large"
+    assert "4096" in resp.get_json()["message"]
+    assert app.redis.xlen(P1) == 1
+
+
+def test_size_limit_of_a_chunked_body(make_app: Callable[..., AppUnderTest]) -> None:
+    # No Content-Length (chunked transfer): the body is cut at the limit while it is read.
+    app = make_app({"max-message-size": 4096})
+    body = message(body=b"x" * 8000)
+    resp = app.client.post(
+        "/v1/mail/send",
+        input_stream=io.BytesIO(body),
+        headers={**headers(), "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},  # as gunicorn sets it
+    )
+    assert resp.status_code == 413
+    assert resp.get_json()["error"] == "too-large"
+    assert app.redis.xlen(P1) == 0
+
+
+def test_redis_down_gives_503_with_retry_after(make_app: Callable[..., AppUnderTest]) -> None:
+    # A Redis address where nothing listens: connection refused, nothing can be queued.
+    down = Queues(connect(RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1)), QueueSettings())
+    app = make_app(queues=down)
+    resp = app.client.post("/v1/mail/send", data=message(), headers=headers())
+    assert resp.status_code == 503
+    assert resp.headers["Retry-After"] == "5"
+    assert resp.get_json()["error"] == "queue-unavailable"
+    assert app.metric("nbr_dropped_emails_total") == 1
+
+
+def test_queue_over_its_limit_gives_503(make_app: Callable[..., AppUnderTest]) -> None:
+    app = make_app(global_override={"reliable-queue": {"max-queue-length": 2}})
+    codes = [app.client.post("/v1/mail/send", data=message(f"m{i}"), headers=headers()) for i in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 503, 503]
+    assert codes[2].get_json()["error"] == "queue-full"
+    assert codes[2].headers["Retry-After"] == "30"
+    assert app.redis.xlen(P1) == 2
+
+
+def test_idempotency_key_repeat_answers_first_and_queues_once(hr: AppUnderTest) -> None:
+    first = hr.client.post("/v1/mail/send", data=message("once"), headers=headers(Idempotency_Key="k-1"))
+    again = hr.client.post("/v1/mail/send", data=message("once"), headers=headers(Idempotency_Key="k-1"))
+    assert first.status_code == again.status_code == 200
+    assert first.get_json() == again.get_json() == {"uuid": "once", "queue": P1}
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert hr.redis.xlen(P1) == 1
+    assert hr.metric("httpreceiver_idempotent_replays_total") == 1
+    ttl = hr.redis.ttl("IB:httpreceiver:idem:app:k-1")
+    assert 86_000 < ttl <= 86_400
+
+
+def test_idempotency_key_is_per_user(make_app: Callable[..., AppUnderTest]) -> None:
+    app = make_app({"auth-logins": [{"username": "a", "password": "pa"}, {"username": "b", "password": "pb"}]})
+    for user, password in (("a", "pa"), ("b", "pb")):
+        hdrs = {**headers(Idempotency_Key="same"), "Authorization": basic(user, password)}
+        resp = app.client.post("/v1/mail/send", data=message("x1"), headers=hdrs)
+        assert resp.status_code == 200
+        assert "Idempotent-Replayed" not in resp.headers
+    assert app.redis.xlen(P1) == 2
+
+
+def test_idempotency_key_reused_with_another_message_is_422(hr: AppUnderTest) -> None:
+    assert hr.client.post("/v1/mail/send", data=message("a1"), headers=headers(Idempotency_Key="k")).status_code == 200
+    resp = hr.client.post("/v1/mail/send", data=message("a2"), headers=headers(Idempotency_Key="k"))
+    assert resp.status_code == 422
+    assert resp.get_json()["error"] == "idempotency-key-reused"
+    assert hr.redis.xlen(P1) == 1
+
+
+def test_idempotency_key_in_progress_is_409(hr: AppUnderTest) -> None:
+    # Another request holds the key (its reservation is in Redis) and has not finished.
+    raw = message("busy")
+    from httpreceiver.idempotency import IdempotencyStore, fingerprint
+
+    store = IdempotencyStore(hr.redis, 86_400)
+    store.reserve("app", "k-busy", fingerprint(raw), 200, {"uuid": "busy", "queue": P1})
+    resp = hr.client.post("/v1/mail/send", data=raw, headers=headers(Idempotency_Key="k-busy"))
+    assert resp.status_code == 409
+    assert resp.headers["Retry-After"] == "1"
+    assert resp.get_json()["error"] == "idempotency-key-in-use"
+    assert hr.redis.xlen(P1) == 0
+
+
+def test_failed_submission_releases_its_idempotency_key(make_app: Callable[..., AppUnderTest]) -> None:
+    # Queue full: 503, and the key is free again, so the client's retry is not refused as a repeat.
+    app = make_app(global_override={"reliable-queue": {"max-queue-length": 1}})
+    assert app.client.post("/v1/mail/send", data=message("fill"), headers=headers()).status_code == 200
+    app.client.post("/v1/mail/send", data=message("fill2"), headers=headers())  # sees the queue full
+    resp = app.client.post("/v1/mail/send", data=message("later"), headers=headers(Idempotency_Key="retry-me"))
+    assert resp.status_code == 503
+    assert not app.redis.exists("IB:httpreceiver:idem:app:retry-me")
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 256, "caf\u00e9"], ids=["empty", "space", "long", "non-ascii"])
+def test_malformed_idempotency_key_is_400(hr: AppUnderTest, key: str) -> None:
+    hdrs = headers()
+    hdrs["Idempotency-Key"] = key.encode().decode("latin-1")
+    resp = hr.client.post("/v1/mail/send", data=message(), headers=hdrs)
+    assert resp.status_code == 400
+    assert resp.get_json()["error"] == "idempotency-key"
+
+
+def test_idempotency_disabled_with_window_zero(make_app: Callable[..., AppUnderTest]) -> None:
+    app = make_app({"idempotency-window-seconds": 0})
+    for _ in range(2):
+        resp = app.client.post("/v1/mail/send", data=message("d"), headers=headers(Idempotency_Key="k"))
+        assert resp.status_code == 200
+    assert app.redis.xlen(P1) == 2
+
+
+def test_unknown_route_and_method_are_json(hr: AppUnderTest) -> None:
+    resp = hr.client.get("/v1/mail/send", headers=headers())
+    assert resp.status_code == 405
+    assert resp.headers["Allow"]
+    assert resp.get_json()["error"] == "method-not-allowed"
+    resp = hr.client.get("/metrics")
+    assert resp.status_code == 404
+    assert json.loads(resp.get_data())["error"] == "not-found"
+    assert hr.metric("httpreceiver_requests_total", {"endpoint": "other", "status": "404"}) == 1
+
+
+def test_unexpected_error_is_500_json_and_an_error_event(hr: AppUnderTest) -> None:
+    # A bug anywhere in a view: JSON 500, and an error event (service http-receiver) as the original.
+    def boom() -> str:
+        raise RuntimeError("bug in a view")
+
+    hr.app.add_url_rule("/boom", "boom", boom, methods=["POST"])
+    resp = hr.client.post("/boom")
+    assert resp.status_code == 500
+    assert resp.get_json()["error"] == "internal-error"
+    [fields] = entries(hr.redis, "EVENT_QUEUE")
+    event = json.loads(fields[b"data"])
+    assert (event["event"], event["service"], event["msg"]) == ("error", "http-receiver", "RuntimeError: bug in a view")
