@@ -1,0 +1,240 @@
+"""The aiosmtpd handler: AUTH, envelope checks and the durable hand-off of each message.
+
+Produces ``IB-MAIL-QUEUE-P0`` (``X-Priority: 0``) and ``IB-MAIL-QUEUE-P1`` (the names of the
+global file) entries of type :class:`~common.payloads.SubmittedMail`; consumes nothing.
+
+A message gets ``250`` only after Redis has acknowledged the entry (with AOF
+``appendfsync always`` that means it is on disk).  The raw bytes are queued exactly as
+received after dot-unstuffing.  The SMTP envelope decides nothing: recipients come from the
+``To``/``Cc`` headers (DESIGN §2), so MAIL/RCPT are only syntax-checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, TLSSetupException
+
+from common.config.receiver import AuthLockout
+from common.errors import QueueFullError, QueueUnavailableError
+from common.payloads import SubmittedMail
+from common.queue import AsyncQueues
+from common.submission import Rejection, validate
+from receiver.accounts import Accounts
+from receiver.lockout import AuthGuard, seconds_text
+from receiver.metrics import ReceiverMetrics
+from receiver.protocol import AUTH_LIMIT_REPLY, SubmissionSession, SubmissionSMTP, hook_names
+
+log = logging.getLogger(__name__)
+
+MAX_RECIPIENTS: Final = 1000
+AUTH_OK: Final = "235 2.7.0 Authentication successful"
+AUTH_INVALID: Final = "535 5.7.8 Authentication credentials invalid"
+
+
+@dataclass(frozen=True)
+class QueueNames:
+    """Where accepted mail goes."""
+
+    primary: str
+    default: str
+
+    def for_priority(self, priority: int) -> str:
+        """The queue of a message with this X-Priority."""
+        return self.primary if priority == 0 else self.default
+
+
+class SubmissionHandler:
+    """Hooks aiosmtpd calls for every connection of one process."""
+
+    def __init__(
+        self,
+        *,
+        accounts: Accounts,
+        guard: AuthGuard,
+        lockout: AuthLockout,
+        queues: AsyncQueues,
+        queue_names: QueueNames,
+        is_configured_domain: Callable[[str], bool],
+        metrics: ReceiverMetrics,
+        max_auth_failures_per_session: int,
+    ) -> None:
+        self.accounts = accounts
+        self.guard = guard
+        self.lockout = lockout
+        self.queues = queues
+        self.queue_names = queue_names
+        self.is_configured_domain = is_configured_domain
+        self.metrics = metrics
+        self.max_auth_failures_per_session = max_auth_failures_per_session
+
+    def __dir__(self) -> list[str]:
+        """Only the hooks aiosmtpd scans for on every connection (see ``SubmissionSMTP.__dir__``)."""
+        return hook_names(type(self), ("handle_", "auth_"))
+
+    # -- AUTH ------------------------------------------------------------------------------
+
+    async def handle_AUTH(
+        self, server: SubmissionSMTP, session: SubmissionSession, envelope: Envelope, args: list[str]
+    ) -> Any:
+        """Refuse AUTH from an address that is locked out (before any credentials are read)."""
+        locked_for = await self.guard.locked_for(session.peer_ip)
+        if locked_for > 0:
+            self.metrics.auth_failures.labels("locked-out").inc()
+            return (
+                f"454 4.7.0 Too many failed logins from your address, try again in {seconds_text(locked_for)} seconds"
+            )
+        return MISSING
+
+    async def auth_PLAIN(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:
+        """AUTH PLAIN (RFC 4616), initial response or one challenge."""
+        if len(args) > 1:
+            blob: bytes | None = _b64(args[1])
+            if blob is None:
+                return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot decode base64")
+        else:
+            answer = await server.challenge_auth("")
+            if answer is MISSING:
+                return AuthResult(success=False, handled=True)
+            blob = answer
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot split AUTH PLAIN value")
+        return await self._verify(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:
+        """AUTH LOGIN: user name (initial response or challenge), then password."""
+        if len(args) > 1:
+            user: Any = _b64(args[1])
+            if user is None:
+                return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot decode base64")
+        else:
+            user = await server.challenge_auth("Username:")
+            if user is MISSING:
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._verify(server, user, password)
+
+    async def _verify(self, server: SubmissionSMTP, user: bytes, password: bytes) -> AuthResult:
+        session = server.state
+        if await self.accounts.check(user, password):
+            await self.guard.succeeded(session.peer_ip)
+            return AuthResult(success=True, auth_data=user.decode("utf-8", "replace"), message=AUTH_OK)
+        session.auth_failures += 1
+        self.metrics.warnings.inc()
+        self.metrics.auth_failures.labels("bad-credentials").inc()
+        log.warning("AUTH failed from %s (%d in this session)", session.peer_ip, session.auth_failures)
+        locked = await self.guard.failed(session.peer_ip)
+        # Slows guessing; other sessions keep being served meanwhile.
+        await asyncio.sleep(self.lockout.delay_seconds)
+        if locked:
+            message = (
+                "454 4.7.0 Too many failed logins from your address, "
+                f"try again in {seconds_text(self.lockout.lockout_seconds)} seconds"
+            )
+        elif session.auth_failures >= self.max_auth_failures_per_session:
+            message = AUTH_LIMIT_REPLY
+        else:
+            message = AUTH_INVALID
+        return AuthResult(success=False, handled=False, message=message)
+
+    # -- envelope ----------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        server: SubmissionSMTP,
+        session: SubmissionSession,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        """Accept any syntactically valid sender (the return path is ours to set)."""
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: SubmissionSMTP,
+        session: SubmissionSession,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        """Check the recipient's syntax only: delivery goes to the To/Cc headers' addresses."""
+        local, at, domain = address.rpartition("@")
+        if not (at and local and domain) or "." not in domain.strip("."):
+            return "501 5.1.3 Bad recipient address syntax (need local-part@domain)"
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return f"452 4.5.3 Too many recipients (at most {MAX_RECIPIENTS} per message)"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    # -- DATA --------------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: SubmissionSMTP, session: SubmissionSession, envelope: Envelope) -> str:
+        """Validate, enqueue durably, then (and only then) say 250."""
+        raw: bytes = envelope.original_content or b""
+        try:
+            submission = validate(raw, self.is_configured_domain)
+        except Rejection as rejection:
+            self.metrics.rejections.labels(rejection.rule).inc()
+            self.metrics.dropped.inc()
+            log.info("rejected a message from %s: %s", session.peer_ip, rejection.rule)
+            return rejection.smtp_reply
+        queue = self.queue_names.for_priority(submission.priority)
+        mail = SubmittedMail(
+            raw=raw, uuid=submission.uuid, priority=submission.priority, via="smtp", submitted_at=time.time()
+        )
+        started = time.perf_counter()
+        try:
+            entry_id = await self.queues.enqueue(queue, mail.to_fields())
+        except QueueFullError as exc:
+            self._temporary("queue-full", submission.uuid, queue, exc)
+            return "452 4.3.1 Mail queue is full, try again later"
+        except QueueUnavailableError as exc:
+            self._temporary("queue-unavailable", submission.uuid, queue, exc)
+            return "451 4.3.0 Mail queue temporarily unavailable, try again later"
+        self.metrics.enqueue_seconds.observe(time.perf_counter() - started)
+        self.metrics.enqueued.inc()
+        self.metrics.recipients.inc(len(submission.recipients))
+        log.info(
+            "accepted %s into %s as %s (%d bytes, %d recipients)",
+            submission.uuid,
+            queue,
+            entry_id,
+            len(raw),
+            len(submission.recipients),
+        )
+        return f"250 2.0.0 Ok: queued as {submission.uuid}"
+
+    def _temporary(self, reason: str, uuid: str, queue: str, exc: Exception) -> None:
+        self.metrics.temporary_failures.labels(reason).inc()
+        self.metrics.dropped.inc()
+        log.warning("not accepted %s (%s): %s", uuid, queue, exc)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any unexpected error: a temporary failure, so the client keeps the message and retries."""
+        if isinstance(error, TLSSetupException):
+            # Scanners and clients with no common cipher; aiosmtpd closes the connection.
+            log.info("TLS handshake failed: %s", error.__cause__ or error)
+            return "454 4.7.0 TLS not available due to temporary reason"
+        log.error("unexpected error in an SMTP session", exc_info=error)
+        return "451 4.3.0 Internal error, try again later"
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None

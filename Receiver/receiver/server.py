@@ -1,0 +1,166 @@
+"""One Receiver process: an asyncio loop serving SMTP on already-bound listening sockets.
+
+Each process has its own event loop and its own ``redis.asyncio`` client.  SIGTERM/SIGINT:
+stop listening, close idle sessions with ``421 4.3.2``, let transactions in progress finish
+(each is closed right after its DATA reply), and after ``shutdown-grace-seconds`` close what is
+left; then close Redis and return 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Final
+
+from prometheus_client import CollectorRegistry
+
+from common.config import Config
+from common.queue import AsyncQueues, QueueSettings, connect_async
+from receiver.accounts import Accounts
+from receiver.handler import QueueNames, SubmissionHandler
+from receiver.lockout import AuthGuard
+from receiver.metrics import ReceiverMetrics
+from receiver.protocol import Sessions, SubmissionSMTP
+
+log = logging.getLogger(__name__)
+
+MAX_AUTH_FAILURES_PER_SESSION: Final = 3
+SESSION_TIMEOUT_S: Final = 300.0
+IDENT: Final = "ESMTP Inboxbooster-Mailer"
+CLOSE_FLUSH_S: Final = 1.0
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A bound, listening socket; ``implicit_tls`` for the RFC 8314 port (465)."""
+
+    sock: socket.socket
+    implicit_tls: bool = False
+
+    def describe(self) -> str:
+        """host:port (kind), for logs."""
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port} ({'implicit TLS' if self.implicit_tls else 'STARTTLS'})"
+
+
+class ReceiverProcess:
+    """Serves SMTP on ``listeners`` until SIGTERM/SIGINT (or :meth:`request_stop`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: Sequence[Listener],
+        tls_context: ssl.SSLContext,
+        registry: CollectorRegistry,
+        *,
+        hostname: str,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> None:
+        section = config.customer.receiver
+        assert section is not None  # the loader requires it for this service
+        self.config = config
+        self.section = section
+        self.listeners = list(listeners)
+        self.tls_context = tls_context
+        self.metrics = ReceiverMetrics(registry)
+        self.hostname = hostname
+        self.heartbeat = heartbeat
+        self._stop: asyncio.Event | None = None
+
+    def run(self) -> int:
+        """Run the event loop until stopped; returns the exit status."""
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        client = connect_async(self.config.redis_for("receiver"), client_name="receiver")
+        names = self.config.global_.reliable_queue.queue_names
+        transformer = self.config.transformer
+        handler = SubmissionHandler(
+            accounts=Accounts(self.section.auth_logins),
+            guard=AuthGuard(client, self.section.auth_lockout),
+            lockout=self.section.auth_lockout,
+            queues=AsyncQueues(client, QueueSettings.from_config(self.config.global_)),
+            queue_names=QueueNames(primary=names.primary_queue, default=names.default_queue),
+            is_configured_domain=lambda domain: transformer.domain(domain) is not None,
+            metrics=self.metrics,
+            max_auth_failures_per_session=MAX_AUTH_FAILURES_PER_SESSION,
+        )
+        sessions = Sessions()
+        servers = []
+        for listener in self.listeners:
+            factory = partial(self._protocol, handler, sessions, implicit_tls=listener.implicit_tls, loop=loop)
+            tls = self.tls_context if listener.implicit_tls else None
+            servers.append(await loop.create_server(factory, sock=listener.sock, ssl=tls))
+        log.info("serving SMTP on %s", ", ".join(li.describe() for li in self.listeners))
+        beating = asyncio.create_task(self._beat())
+        await self._stop.wait()
+        beating.cancel()
+        for server in servers:
+            server.close()
+        await self._drain(sessions)
+        await client.aclose()
+        log.info("stopped")
+        return 0
+
+    def _protocol(
+        self, handler: SubmissionHandler, sessions: Sessions, *, implicit_tls: bool, loop: asyncio.AbstractEventLoop
+    ) -> SubmissionSMTP:
+        return SubmissionSMTP(
+            handler,
+            sessions=sessions,
+            trusted_networks=self.section.trusted_networks,
+            max_auth_failures=MAX_AUTH_FAILURES_PER_SESSION,
+            data_size_limit=self.section.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.hostname,
+            ident=IDENT,
+            # Implicit TLS: the connection is encrypted from the first byte, so no STARTTLS
+            # and AUTH needs no further TLS check.
+            tls_context=None if implicit_tls else self.tls_context,
+            auth_require_tls=not implicit_tls,
+            timeout=SESSION_TIMEOUT_S,
+            loop=loop,
+        )
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("received %s: no new connections; finishing open transactions", sig.name)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Stop gracefully (call from the loop's thread)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _beat(self) -> None:
+        while self.heartbeat is not None:
+            self.heartbeat()
+            await asyncio.sleep(5)
+
+    async def _drain(self, sessions: Sessions) -> None:
+        sessions.stopping = True
+        grace = self.section.shutdown_grace_seconds
+        deadline = time.monotonic() + grace
+        while sessions.close_idle() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sessions.empty.wait(), timeout=0.05)
+        # Closed sessions flush their last reply; a TLS close may wait for a client that never
+        # answers, so that wait is short.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sessions.empty.wait(), timeout=CLOSE_FLUSH_S)
+        working = sessions.abort_all()
+        if working:
+            log.warning("cut %d sessions still in a transaction after %.0fs", working, grace)
+        await asyncio.sleep(0)
