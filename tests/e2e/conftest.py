@@ -1,0 +1,34 @@
+"""One running local stack (real Redis, real Postfix, all seven services) for the e2e tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.stack import Stack, free_ports
+
+
+@pytest.fixture(scope="package")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole platform on free loopback ports; the sink plays the internet."""
+    run_dir: Path = tmp_path_factory.mktemp("stack")
+    # Short Postfix retry timers so deferred mail is retried while the tests watch.
+    override = {
+        "postfixlog": {
+            "string-replacer": {
+                "main-cf": {
+                    "queue_run_delay": "2s",
+                    "minimal_backoff_time": "2s",
+                    "maximal_backoff_time": "4s",
+                }
+            }
+        }
+    }
+    stack = Stack(run_dir, ports=free_ports(), customer_override=override)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
