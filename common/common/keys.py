@@ -17,8 +17,9 @@ Other keys::
 
   IB:address-secret                          STRING  generated address-tag secret (if not configured)
   IB:postfixlog:qid:<queue id>               HASH    PostfixLog: queue id -> uuid, recipient, stream… (TTL)
-  IB:postfixlog:log-position                 HASH    PostfixLog: log follower position (inode, offset)
-  IB:postfixlog:seen:<queue id>:<rcpt>:<n>   STRING  PostfixLog: de-duplication of log-derived events (TTL)
+  IB:postfixlog:tx:<token>                   HASH    PostfixLog: one injection (XFORWARD IDENT) -> same (TTL)
+  IB:postfixlog:progress:<entry id>          HASH    PostfixLog: recipient -> sent/queued/refused (TTL)
+  IB:postfixlog:log-position                 HASH    PostfixLog: instance -> log position (inode:offset:fingerprint)
   IB:httpreceiver:idem:<user>:<key>          STRING  HttpReceiver: Idempotency-Key -> first answer (TTL 24 h)
   IB:receiver:authfail:<ip>                  STRING  Receiver: failed AUTH counter per client address (TTL)
   IB:receiver:lockout:<ip>                   STRING  Receiver: lockout marker per client address (TTL)

@@ -50,9 +50,7 @@ def require(binary: str) -> str:
     """Path of a required executable, or a clear error naming the package to install."""
     found = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
     if found is None:
-        raise FileNotFoundError(
-            f"{binary} is not installed (Debian: apt-get install redis-server postfix swaks)"
-        )
+        raise FileNotFoundError(f"{binary} is not installed (Debian: apt-get install redis-server postfix swaks)")
     return found
 
 

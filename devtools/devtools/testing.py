@@ -139,9 +139,7 @@ def customer_config(
 def global_config() -> dict[str, Any]:
     """The global file with its documented defaults spelled out."""
     return {
-        "reliable-queue": {
-            "queue-names": {"primary-queue": "IB-MAIL-QUEUE-P0", "default-queue": "IB-MAIL-QUEUE-P1"}
-        },
+        "reliable-queue": {"queue-names": {"primary-queue": "IB-MAIL-QUEUE-P0", "default-queue": "IB-MAIL-QUEUE-P1"}},
         "backdata": {"queue-name": "EVENT_QUEUE"},
         "transformer": {"x-mailer": "Inboxbooster-Mailer"},
         "postfix": {"incoming-queue-name": "INCOMING-TO-POSTFIX"},

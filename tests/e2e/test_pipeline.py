@@ -83,7 +83,8 @@ def wait_event(stack: Stack, uuid: str, kind: str, timeout_s: float = 60) -> dic
 
 def delivered_copy(stack: Stack, rcpt: str) -> Received:
     wait_until(lambda: any(m.rcpt == rcpt for m in stack.sink.messages), timeout_s=60, what=f"mail for {rcpt}")
-    return next(m for m in stack.sink.messages if m.rcpt == rcpt)
+    found: Received = next(m for m in stack.sink.messages if m.rcpt == rcpt)
+    return found
 
 
 def _dns(stack: Stack) -> dict[bytes, bytes]:

@@ -1,0 +1,144 @@
+"""``redis-sidecar exporter``: queue depths and Redis health for Prometheus.
+
+Reads (never consumes) the four queue streams at scrape time and exports the original metric
+names -- ``primary_queue_messages``, ``default_queue_messages``, ``event_queue_messages``,
+``queue_to_postfix_messages`` (entries not yet completed: waiting plus being processed) -- plus,
+per queue (label ``queue``): the same length, the entries pending on a consumer, the
+dead-lettered entries and the age of the oldest entry.  When Redis does not answer, ``redis_up``
+is 0 and no stale queue value is exported (the original reported 0, which looks like an empty
+queue).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from common import keys
+from common.config.globalfile import GlobalConfig
+from common.errors import TemporaryError
+from common.metrics import register_memory_gauge
+from common.queue import Queues, QueueStats
+from redis_sidecar.backup import LAST_BACKUP_KEY
+
+
+@dataclass(frozen=True)
+class WatchedQueue:
+    """One queue stream, the original gauge that reports it, and its consumer group."""
+
+    metric: str
+    queue: str
+    group: str
+    role: str
+
+
+def watched_queues(cfg: GlobalConfig) -> tuple[WatchedQueue, ...]:
+    """The four queues of the global file, in pipeline order."""
+    names = cfg.reliable_queue.queue_names
+    return (
+        WatchedQueue("primary_queue_messages", names.primary_queue, keys.GROUP_TRANSFORMER, "priority mail"),
+        WatchedQueue("default_queue_messages", names.default_queue, keys.GROUP_TRANSFORMER, "default mail"),
+        WatchedQueue("event_queue_messages", cfg.backdata.queue_name, keys.GROUP_BACKDATA, "events"),
+        WatchedQueue(
+            "queue_to_postfix_messages", cfg.postfix.incoming_queue_name, keys.GROUP_POSTFIXLOG, "signed mail"
+        ),
+    )
+
+
+def _entry_age(entry_id: bytes | str, now: float) -> float:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return max(now - int(text.split("-", 1)[0]) / 1000.0, 0.0)
+
+
+class QueueCollector(Collector):
+    """Collects at scrape time, so values are never older than the scrape."""
+
+    def __init__(self, queues: Queues, watched: Sequence[WatchedQueue]) -> None:
+        self.queues = queues
+        self.redis: Any = queues.redis
+        self.watched = tuple(watched)
+
+    def describe(self) -> Iterator[Metric]:
+        """The families (without touching Redis at registration)."""
+        yield from self._families().values()
+
+    def _families(self) -> dict[str, GaugeMetricFamily]:
+        fams = {
+            w.metric: GaugeMetricFamily(
+                w.metric, f"Entries in {w.queue} ({w.role}) not yet completed: waiting plus in progress"
+            )
+            for w in self.watched
+        }
+        labelled = {
+            "queue_messages": "Entries not yet completed (waiting plus in progress), per queue",
+            "queue_pending_messages": "Entries delivered to a consumer and not yet acknowledged",
+            "queue_dead_letter_messages": "Entries in the queue's dead-letter stream (<queue>:dead)",
+            "queue_oldest_message_age_seconds": "Age of the oldest entry not yet completed (0 when empty)",
+        }
+        for name, text in labelled.items():
+            fams[name] = GaugeMetricFamily(name, text, labels=["queue"])
+        fams["redis_up"] = GaugeMetricFamily("redis_up", "1 when Redis answered this scrape")
+        fams["redis_memory_used_bytes"] = GaugeMetricFamily("redis_memory_used_bytes", "Redis used_memory")
+        fams["redis_memory_max_bytes"] = GaugeMetricFamily(
+            "redis_memory_max_bytes", "Redis maxmemory (0 = no limit); writes fail beyond it"
+        )
+        fams["redis_connected_clients"] = GaugeMetricFamily("redis_connected_clients", "Client connections")
+        fams["redis_aof_last_write_ok"] = GaugeMetricFamily(
+            "redis_aof_last_write_ok", "1 when the last AOF write succeeded (0: Redis refuses writes)"
+        )
+        fams["redis_last_backup_timestamp_seconds"] = GaugeMetricFamily(
+            "redis_last_backup_timestamp_seconds", "Time of the last periodic or manual backup upload"
+        )
+        return fams
+
+    def collect(self) -> Iterator[Metric]:
+        """Read every queue and Redis' INFO; on failure only ``redis_up 0``."""
+        fams = self._families()
+        try:
+            stats = [self.queues.stats(w.queue, w.group) for w in self.watched]
+            pipe = self.redis.pipeline(transaction=False)
+            for w in self.watched:
+                pipe.xrange(w.queue, count=1)
+            pipe.info()
+            pipe.get(LAST_BACKUP_KEY)
+            *oldest, info, last_backup = pipe.execute()
+        except (TemporaryError, redis.exceptions.RedisError):
+            fams["redis_up"].add_metric([], 0)
+            yield fams["redis_up"]
+            return
+        now = time.time()
+        for w, s, first in zip(self.watched, stats, oldest, strict=True):
+            self._add_queue(fams, w, s, _entry_age(first[0][0], now) if first else 0.0)
+        fams["redis_up"].add_metric([], 1)
+        fams["redis_memory_used_bytes"].add_metric([], float(info.get("used_memory", 0)))
+        fams["redis_memory_max_bytes"].add_metric([], float(info.get("maxmemory", 0)))
+        fams["redis_connected_clients"].add_metric([], float(info.get("connected_clients", 0)))
+        fams["redis_aof_last_write_ok"].add_metric([], 1.0 if info.get("aof_last_write_status") == "ok" else 0.0)
+        if last_backup is not None:
+            fams["redis_last_backup_timestamp_seconds"].add_metric([], float(last_backup))
+        yield from (f for f in fams.values() if f.samples)
+
+    @staticmethod
+    def _add_queue(fams: dict[str, GaugeMetricFamily], w: WatchedQueue, s: QueueStats, age: float) -> None:
+        fams[w.metric].add_metric([], s.length)
+        fams["queue_messages"].add_metric([w.queue], s.length)
+        fams["queue_pending_messages"].add_metric([w.queue], s.pending)
+        fams["queue_dead_letter_messages"].add_metric([w.queue], s.dead)
+        fams["queue_oldest_message_age_seconds"].add_metric([w.queue], age)
+
+
+class RedisMetrics:
+    """Every metric of the Redis pod's exporter, in an explicit registry."""
+
+    def __init__(self, queues: Queues, cfg: GlobalConfig, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.collector = QueueCollector(queues, watched_queues(cfg))
+        registry.register(self.collector)
+        self.memory = register_memory_gauge(registry)

@@ -1,0 +1,321 @@
+"""Whole-pipeline benchmark: the platform next to Postfix alone, on this machine, in one run.
+
+1. Postfix alone: ``smtp-source`` (20 sessions, 10 KB) -> a private Postfix (the configuration
+   PostfixLog renders, sandboxed to one nexthop) -> ``smtp-sink``; messages/s from the first
+   submission to the last ``status=sent`` line.
+2. The whole pipeline: a load generator (20 SMTP sessions from a trusted network, 10 KB, each
+   message its own X-Uuid) -> Receiver -> Redis -> Transformer (DKIM RSA-2048) -> PostfixLog ->
+   the same Postfix configuration -> ``smtp-sink``; Postfix' log -> PostfixLog -> BackData ->
+   a webhook; messages/s from the first submission to the last ``delivered`` event.
+3. Their ratio (goal >= 0.8), then submit-to-event latency (p50/p99) at half the measured
+   rate, and CPU seconds per message of every service (process trees, from /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import loadgen
+
+from devtools import testing
+from devtools.servers import free_port, require, wait_until
+from devtools.stack import Stack, free_ports
+from devtools.webhook import Reply, Request, WebhookReceiver
+from postfixlog.instance import PostfixInstance
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# -- CPU accounting -----------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds incl. reaped children) of a live process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    ppid = int(fields[1])
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return ppid, (utime + stime + cutime + cstime) / TICKS
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds used by ``root`` and every descendant, living or reaped."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            found = _stat(int(entry))
+            if found is not None:
+                stats[int(entry)] = found
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+            todo.extend(child for child, (parent, _) in stats.items() if parent == pid)
+    return total
+
+
+# -- 1. Postfix alone ---------------------------------------------------------------------------
+
+
+def smtp_sink(port: int) -> subprocess.Popen[bytes]:
+    """Postfix' C sink; as root it must drop to the postfix user."""
+    proc = subprocess.Popen(
+        [require("smtp-sink"), "-u", "postfix", f"127.0.0.1:{port}", "256"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: _port_open(port), timeout_s=10, what="smtp-sink")
+    return proc
+
+
+def _port_open(port: int) -> bool:
+    from devtools.servers import port_open
+
+    return port_open("127.0.0.1", port)
+
+
+def count_sent(log: Path) -> int:
+    if not log.exists():
+        return 0
+    with log.open("rb") as f:
+        return sum(1 for line in f if b" status=sent " in line)
+
+
+def postfix_alone(work: Path, n: int, size: int, sessions: int) -> float:
+    sink_port, smtpd_port = free_port(), free_port()
+    sink = smtp_sink(sink_port)
+    instance = PostfixInstance(work / "postfix-alone", smtpd_port=smtpd_port, nexthop=f"[127.0.0.1]:{sink_port}")
+    instance.start()
+    try:
+        started = time.monotonic()
+        subprocess.run(
+            [
+                require("smtp-source"),
+                "-s",
+                str(sessions),
+                "-m",
+                str(n),
+                "-l",
+                str(size),
+                "-f",
+                f"bench@{testing.SENDER_DOMAIN}",
+                "-t",
+                "rcpt@dest.test",
+                f"127.0.0.1:{smtpd_port}",
+            ],
+            check=True,
+            timeout=600,
+        )
+        wait_until(
+            lambda: count_sent(instance.log_path) >= n,
+            timeout_s=600,
+            interval_s=0.2,
+            what="Postfix to deliver everything",
+        )
+        return n / (time.monotonic() - started)
+    finally:
+        instance.stop()
+        sink.terminate()
+        sink.wait(10)
+
+
+# -- 2. the pipeline ----------------------------------------------------------------------------
+
+
+class DeliveredWatch:
+    """Webhook responder that notes when each uuid's ``delivered`` event arrived."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.arrived: dict[str, float] = {}
+        self.kinds: dict[str, int] = {}
+
+    def __call__(self, request: Request) -> Reply:
+        now = time.monotonic()
+        events = json.loads(request.body)
+        with self.lock:
+            for event in events:
+                self.kinds[event["event"]] = self.kinds.get(event["event"], 0) + 1
+                if event["event"] == "delivered":
+                    self.arrived.setdefault(event["uuid"], now)
+        return 200, {}, 0.0
+
+    def delivered(self, uuids: set[str]) -> int:
+        with self.lock:
+            return sum(1 for u in uuids if u in self.arrived)
+
+
+def batch(prefix: str, n: int, size: int) -> list[tuple[str, str, bytes]]:
+    sender = f"news@{testing.SENDER_DOMAIN}"
+    out = []
+    for i in range(n):
+        uuid = f"{prefix}{i:06d}{uuidlib.uuid4().hex[:8]}"
+        out.append((uuid, f"rcpt{i}@dest.test", loadgen.message(uuid, f"rcpt{i}@dest.test", size, sender)))
+    return out
+
+
+def service_pids(stack: Stack) -> dict[str, int]:
+    pids = {name: proc.pid for name, proc in stack.procs.items()}
+    if stack.redis is not None and stack.redis.proc is not None:
+        pids["redis-server"] = stack.redis.proc.pid
+    return pids
+
+
+def _child_named(parent: int, name: str) -> int | None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            found = _stat(int(entry))
+        except OSError:
+            continue
+        if comm == name and found is not None and found[0] == parent:
+            return int(entry)
+    return None
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds per service; Postfix (master and its daemons) apart from PostfixLog."""
+    snapshot = {name: tree_cpu(pid) for name, pid in pids.items()}
+    if "postfixlog" in pids:
+        master = _child_named(pids["postfixlog"], "master")
+        postfix = tree_cpu(master) if master else 0.0
+        snapshot["postfix (master + daemons)"] = postfix
+        snapshot["postfixlog"] -= postfix
+    return snapshot
+
+
+def run_pipeline(work: Path, n: int, size: int, sessions: int, latency_s: float) -> dict[str, Any]:
+    ports = free_ports()
+    override = {
+        "receiver": {"trusted-networks": ["127.0.0.1/32"]},
+        "transformer": {"unsubscribe-url": None},
+    }
+    stack = Stack(work / "stack", ports=ports, peers=False, customer_override=override, echo=lambda s: say(f"   {s}"))
+    stack.start()
+    sink = smtp_sink(ports["sink"])
+    watch = DeliveredWatch()
+    hook = WebhookReceiver("127.0.0.1", ports["webhook"], responder=watch).start()
+    try:
+        # A warm-up so every connection, cache and key is in place.
+        warm = batch("warm", 50, size)
+        loadgen.submit("127.0.0.1", ports["receiver"], warm, sessions=sessions)
+        wait_until(
+            lambda: watch.delivered({u for u, _, _ in warm}) == len(warm), timeout_s=120, what="warm-up deliveries"
+        )
+
+        pids = service_pids(stack)
+        pids["smtp-sink"] = sink.pid
+        say(f"2. whole pipeline: {n} messages of {size} bytes, {sessions} SMTP sessions")
+        messages = batch("tput", n, size)
+        uuids = {u for u, _, _ in messages}
+        before = cpu_snapshot(pids)
+        own_before = time.process_time()
+        started = time.monotonic()
+        outcome = loadgen.submit("127.0.0.1", ports["receiver"], messages, sessions=sessions)
+        submitted = time.monotonic() - started
+        wait_until(
+            lambda: watch.delivered(uuids) >= len(outcome.accepted),
+            timeout_s=900,
+            interval_s=0.2,
+            what="every delivered event",
+        )
+        elapsed = time.monotonic() - started
+        after = cpu_snapshot(pids)
+        cpu = {name: (after[name] - before[name]) / n for name in after}
+        cpu["bench (load generator + webhook)"] = (time.process_time() - own_before) / n
+        rate = len(outcome.accepted) / elapsed
+        say(f"   accepted {len(outcome.accepted)}/{n} in {submitted:.1f}s; all delivered events after {elapsed:.1f}s")
+
+        half = rate / 2
+        count = max(100, int(half * latency_s))
+        say(f"3. latency at half load: {count} messages at {half:.0f} msg/s")
+        accepted_at: dict[str, float] = {}
+        slow = batch("lat", count, size)
+        loadgen.submit(
+            "127.0.0.1",
+            ports["receiver"],
+            slow,
+            sessions=sessions,
+            rate=half,
+            on_accept=lambda u, t: accepted_at.__setitem__(u, t),
+        )
+        wait_until(
+            lambda: watch.delivered(set(accepted_at)) >= len(accepted_at),
+            timeout_s=600,
+            what="latency-phase deliveries",
+        )
+        with watch.lock:
+            latencies = sorted(watch.arrived[u] - t for u, t in accepted_at.items())
+        return {"rate": rate, "cpu": cpu, "latencies": latencies, "accepted": len(outcome.accepted), "n": n}
+    finally:
+        hook.stop()
+        stack.stop()
+        sink.terminate()
+        sink.wait(10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--size", type=int, default=10_240)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    say(
+        f"pipeline benchmark on {os.cpu_count()} cores, {args.messages} messages of {args.size} bytes, "
+        "DKIM RSA-2048, Redis appendfsync always"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+        say("1. Postfix alone: smtp-source -> Postfix -> smtp-sink")
+        alone = postfix_alone(work, args.messages, args.size, args.sessions)
+        say(f"   {alone:,.0f} msg/s")
+        result = run_pipeline(work, args.messages, args.size, args.sessions, args.latency_seconds)
+    rate, lat = result["rate"], result["latencies"]
+    ratio = rate / alone
+    say("")
+    say("results")
+    say(f"  Postfix alone (smtp-source -> Postfix -> smtp-sink)     {alone:8,.0f} msg/s")
+    say(f"  whole pipeline (submission -> webhook 'delivered')       {rate:8,.0f} msg/s")
+    say(
+        f"  ratio                                                    {ratio:8.2f}  "
+        f"({'meets' if ratio >= 0.8 else 'below'} the 0.8 goal)"
+    )
+    say(
+        f"  latency at half load ({len(lat)} msgs): p50 {percentile(lat, 0.5) * 1000:,.0f} ms, "
+        f"p99 {percentile(lat, 0.99) * 1000:,.0f} ms, max {max(lat) * 1000:,.0f} ms"
+    )
+    say("  CPU seconds per message (process trees; Postfix runs under postfixlog):")
+    for name, value in sorted(result["cpu"].items(), key=lambda kv: -kv[1]):
+        say(f"    {name:36s} {value * 1000:7.2f} ms")
+    say(f"    {'total':36s} {sum(result['cpu'].values()) * 1000:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
