@@ -39,11 +39,11 @@ def main_cf_problems(main_cf: dict[str, str | int | bool]) -> list[str]:
         if key in SPECIAL_KEYS:
             pass
         elif not _PARAMETER_NAME.match(key):
-            problems.append(f"{key}: not a Postfix parameter name")
+            problems.append(f"{key!r} is not a Postfix parameter name")
         elif key in MANAGED_PARAMETERS:
-            problems.append(f"{key}: managed by PostfixLog, cannot be overridden")
+            problems.append(f"{key!r} is managed by PostfixLog and cannot be overridden")
         if "\n" in text or "\r" in text:
-            problems.append(f"{key}: value must be a single line")
+            problems.append(f"{key!r} must be a single line")
     return problems
 
 
@@ -52,7 +52,7 @@ class PostfixEndpoint(StrictModel):
 
     hostname: str = Field("127.0.0.1", description="Postfix smtpd host (loopback).")
     port: int = Field(10025, ge=1, le=65535, description="Postfix smtpd port.")
-    connections: int = Field(4, ge=1, le=64, description="Parallel SMTP sessions PostfixLog keeps open to Postfix.")
+    connections: int = Field(8, ge=1, le=64, description="Parallel SMTP sessions PostfixLog keeps open to Postfix.")
     timeout_seconds: float = Field(
         60.0, gt=0, le=600, description="Seconds to wait for one Postfix reply before giving up."
     )
