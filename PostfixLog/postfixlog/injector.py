@@ -1,0 +1,468 @@
+"""Hand ``INCOMING-TO-POSTFIX`` entries to the local Postfix over SMTP.
+
+Consumes ``INCOMING-TO-POSTFIX`` (group ``postfixlog``, :class:`common.payloads.OutboundMail`);
+produces ``bounce`` events on ``EVENT_QUEUE`` for recipients Postfix itself refuses (5xx), and
+``error`` events with entries it dead-letters.
+
+Each recipient is one SMTP transaction (MAIL FROM = the return path, ``NOTIFY=NEVER``,
+``ENVID=<uuid>``, ``XFORWARD IDENT=<token>``) on one of ``connections`` reusable, pipelining
+sessions, multiplexed from the worker's thread.  The entry is acknowledged only once Postfix
+answered every recipient.
+
+Exactly once, per recipient (``IB:postfixlog:progress:<entry id>``):
+
+1. before any transaction: ``t:<token>`` and the injection record ``IB:postfixlog:tx:<token>``
+   (uuid, recipient, stream id, From domain) -- one round trip for the whole batch;
+2. after the batch's transactions, again in one round trip: ``q:<queue id>`` and
+   ``IB:postfixlog:qid:<queue id>`` for a ``250``; ``r:<reply>`` for a ``5xx`` (a bounce event,
+   re-created with the same id if the entry comes back); for a ``4xx`` or a connection failure
+   before the end of the message nothing was queued: the field is removed and the recipient
+   is sent again later.
+
+A redelivered entry skips ``q:`` and ``r:`` recipients.  A ``t:`` recipient (the process died,
+or the connection broke, between sending the message and reading Postfix' answer) is looked
+up: in the log follower's records (it links the token to its queue id, and marks the queue id
+when qmgr picks the file up) and in Postfix' queue (sender + recipient); only when neither
+knows it is it sent again.
+
+Remaining duplicate window: Postfix still committing a message after PostfixLog gave up on the
+connection (a reply slower than the SMTP timeout) -- it is then sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis
+
+from common.bounces import classify
+from common.errors import PermanentError, TemporaryError
+from common.events import Event, error_event, make_event_id
+from common.payloads import OutboundMail
+from common.queue import Entry, Output, redis_errors
+from common.worker import Done, Fail, Outcome, Retry
+from postfixlog import records
+from postfixlog.records import Delivery, Progress
+from postfixlog.smtpclient import Job, Message, Reply, Result, SmtpPool, SmtpUncertain
+
+log = logging.getLogger(__name__)
+
+#: ``service`` of the error events PostfixLog emits (the original's name).
+ERROR_SERVICE = "postfix"
+_EMPTY = Message(b"", False, 0)
+
+
+class Resolver(Protocol):
+    """Finds out whether Postfix queued transactions whose answers were never read."""
+
+    def queued_ids(self, sent: Sequence[tuple[str, str, str]]) -> dict[str, str | None]:
+        """For (token, mail_from, recipient) items: token -> Postfix' queue id, or None."""
+        ...
+
+
+class InjectorMetrics(Protocol):
+    """Counters the injector updates (see :class:`postfixlog.metrics.PostfixLogMetrics`)."""
+
+    def polled(self, n: int) -> None:
+        """Entries read from the queue."""
+
+    def handed(self, n: int) -> None:
+        """Entries completely handed to Postfix."""
+
+    def recipient(self, outcome: str) -> None:
+        """One recipient's outcome: accepted, refused, deferred, failed."""
+
+
+class NoMetrics:
+    """Metrics sink for tests and tools."""
+
+    def polled(self, n: int) -> None:
+        """Ignore."""
+
+    def handed(self, n: int) -> None:
+        """Ignore."""
+
+    def recipient(self, outcome: str) -> None:
+        """Ignore."""
+
+
+@dataclass
+class _Job:
+    """One recipient of one entry."""
+
+    entry: Entry
+    mail: OutboundMail
+    recipient: str
+    message: Message
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+    result: Result | None = None
+    error: TemporaryError | None = None
+    uncertain: bool = False
+
+
+@dataclass
+class _EntryState:
+    """Recipients of one entry and what became of them."""
+
+    entry: Entry
+    mail: OutboundMail
+    accepted: dict[str, str] = field(default_factory=dict)  # recipient -> queue id
+    refused: dict[str, str] = field(default_factory=dict)  # recipient -> reply
+    jobs: list[_Job] = field(default_factory=list)
+    earlier_tokens: list[str] = field(default_factory=list)  # of attempts before this one
+
+
+class Injector:
+    """The worker handler (``handle_batch``) of PostfixLog."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        host: str,
+        port: int,
+        event_queue: str,
+        qid_ttl_s: int,
+        resolver: Resolver,
+        connections: int = 8,
+        timeout_s: float = 60.0,
+        local_hostname: str = "postfixlog.localhost",
+        metrics: InjectorMetrics | None = None,
+    ) -> None:
+        self.redis: Any = client
+        self.host = host
+        self.port = port
+        self.event_queue = event_queue
+        self.qid_ttl_s = qid_ttl_s
+        self.resolver = resolver
+        self.timeout_s = timeout_s
+        self.local_hostname = local_hostname
+        self.metrics: InjectorMetrics = metrics or NoMetrics()
+        self._pool = SmtpPool(host, port, size=connections, local_hostname=local_hostname, timeout_s=timeout_s)
+        #: Progress Redis did not take yet (entry id -> recipient -> encoded Progress).
+        self._unsaved: dict[str, dict[str, str]] = {}
+        #: Entries completed by earlier batches: (stream, entry id, tokens) to clean up.
+        self._completed: list[tuple[str, str, list[str]]] = []
+        self._prewrite_script = client.register_script(records.PREWRITE_SCRIPT)
+        self._finalize_script = client.register_script(records.FINALIZE_SCRIPT)
+
+    # -- the worker's interface ------------------------------------------------------------
+
+    def handle_batch(self, entries: Sequence[Entry]) -> list[Outcome]:
+        """Hand a batch to Postfix; one outcome per entry."""
+        self.metrics.polled(len(entries))
+        try:
+            return self._handle(entries)
+        except Exception as exc:  # the boundary: a bug retries the batch (counted), never kills the loop
+            log.exception("unexpected error handing %d entries to Postfix", len(entries))
+            return [Retry(f"{type(exc).__name__}: {exc}", counts=True) for _ in entries]
+
+    def _handle(self, entries: Sequence[Entry]) -> list[Outcome]:
+        self._cleanup_completed()
+        outcomes: dict[int, Outcome] = {}
+        states: dict[int, _EntryState] = {}
+        for i, entry in enumerate(entries):
+            try:
+                states[i] = _EntryState(entry, self._decode(entry))
+            except PermanentError as exc:
+                outcomes[i] = Fail(str(exc), self.dead_letter_outputs(entry, str(exc)))
+        try:
+            resolved = self._plan(list(states.values()))
+            self._prewrite([job for state in states.values() for job in state.jobs], resolved)
+        except TemporaryError as exc:
+            reason = str(exc)
+            return [outcomes.get(i) or Retry(reason) for i in range(len(entries))]
+        jobs = [job for state in states.values() for job in state.jobs]
+        self._send(jobs)
+        self._finalize(jobs)
+        for i, state in states.items():
+            outcomes[i] = self._outcome(state)
+        return [outcomes[i] for i in range(len(entries))]
+
+    def dead_letter_outputs(self, entry: Entry, reason: str) -> Sequence[Output]:
+        """An ``error`` event (service ``postfix``) for a dead-lettered entry."""
+        uuid = (entry.field("uuid") or b"").decode("utf-8", "replace") or None
+        event = error_event(ERROR_SERVICE, f"message not handed to Postfix: {reason}", uuid=uuid)
+        return [Output(self.event_queue, event.to_fields())]
+
+    def close(self) -> None:
+        """Close every SMTP session; delete records of the last completed entries."""
+        self._pool.close()
+        self._cleanup_completed()
+
+    # -- steps -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _decode(entry: Entry) -> OutboundMail:
+        mail = OutboundMail.from_fields(entry.fields)
+        if not mail.recipients:
+            raise PermanentError("entry has no recipients")
+        if not mail.mail_from or not mail.uuid:
+            raise PermanentError("entry has no return path (mail_from) or no uuid")
+        for address in (mail.mail_from, *mail.recipients):
+            if any(ch in address for ch in "<>\r\n") or "@" not in address:
+                raise PermanentError(f"entry has a malformed address {address[:100]!r}")
+        return mail
+
+    def _plan(self, states: list[_EntryState]) -> list[_Job]:
+        """Read progress and decide which recipients still need a transaction.
+
+        Returns recipients found already queued by Postfix (their progress is to be recorded).
+        """
+        found_queued: list[_Job] = []
+        if not states:
+            return found_queued
+        with redis_errors("read injection progress"):
+            pipe = self.redis.pipeline(transaction=False)
+            for state in states:
+                pipe.hgetall(records.progress_key(state.entry.id))
+            replies = pipe.execute()
+        progress: list[dict[str, Progress | None]] = []
+        uncertain: list[tuple[str, str, str]] = []
+        for state, reply in zip(states, replies, strict=True):
+            known = {k.decode(): Progress.decode(v) for k, v in reply.items()}
+            for rcpt, encoded in self._unsaved.get(state.entry.id, {}).items():
+                known[rcpt] = Progress.decode(encoded)
+            progress.append(known)
+            uncertain += [
+                (p.value, state.mail.mail_from, r) for r, p in known.items() if p is not None and p.kind == "t"
+            ]
+        resolved = self.resolver.queued_ids(uncertain) if uncertain else {}
+        if uncertain:
+            found = sum(1 for qid in resolved.values() if qid)
+            log.info(
+                "%d recipients of an earlier attempt have no recorded answer from Postfix: "
+                "%d were queued by Postfix (not sent again), %d were not (sent now)",
+                len(uncertain),
+                found,
+                len(uncertain) - found,
+            )
+        for state, known in zip(states, progress, strict=True):
+            message: Message | None = None
+            for rcpt in _unique(state.mail.recipients):
+                value = known.get(rcpt)
+                if value is not None and value.kind == "t":
+                    state.earlier_tokens.append(value.value)
+                    qid = resolved.get(value.value)
+                    if qid:
+                        queued = _Job(state.entry, state.mail, rcpt, _EMPTY, token=value.value)
+                        queued.result = Result("accepted", Reply(250, f"queued as {qid}"), "END", qid)
+                        found_queued.append(queued)
+                    value = Progress("q", qid) if qid else None
+                if value is not None and value.kind == "q":
+                    state.accepted[rcpt] = value.value
+                elif value is not None and value.kind == "r":
+                    state.refused[rcpt] = value.value
+                else:
+                    message = message or Message.prepare(state.mail.raw)
+                    state.jobs.append(_Job(state.entry, state.mail, rcpt, message))
+        return found_queued
+
+    def _prewrite(self, jobs: list[_Job], found_queued: list[_Job]) -> None:
+        """Record every transaction (token, delivery) before sending any of them (one call)."""
+        if jobs:
+            keys: list[str] = []
+            args: list[str | int] = [records.PROGRESS_TTL_S]
+            for job in jobs:
+                keys += [records.tx_key(job.token), records.progress_key(job.entry.id)]
+                args += [
+                    _delivery(job.mail, job.recipient, job.token).envelope(),
+                    job.recipient,
+                    Progress("t", job.token).encode(),
+                ]
+            with redis_errors("record injections"):
+                self._prewrite_script(keys=keys, args=args)
+        if found_queued:
+            with redis_errors("record recipients Postfix had queued"):
+                keys, args = self._finalize_arguments(found_queued)
+                self._finalize_script(keys=keys, args=args)
+
+    def _send(self, jobs: list[_Job]) -> None:
+        """Every transaction, ``connections`` at a time, from this thread (SmtpPool)."""
+        transactions = [
+            Job(i, job.mail.mail_from, job.recipient, job.message, job.mail.uuid, job.token)
+            for i, job in enumerate(jobs)
+        ]
+        self._pool.send_all(transactions)
+        for job, transaction in zip(jobs, transactions, strict=True):
+            job.result = transaction.result
+            if transaction.error is not None:
+                job.error = transaction.error
+                job.uncertain = isinstance(transaction.error, SmtpUncertain)
+                if job.uncertain:
+                    log.warning(
+                        "uuid=%s rcpt=%s: %s; will check before sending again",
+                        job.mail.uuid,
+                        job.recipient,
+                        transaction.error,
+                    )
+                self.metrics.recipient("failed")
+                continue
+            assert job.result is not None
+            outcome = job.result.outcome
+            self.metrics.recipient({"accepted": "accepted", "rejected": "refused"}.get(outcome, "deferred"))
+            if outcome != "accepted":
+                log.warning(
+                    "uuid=%s rcpt=%s %s by Postfix at %s: %s",
+                    job.mail.uuid,
+                    job.recipient,
+                    "refused" if outcome == "rejected" else "deferred",
+                    job.result.stage,
+                    job.result.reply,
+                )
+
+    def _finalize_arguments(self, jobs: list[_Job]) -> tuple[list[str], list[str | int]]:
+        keys: list[str] = []
+        args: list[str | int] = [self.qid_ttl_s]
+        for job in jobs:
+            result = job.result
+            progress = records.progress_key(job.entry.id)
+            tx = records.tx_key(job.token)
+            if result is not None and result.outcome == "accepted" and result.queue_id:
+                qid = result.queue_id
+                envelope = _delivery(job.mail, job.recipient, job.token).envelope()
+                keys += [progress, tx, records.qid_key(qid)]
+                args += ["q", job.recipient, Progress("q", qid).encode(), envelope, qid]
+            elif result is not None and result.outcome == "rejected":
+                keys += [progress, tx, progress]
+                args += ["r", job.recipient, Progress("r", str(result.reply)).encode(), "", ""]
+            elif not job.uncertain:
+                keys += [progress, tx, progress]
+                args += ["x", job.recipient, "", "", ""]
+        return keys, args
+
+    def _finalize(self, jobs: list[_Job]) -> None:
+        """Record what Postfix answered, in one call for the batch.
+
+        Queued recipients get ``q:<queue id>`` (and the queue id's record), refused ones
+        ``r:<reply>``; recipients Postfix did not queue lose their ``t:`` mark, those whose
+        answer was lost keep it (checked before they are sent again).  When Redis is down the
+        answers are kept in memory, so the retried entry does not send them again.
+        """
+        keys, args = self._finalize_arguments(jobs)
+        if not keys:
+            return
+        try:
+            with redis_errors("record Postfix' answers"):
+                self._finalize_script(keys=keys, args=args)
+        except TemporaryError as exc:
+            log.error("cannot record Postfix' answers (%s); keeping them in memory", exc)
+            for job in jobs:
+                result = job.result
+                if result is not None and result.outcome == "accepted" and result.queue_id:
+                    value = Progress("q", result.queue_id)
+                elif result is not None and result.outcome == "rejected":
+                    value = Progress("r", str(result.reply))
+                else:
+                    continue
+                self._unsaved.setdefault(job.entry.id, {})[job.recipient] = value.encode()
+
+    def _outcome(self, state: _EntryState) -> Outcome:
+        deferred: list[str] = []
+        unavailable: list[str] = []
+        for job in state.jobs:
+            result = job.result
+            if result is not None and result.outcome == "accepted":
+                state.accepted[job.recipient] = result.queue_id or "unknown"
+            elif result is not None and result.outcome == "rejected":
+                state.refused[job.recipient] = str(result.reply)
+            elif result is not None and result.outcome == "deferred":
+                deferred.append(f"{job.recipient}: {result.reply}")
+            else:
+                unavailable.append(str(job.error) if job.error else f"{job.recipient}: no answer")
+        if unavailable:
+            return Retry(f"uuid={state.mail.uuid}: {unavailable[0]}")
+        if deferred:
+            return Retry(f"uuid={state.mail.uuid}: Postfix deferred {'; '.join(deferred)}", counts=True)
+        self.metrics.handed(1)
+        self._unsaved.pop(state.entry.id, None)
+        tokens = [job.token for job in state.jobs] + state.earlier_tokens
+        self._completed.append((state.entry.queue, state.entry.id, tokens))
+        log.debug("uuid=%s handed to Postfix: %s", state.mail.uuid, state.accepted)
+        return Done([Output(self.event_queue, e.to_fields()) for e in self._refusal_events(state)])
+
+    def _refusal_events(self, state: _EntryState) -> list[Event]:
+        events = []
+        for rcpt, reply in sorted(state.refused.items()):
+            verdict = classify(reply)
+            events.append(
+                Event(
+                    event="bounce",
+                    uuid=state.mail.uuid,
+                    event_id=make_event_id("postfixlog-refused", state.entry.id, rcpt),
+                    recipient=rcpt,
+                    stream_id=state.mail.stream_id,
+                    fd=state.mail.from_domain or None,
+                    type=verdict.type,
+                    reason=f"refused by the local Postfix: {reply}",
+                    status=verdict.status,
+                    classification=verdict.classification,
+                    suppress=verdict.suppress,
+                )
+            )
+        return events
+
+    def _cleanup_completed(self) -> None:
+        """Delete progress and injection records of entries that are acknowledged by now."""
+        if not self._completed:
+            return
+        done, self._completed = self._completed, []
+        try:
+            self._delete_acknowledged(done)
+        except TemporaryError as exc:
+            log.debug("cleanup of progress records postponed: %s", exc)
+            self._completed = done + self._completed
+
+    def _delete_acknowledged(self, done: list[tuple[str, str, list[str]]]) -> None:
+        streams = sorted({stream for stream, _, _ in done})
+        with redis_errors("clean up progress"):
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in streams:
+                ids = sorted((entry_id for s, entry_id, _ in done if s == stream), key=_id_order)
+                pipe.xrange(stream, min=ids[0], max=ids[-1], count=len(done) * 4 + 64)
+            present = {
+                (stream, row[0].decode() if isinstance(row[0], bytes) else row[0])
+                for stream, rows in zip(streams, pipe.execute(), strict=True)
+                for row in rows
+            }
+            garbage: list[str] = []
+            for stream, entry_id, tokens in done:
+                if (stream, entry_id) in present:
+                    self._completed.append((stream, entry_id, tokens))  # not acknowledged yet
+                else:
+                    garbage.append(records.progress_key(entry_id))
+                    garbage.extend(records.tx_key(t) for t in tokens)
+            if garbage:
+                self.redis.delete(*garbage)
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _unique(addresses: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for address in addresses:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            out.append(address)
+    return out
+
+
+def _delivery(mail: OutboundMail, recipient: str, token: str) -> Delivery:
+    return Delivery(
+        uuid=mail.uuid,
+        recipient=recipient,
+        mail_from=mail.mail_from,
+        from_domain=mail.from_domain,
+        stream_id=mail.stream_id,
+        submitted_at=mail.submitted_at,
+        token=token,
+        meta=mail.meta,
+    )

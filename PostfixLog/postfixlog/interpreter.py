@@ -1,0 +1,213 @@
+"""Turn parsed Postfix log lines into events and record updates (pure: no I/O).
+
+The log follower reads a chunk of lines, fetches the records the chunk refers to
+(:meth:`Interpreter.needs`), and calls :meth:`Interpreter.apply`, which returns the events to
+emit and the Redis writes to make -- both committed in one MULTI/EXEC with the new log
+position, so every line produces its events exactly once.
+
+Events (DESIGN §5):
+
+* ``status=sent``      -> ``delivered`` with the remote IP (``relay=host[ip]:port``);
+* ``status=bounced``   -> ``bounce`` with ``type`` hard/soft/unroutable, ``reason``, ``status``,
+  ``classification`` and ``suppress`` from :func:`common.bounces.classify`;
+* ``status=deferred``  -> ``deferred`` with the remote reply (never ``suppress``);
+* qmgr's message-level ``status=expired`` -> ``bounce`` classified ``expired``, with the last
+  deferral's reason.
+
+``event_id`` is derived from (queue id, recipient, status, the log line itself), so it names
+one delivery attempt.  Lines about queue files PostfixLog did not inject (Postfix's own
+notifications, mail from other clients) produce no event.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from common.bounces import classify
+from common.events import BounceType, Event, EventKind, make_event_id
+from postfixlog.logparser import Line
+from postfixlog.records import Delivery
+
+#: Reason prefix of an ``expired`` bounce.
+EXPIRED_REASON = "undelivered within the queue lifetime (maximal_queue_lifetime)"
+
+
+@dataclass
+class Effects:
+    """What one chunk of lines produces."""
+
+    events: list[Event] = field(default_factory=list)
+    qid_updates: dict[str, dict[str, str]] = field(default_factory=dict)
+    tx_updates: dict[str, dict[str, str]] = field(default_factory=dict)
+    qid_deletes: set[str] = field(default_factory=set)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def update_qid(self, queue_id: str, fields: Mapping[str, str]) -> None:
+        """Add fields to write into a queue id's record."""
+        self.qid_updates.setdefault(queue_id, {}).update(fields)
+
+    def update_tx(self, token: str, fields: Mapping[str, str]) -> None:
+        """Add fields to write into an injection record."""
+        self.tx_updates.setdefault(token, {}).update(fields)
+
+
+class Interpreter:
+    """Stateless rules; the state lives in Redis records fetched per chunk."""
+
+    def needs(self, lines: Iterable[Line]) -> tuple[set[str], set[str]]:
+        """(tokens, queue ids) whose records :meth:`apply` needs for ``lines``.
+
+        Queue ids introduced by a ``client=`` line are fetched too: their injection record may
+        already be gone (entry acknowledged and cleaned up while the follower lagged), and then
+        the record the injector wrote after Postfix' 250 is the one to use.
+        """
+        tokens: set[str] = set()
+        qids: set[str] = set()
+        for line in lines:
+            if line.queue_id is None:
+                continue
+            if line.kind == "client" and line.token:
+                tokens.add(line.token)
+            elif line.kind in ("from", "status", "expired", "removed"):
+                qids.add(line.queue_id)
+        return tokens, qids
+
+    def apply(
+        self,
+        lines: Iterable[Line],
+        tx_records: Mapping[str, Delivery | None],
+        qid_records: Mapping[str, Delivery | None],
+    ) -> Effects:
+        """Events and record updates for ``lines``, given the fetched records."""
+        effects = Effects()
+        deliveries: dict[str, Delivery | None] = dict(qid_records)
+        for line in lines:
+            effects.counts[f"line:{line.kind}"] += 1
+            qid = line.queue_id
+            if qid is None or line.kind in ("other", "unparsed"):
+                continue
+            if line.kind == "client":
+                self._client(line, qid, tx_records, deliveries, effects)
+                continue
+            delivery = deliveries.get(qid)
+            if delivery is None:
+                if line.kind in ("status", "expired"):
+                    effects.counts["foreign"] += 1
+                continue
+            deliveries[qid] = self._apply_one(line, qid, delivery, effects)
+        return effects
+
+    def _client(
+        self,
+        line: Line,
+        qid: str,
+        tx_records: Mapping[str, Delivery | None],
+        deliveries: dict[str, Delivery | None],
+        effects: Effects,
+    ) -> None:
+        if not line.token:
+            return
+        record = tx_records.get(line.token)
+        if record is None:
+            return
+        delivery = record.with_queue_id(qid, accepted=False)
+        deliveries[qid] = delivery
+        effects.update_qid(qid, delivery.to_hash())
+        effects.update_tx(line.token, {"qid": qid})
+
+    def _apply_one(self, line: Line, qid: str, delivery: Delivery, effects: Effects) -> Delivery | None:
+        if line.kind == "from":
+            # qmgr picked the queue file up: Postfix has committed the message.
+            if not delivery.accepted:
+                effects.update_qid(qid, {"acc": "1"})
+                return delivery.with_queue_id(qid, accepted=True)
+            return delivery
+        if line.kind == "removed":
+            effects.qid_deletes.add(qid)
+            effects.qid_updates.pop(qid, None)
+            return None
+        event = self.event(line, qid, delivery)
+        if event is None:
+            effects.counts["status-ignored"] += 1
+            return delivery
+        effects.events.append(event)
+        effects.counts[f"event:{event.event}"] += 1
+        if event.event == "deferred":
+            last = {"last-reason": line.text, "last-status": event.status or ""}
+            if line.ip:
+                last["last-ip"] = line.ip
+            effects.update_qid(qid, last)
+            return replace(
+                delivery, last_reason=line.text, last_status=event.status, last_ip=line.ip or delivery.last_ip
+            )
+        return delivery
+
+    def event(self, line: Line, qid: str, delivery: Delivery) -> Event | None:
+        """The event of one status or expiry line, or None for statuses that are not outcomes."""
+        if line.kind == "expired" or line.status == "expired":
+            return self._expired(line, qid, delivery)
+        event_id = make_event_id("postfix", qid, delivery.recipient, line.status or "", line.raw)
+        if line.status == "sent":
+            return _event("delivered", delivery, event_id, ip=line.ip, status=line.dsn)
+        if line.status not in ("bounced", "deferred"):
+            return None
+        verdict = classify(line.text)
+        return _event(
+            "bounce" if line.status == "bounced" else "deferred",
+            delivery,
+            event_id,
+            ip=line.ip,
+            type=verdict.type,
+            reason=line.text,
+            status=verdict.status or line.dsn,
+            classification=verdict.classification,
+            suppress=verdict.suppress if line.status == "bounced" else False,
+        )
+
+    def _expired(self, line: Line, qid: str, delivery: Delivery) -> Event:
+        # type keeps what the last attempt says: soft after a 4xx reply, unroutable when the
+        # destination never answered (DNS failure, connection refused or timed out).
+        last = delivery.last_reason
+        verdict = classify(last or "", expired=True)
+        bounce_type = classify(last).type if last else "soft"
+        return _event(
+            "bounce",
+            delivery,
+            make_event_id("postfix", qid, delivery.recipient, "expired", line.raw),
+            ip=delivery.last_ip,
+            type=bounce_type,
+            reason=f"{EXPIRED_REASON}; last attempt: {last}" if last else EXPIRED_REASON,
+            status=delivery.last_status or verdict.status or "4.4.7",
+            classification=verdict.classification,
+            suppress=False,
+        )
+
+
+def _event(
+    kind: EventKind,
+    delivery: Delivery,
+    event_id: str,
+    *,
+    ip: str | None,
+    status: str | None,
+    type: BounceType | None = None,
+    reason: str | None = None,
+    classification: str | None = None,
+    suppress: bool | None = None,
+) -> Event:
+    return Event(
+        event=kind,
+        uuid=delivery.uuid,
+        event_id=event_id,
+        recipient=delivery.recipient,
+        stream_id=delivery.stream_id,
+        fd=delivery.from_domain or None,
+        ip=ip,
+        status=status,
+        type=type,
+        reason=reason,
+        classification=classification,
+        suppress=suppress,
+    )

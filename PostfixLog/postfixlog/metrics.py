@@ -1,0 +1,109 @@
+"""PostfixLog's Prometheus metrics (the original's names first).
+
+Original names (dashboards and alert rules depend on them):
+
+* ``postfix_{incoming,active,deferred,corrupt,hold}_queue_messages`` -- queue files per Postfix
+  queue, counted at scrape time;
+* ``postfix_emails_polled_total`` -- entries read from ``INCOMING-TO-POSTFIX``;
+* ``postfix_emails_to_postfix_total`` -- entries completely handed to Postfix;
+* ``postfix_poller_warnings_total`` -- log lines PostfixLog could not parse.
+
+Added: ``postfixlog_events_total{event,type}``, ``postfixlog_log_lines_total{kind}``,
+``postfixlog_recipients_total{outcome}``, ``postfixlog_log_unread_bytes``,
+``postfixlog_postfix_up`` and ``postfixlog_postfix_restarts_total``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from postfixlog.interpreter import Effects
+
+QUEUE_GAUGES = ("incoming", "active", "deferred", "corrupt", "hold")
+
+
+class QueueCollector(Collector):
+    """The original's ``postfix_<queue>_queue_messages`` gauges, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One gauge per queue."""
+        try:
+            counts = self.counts()
+        except OSError:
+            counts = {}
+        for name in QUEUE_GAUGES:
+            family = GaugeMetricFamily(f"postfix_{name}_queue_messages", f"Messages in Postfix' {name} queue")
+            family.add_metric([], float(counts.get(name, 0)))
+            yield family
+
+
+class PostfixLogMetrics:
+    """Every metric of one PostfixLog process, in an explicit registry."""
+
+    def __init__(self, registry: CollectorRegistry, queue_counts: Callable[[], dict[str, int]] | None = None) -> None:
+        self.polled_total = Counter("postfix_emails_polled", "Entries read from INCOMING-TO-POSTFIX", registry=registry)
+        self.to_postfix_total = Counter(
+            "postfix_emails_to_postfix", "Entries completely handed to Postfix", registry=registry
+        )
+        self.warnings_total = Counter(
+            "postfix_poller_warnings", "Postfix log lines that could not be parsed", registry=registry
+        )
+        self.events_total = Counter(
+            "postfixlog_events", "Events produced from Postfix' log", ["event", "type"], registry=registry
+        )
+        self.lines_total = Counter(
+            "postfixlog_log_lines", "Postfix log lines read, by kind", ["kind"], registry=registry
+        )
+        self.recipients_total = Counter(
+            "postfixlog_recipients",
+            "Recipients handed to Postfix, by Postfix' answer",
+            ["outcome"],
+            registry=registry,
+        )
+        self.unread_bytes = Gauge(
+            "postfixlog_log_unread_bytes", "Bytes of Postfix' log not read yet", registry=registry
+        )
+        self.postfix_up = Gauge("postfixlog_postfix_up", "1 while Postfix answers", registry=registry)
+        self.postfix_restarts = Counter(
+            "postfixlog_postfix_restarts", "Times Postfix was restarted after dying", registry=registry
+        )
+        if queue_counts is not None:
+            registry.register(QueueCollector(queue_counts))
+
+    # -- injector hooks --------------------------------------------------------------------
+
+    def polled(self, n: int) -> None:
+        """Entries read from the queue."""
+        self.polled_total.inc(n)
+
+    def handed(self, n: int) -> None:
+        """Entries completely handed to Postfix."""
+        self.to_postfix_total.inc(n)
+
+    def recipient(self, outcome: str) -> None:
+        """One recipient's answer from Postfix."""
+        self.recipients_total.labels(outcome=outcome).inc()
+
+    # -- follower hooks --------------------------------------------------------------------
+
+    def count(self, effects: Effects) -> None:
+        """Lines and events of a committed chunk."""
+        for key, n in effects.counts.items():
+            kind, _, name = key.partition(":")
+            if kind == "line":
+                self.lines_total.labels(kind=name).inc(n)
+                if name == "unparsed":
+                    self.warnings_total.inc(n)
+        for event in effects.events:
+            self.events_total.labels(event=event.event, type=event.type or "").inc()
+
+    def lag(self, unread_bytes: int) -> None:
+        """Bytes of log not read yet."""
+        self.unread_bytes.set(unread_bytes)

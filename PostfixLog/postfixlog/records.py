@@ -1,0 +1,283 @@
+"""What PostfixLog remembers in Redis about each message it handed to Postfix.
+
+Keys (all built with :func:`common.keys.service_key`)::
+
+  IB:postfixlog:tx:<token>           HASH  one injection attempt, written *before* the SMTP
+                                           transaction: ``d`` = JSON of uuid, recipient, return
+                                           path, From domain, stream id; the log follower adds
+                                           ``qid`` when Postfix logs the token with its queue id
+  IB:postfixlog:qid:<queue id>       HASH  the same ``d`` keyed by Postfix' queue id (written by
+                                           the log follower when it reads ``orig_queue_id=<token>``,
+                                           or by the injector after 250 if the follower has not
+                                           yet); ``acc`` once qmgr picked the file up, ``last-*``
+                                           the latest deferral (for the expiry event)
+  IB:postfixlog:progress:<entry id>  HASH  recipient -> t:<token> (sent, answer not recorded),
+                                           q:<queue id> (queued), r:<code> <reply> (refused)
+  IB:postfixlog:log-position         HASH  instance name -> "<inode>:<offset>:<fingerprint>"
+
+The token is Postfix' ``XFORWARD IDENT``: Postfix logs it as ``orig_queue_id=`` in the same line
+that first names the queue id, so the follower never has to wait for the injector.
+
+Lifetimes: ``qid`` records are deleted when Postfix logs ``removed`` (or the message is
+requeued) and otherwise expire after twice the queue lifetime plus a day; ``tx`` and
+``progress`` records are deleted once their queue entry is acknowledged and otherwise expire
+after :data:`PROGRESS_TTL_S`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from common import keys
+
+SERVICE: Final = "postfixlog"
+PROGRESS_TTL_S: Final = 3 * 86400
+POSITION_KEY: Final = keys.service_key(SERVICE, "log-position")
+
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+# The scripts below write many records in one call: redis-py spends far more CPU per command
+# than Redis does, and PostfixLog shares its cores with Postfix.  They run on the standalone
+# Redis the platform uses (keys are passed in KEYS, as Redis asks).
+
+#: Before a batch's transactions: per recipient the injection record and ``t:<token>``.
+#: KEYS tx1, progress1, tx2, progress2…; ARGV ttl, then envelope JSON, recipient, progress value
+#: per recipient.
+PREWRITE_SCRIPT: Final = """
+local ttl = ARGV[1]
+for i = 1, #KEYS / 2 do
+  local tx, progress, a = KEYS[2 * i - 1], KEYS[2 * i], 3 * i - 1
+  redis.call('HSET', tx, 'd', ARGV[a])
+  redis.call('EXPIRE', tx, ttl)
+  redis.call('HSET', progress, ARGV[a + 1], ARGV[a + 2])
+  redis.call('EXPIRE', progress, ttl)
+end
+return 1
+"""
+#: After a batch's transactions, per recipient (KEYS progress, tx, queue-id record; ARGV op,
+#: recipient, progress value, envelope JSON, queue id; ARGV[1] = queue-id record ttl):
+#: ``q`` queued -- progress, and the queue id's record unless the log follower already linked
+#: the token (then it wrote the record and may have deleted it again on ``removed``);
+#: ``r`` refused -- progress; ``x`` not queued -- forget the token.
+FINALIZE_SCRIPT: Final = """
+local ttl = ARGV[1]
+for i = 1, #KEYS / 3 do
+  local progress, tx, qk, a = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i], 5 * i - 3
+  local op, rcpt, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  if op == 'q' then
+    redis.call('HSET', progress, rcpt, value)
+    if redis.call('HEXISTS', tx, 'qid') == 0 then
+      redis.call('HSET', qk, 'd', ARGV[a + 3], 'qid', ARGV[a + 4])
+      redis.call('EXPIRE', qk, ttl)
+    end
+  elseif op == 'r' then
+    redis.call('HSET', progress, rcpt, value)
+  else
+    redis.call('HDEL', progress, rcpt)
+    redis.call('DEL', tx)
+  end
+end
+return 1
+"""
+#: The log follower's commit for one chunk of lines, atomic with the new position.
+#: KEYS event queue, position hash, then the records named in ARGV[1] (JSON: "link" token ->
+#: queue id, written only into injection records that still exist; "set" record -> fields;
+#: "del" records; "events" event JSON strings; "pos" position) by their index in KEYS.
+COMMIT_SCRIPT: Final = """
+local c = cjson.decode(ARGV[1])
+local ttl = ARGV[2]
+for _, link in ipairs(c.link) do
+  local key = KEYS[link[1]]
+  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'qid', link[2]) end
+end
+for _, set in ipairs(c.set) do
+  local key = KEYS[set[1]]
+  redis.call('HSET', key, unpack(set[2]))
+  redis.call('EXPIRE', key, ttl)
+end
+for _, index in ipairs(c.del) do redis.call('DEL', KEYS[index]) end
+for _, event in ipairs(c.events) do redis.call('XADD', KEYS[1], '*', 'data', event) end
+redis.call('HSET', KEYS[2], c.instance, c.pos)
+return #c.events
+"""
+
+
+def tx_key(token: str) -> str:
+    """Record of one injection attempt."""
+    return keys.service_key(SERVICE, "tx", token)
+
+
+def qid_key(queue_id: str) -> str:
+    """Record of one Postfix queue file."""
+    return keys.service_key(SERVICE, "qid", queue_id)
+
+
+def progress_key(entry_id: str) -> str:
+    """Per-recipient progress of one ``INCOMING-TO-POSTFIX`` entry."""
+    return keys.service_key(SERVICE, "progress", entry_id)
+
+
+def postfix_seconds(value: str | int | bool, default_unit: str = "d") -> int:
+    """Seconds of a Postfix time value such as ``12h``, ``5d`` or ``300`` (unit ``default_unit``).
+
+    Raises:
+        ValueError: not a Postfix time value.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", str(value))
+    if match is None or isinstance(value, bool):
+        raise ValueError(f"not a Postfix time value: {value!r}")
+    return int(match.group(1)) * _UNITS[match.group(2) or default_unit]
+
+
+def qid_ttl_s(maximal_queue_lifetime: str | int | bool) -> int:
+    """TTL of ``qid`` records: longer than any message can stay in Postfix' queue."""
+    return 2 * postfix_seconds(maximal_queue_lifetime) + 86400
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What an event needs to know about one (message, recipient) handed to Postfix."""
+
+    uuid: str
+    recipient: str
+    mail_from: str
+    from_domain: str
+    stream_id: str | None = None
+    submitted_at: float = 0.0
+    token: str | None = None
+    queue_id: str | None = None
+    accepted: bool = False
+    last_reason: str | None = None
+    last_status: str | None = None
+    last_ip: str | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+    def envelope(self) -> str:
+        """The fixed part of the record as one JSON field (``d``): cheap to write and read."""
+        data: dict[str, object] = {
+            "uuid": self.uuid,
+            "rcpt": self.recipient,
+            "from": self.mail_from,
+            "fd": self.from_domain,
+            "ts": self.submitted_at,
+        }
+        if self.stream_id is not None:
+            data["stream"] = self.stream_id
+        if self.token is not None:
+            data["token"] = self.token
+        if self.meta:
+            data["meta"] = dict(self.meta)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+    def to_hash(self) -> dict[str, str]:
+        """Fields of the Redis hash: ``d`` plus the fields the log follower maintains."""
+        out = {"d": self.envelope()}
+        optional = {
+            "qid": self.queue_id,
+            "acc": "1" if self.accepted else None,
+            "last-reason": self.last_reason,
+            "last-status": self.last_status,
+            "last-ip": self.last_ip,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        return out
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[bytes, bytes] | None) -> Delivery | None:
+        """Decode a Redis hash; None when the record does not exist or is incomplete."""
+        if not raw or b"d" not in raw:
+            return None
+        try:
+            data = json.loads(raw[b"d"])
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(data, dict) or "uuid" not in data or "rcpt" not in data:
+            return None
+
+        def text(name: bytes) -> str | None:
+            value = raw.get(name)
+            return value.decode("utf-8", "replace") if value is not None else None
+
+        meta = data.get("meta") or {}
+        return cls(
+            uuid=str(data["uuid"]),
+            recipient=str(data["rcpt"]),
+            mail_from=str(data.get("from", "")),
+            from_domain=str(data.get("fd", "")),
+            stream_id=data.get("stream"),
+            submitted_at=float(data.get("ts") or 0.0),
+            token=data.get("token"),
+            queue_id=text(b"qid"),
+            accepted=raw.get(b"acc") == b"1",
+            last_reason=text(b"last-reason"),
+            last_status=text(b"last-status"),
+            last_ip=text(b"last-ip"),
+            meta={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
+        )
+
+    def with_queue_id(self, queue_id: str, *, accepted: bool | None = None) -> Delivery:
+        """A copy that knows its queue id."""
+        return Delivery(
+            self.uuid,
+            self.recipient,
+            self.mail_from,
+            self.from_domain,
+            self.stream_id,
+            self.submitted_at,
+            self.token,
+            queue_id,
+            self.accepted if accepted is None else accepted,
+            self.last_reason,
+            self.last_status,
+            self.last_ip,
+            self.meta,
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """State of one recipient of a queue entry, as stored in the progress hash."""
+
+    kind: str  # "t" sent (token), "q" queued (queue id), "r" refused (reply)
+    value: str
+
+    def encode(self) -> str:
+        """Hash field value."""
+        return f"{self.kind}:{self.value}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Progress | None:
+        """Parse a hash field value; None when unreadable."""
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        kind, sep, value = text.partition(":")
+        if not sep or kind not in ("t", "q", "r"):
+            return None
+        return cls(kind, value)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the log follower stands in Postfix' log file."""
+
+    inode: int
+    offset: int
+    fingerprint: str
+
+    def encode(self) -> str:
+        """Hash field value."""
+        return f"{self.inode}:{self.offset}:{self.fingerprint}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str | None) -> Position | None:
+        """Parse a stored position; None when absent or unreadable."""
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        parts = text.split(":", 2)
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            return None
+        return cls(int(parts[0]), int(parts[1]), parts[2])

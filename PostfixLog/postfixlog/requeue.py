@@ -1,0 +1,152 @@
+"""Move mail still in Postfix' queue back to ``INCOMING-TO-POSTFIX`` (shutdown, with Postfix stopped).
+
+Produces ``INCOMING-TO-POSTFIX`` entries (:class:`common.payloads.OutboundMail`): the envelope
+comes from ``postqueue -j`` (return path, recipients not delivered yet) and the message's
+record (uuid, stream id, From domain); the content from ``postcat -bh`` without the
+``Received:`` header this Postfix added, so the copy delivered later carries nothing internal.
+
+Exactly once: each message is added to the queue in the same MULTI/EXEC that marks its record
+``requeued``; then it is removed from Postfix (``postsuper -d``).  When PostfixLog dies in
+between, the next start removes the marked messages before starting Postfix
+(:meth:`Requeuer.finish_interrupted`), so none is sent twice.
+
+Messages without a record (Postfix' own notifications, mail from other clients) stay in
+Postfix' queue and are delivered when it starts again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from common.payloads import OutboundMail
+from common.queue import redis_errors
+from postfixlog import records
+from postfixlog.instance import PostfixError, PostfixInstance
+from postfixlog.records import Delivery
+
+log = logging.getLogger(__name__)
+
+REQUEUED_FIELD = "requeued"
+_HEADER_START = re.compile(rb"^[^\s:]+:", re.MULTILINE)
+
+
+@dataclass
+class RequeueReport:
+    """What a requeue pass did."""
+
+    requeued: int = 0
+    removed: int = 0
+    left: int = 0
+    failed: int = 0
+
+
+def strip_own_received(content: bytes, myhostname: str, queue_id: str) -> bytes:
+    """``content`` without the first ``Received:`` header when this Postfix added it."""
+    if not content.startswith(b"Received:"):
+        return content
+    nxt = _HEADER_START.search(content, 1)
+    end = nxt.start() if nxt else len(content)
+    header = content[:end]
+    if f"by {myhostname} (Postfix)".encode() in header and f"id {queue_id}".encode() in header:
+        return content[end:]
+    return content
+
+
+def crlf(content: bytes) -> bytes:
+    """LF line ends (postcat) back to CRLF."""
+    return re.sub(rb"\r?\n", b"\r\n", content)
+
+
+class Requeuer:
+    """Drains a stopped Postfix' queue into ``INCOMING-TO-POSTFIX``."""
+
+    def __init__(self, instance: PostfixInstance, client: redis.Redis, *, incoming_queue: str) -> None:
+        self.instance = instance
+        self.redis: Any = client
+        self.incoming_queue = incoming_queue
+
+    def _scan(self) -> list[tuple[dict[str, Any], dict[bytes, bytes]]]:
+        queued = self.instance.queue_json()
+        if not queued:
+            return []
+        with redis_errors("read records of queued messages"):
+            pipe = self.redis.pipeline(transaction=False)
+            for message in queued:
+                pipe.hgetall(records.qid_key(message["queue_id"]))
+            found = pipe.execute()
+        return list(zip(queued, found, strict=True))
+
+    def finish_interrupted(self) -> int:
+        """Remove messages an interrupted requeue already put back in Redis; returns how many."""
+        marked = [m["queue_id"] for m, rec in self._scan() if REQUEUED_FIELD.encode() in rec]
+        if marked:
+            log.warning("removing %d messages already requeued by the previous run", len(marked))
+            self._remove(marked)
+        return len(marked)
+
+    def requeue_all(self) -> RequeueReport:
+        """Requeue every message PostfixLog injected that Postfix has not finished."""
+        report = RequeueReport()
+        done: list[str] = []
+        for message, raw_record in self._scan():
+            qid = message["queue_id"]
+            if REQUEUED_FIELD.encode() in raw_record:
+                done.append(qid)
+                continue
+            delivery = Delivery.from_hash(raw_record)
+            if delivery is None:
+                report.left += 1
+                if message.get("sender"):
+                    log.warning("queued message %s has no PostfixLog record; left in Postfix' queue", qid)
+                continue
+            try:
+                self._requeue_one(message, delivery)
+            except PostfixError as exc:
+                report.failed += 1
+                log.error("cannot requeue %s (uuid=%s): %s; left in Postfix' queue", qid, delivery.uuid, exc)
+                continue
+            done.append(qid)
+            report.requeued += 1
+        self._remove(done)
+        report.removed = len(done)
+        log.info(
+            "requeue: %d messages back to %s, %d left in Postfix, %d failed",
+            report.requeued,
+            self.incoming_queue,
+            report.left,
+            report.failed,
+        )
+        return report
+
+    def _requeue_one(self, message: dict[str, Any], delivery: Delivery) -> None:
+        qid = message["queue_id"]
+        content = strip_own_received(self.instance.message(qid), self.instance.myhostname, qid)
+        recipients = tuple(r["address"] for r in message.get("recipients", ())) or (delivery.recipient,)
+        mail = OutboundMail(
+            raw=crlf(content),
+            uuid=delivery.uuid,
+            mail_from=message.get("sender") or delivery.mail_from,
+            recipients=recipients,
+            from_domain=delivery.from_domain,
+            stream_id=delivery.stream_id,
+            submitted_at=delivery.submitted_at,
+            meta=delivery.meta,
+        )
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(self.incoming_queue, dict(mail.to_fields()))
+        pipe.hset(records.qid_key(qid), REQUEUED_FIELD, "1")
+        with redis_errors(f"requeue {qid}"):
+            pipe.execute()
+        log.info("requeued uuid=%s rcpt=%s (Postfix queue id %s)", delivery.uuid, ",".join(recipients), qid)
+
+    def _remove(self, queue_ids: list[str]) -> None:
+        if not queue_ids:
+            return
+        self.instance.delete(queue_ids)
+        with redis_errors("delete records of requeued messages"):
+            self.redis.delete(*(records.qid_key(q) for q in queue_ids))

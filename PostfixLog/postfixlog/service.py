@@ -1,0 +1,282 @@
+"""PostfixLog: run a private Postfix, feed it from Redis, report its log as events.
+
+Consumes ``INCOMING-TO-POSTFIX`` (group ``postfixlog``); produces ``delivered``, ``bounce``,
+``deferred`` and ``error`` events on ``EVENT_QUEUE``; on shutdown puts the mail Postfix still
+holds back on ``INCOMING-TO-POSTFIX``.
+
+Start: remove messages an interrupted requeue already put back -> follow the log -> start
+Postfix (master in the foreground, a child of this process) -> consume.  A Postfix that dies
+is restarted; readiness is "Postfix answers, Redis answers, the log follower runs".
+
+Stop (SIGTERM/SIGINT): stop consuming (the current batch is completed) -> stop Postfix -> read
+its log to the end -> requeue what is left in its queue -> exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from common import keys
+from common.config import Config
+from common.config.postfixlog import PostfixLogSection
+from common.errors import ConfigError, TemporaryError
+from common.lifecycle import Stopper
+from common.metrics import Health, register_memory_gauge
+from common.queue import Consumer, Queues, QueueSettings, connect, consumer_name, redis_errors
+from common.worker import Worker, WorkerMetrics
+from postfixlog import records
+from postfixlog.follower import LogFollower, LogReader
+from postfixlog.injector import Injector
+from postfixlog.instance import PostfixError, PostfixInstance
+from postfixlog.metrics import PostfixLogMetrics
+from postfixlog.requeue import Requeuer
+
+log = logging.getLogger(__name__)
+
+SERVICE = "postfixlog"
+#: Seconds between "does Postfix still answer" probes (each one is a log line pair in Postfix).
+PROBE_INTERVAL_S = 10.0
+CATCH_UP_TIMEOUT_S = 15.0
+#: Transactions per SMTP session in one batch (batch size = this x postfix.connections at least).
+BATCH_ROUNDS = 32
+
+
+class QueueResolver:
+    """Did Postfix queue a transaction whose answer PostfixLog never read?  (see injector)."""
+
+    def __init__(self, client: redis.Redis, instance: PostfixInstance, follower: LogFollower) -> None:
+        self.redis: Any = client
+        self.instance = instance
+        self.follower = follower
+
+    def queued_ids(self, sent: Sequence[tuple[str, str, str]]) -> dict[str, str | None]:
+        """For (token, mail_from, recipient): token -> queue id when Postfix accepted it, else None.
+
+        Raises:
+            TemporaryError: Redis or Postfix cannot be asked, or the log follower is behind.
+        """
+        found = self._accepted([token for token, _, _ in sent])
+        missing = [item for item in sent if not found.get(item[0])]
+        if not missing:
+            return found
+        try:
+            queued = self.instance.queue_json()
+        except PostfixError as exc:
+            raise TemporaryError(f"cannot list Postfix' queue: {exc}") from exc
+        in_queue = {
+            (str(m.get("sender")), str(r.get("address"))): str(m["queue_id"])
+            for m in queued
+            for r in m.get("recipients", ())
+        }
+        for token, mail_from, recipient in missing:
+            found[token] = in_queue.get((mail_from, recipient))
+        missing = [item for item in missing if not found.get(item[0])]
+        if not missing:
+            return found
+        # Already delivered and gone?  Then qmgr logged it; let the follower read that far.
+        if not self.follower.wait_caught_up(CATCH_UP_TIMEOUT_S):
+            raise TemporaryError("log follower is behind; cannot tell whether Postfix queued a message")
+        found.update(self._accepted([token for token, _, _ in missing]))
+        return found
+
+    def _accepted(self, tokens: list[str]) -> dict[str, str | None]:
+        """Queue ids of the tokens the follower saw Postfix commit.
+
+        The follower writes the queue id into the injection record (``client=…
+        orig_queue_id=<token>``) and ``acc`` into the queue id's record when qmgr picks the file
+        up; a queue-id record that is gone means Postfix logged ``removed`` (delivered, bounced,
+        expired) or the message was requeued -- either way it must not be sent again.
+        """
+        with redis_errors("read injection records"):
+            pipe = self.redis.pipeline(transaction=False)
+            for token in tokens:
+                pipe.hget(records.tx_key(token), "qid")
+            qids = [q.decode() if q else "" for q in pipe.execute()]
+            pipe = self.redis.pipeline(transaction=False)
+            for qid in qids:
+                pipe.hget(records.qid_key(qid or "-"), "acc")
+                pipe.exists(records.qid_key(qid or "-"))
+            replies = pipe.execute()
+        out: dict[str, str | None] = {}
+        for i, (token, qid) in enumerate(zip(tokens, qids, strict=True)):
+            acc, exists = replies[2 * i], replies[2 * i + 1]
+            out[token] = qid if qid and (acc == b"1" or not exists) else None
+        return out
+
+
+class PostfixLogService:
+    """Everything one PostfixLog process runs, wired from the configuration."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry,
+        health: Health,
+        stopper: Stopper,
+        name: str | None = None,
+    ) -> None:
+        section = config.customer.postfixlog
+        if section is None:
+            raise ConfigError([f"{config.customer_path}: postfixlog: section is missing"])
+        self.section: PostfixLogSection = section
+        self.health = health
+        self.stopper = stopper
+        self.name = name or consumer_name(SERVICE)
+        self.instance = PostfixInstance.from_config(section)
+        self.redis = connect(config.redis_for(SERVICE), client_name=self.name)
+        self.incoming = config.global_.postfix.incoming_queue_name
+        self.event_queue = config.global_.backdata.queue_name
+        lifetime = section.string_replacer.main_cf.get("maximal_queue_lifetime", "12h")
+        qid_ttl = records.qid_ttl_s(lifetime)
+        self.metrics = PostfixLogMetrics(registry, self.instance.queue_counts)
+        register_memory_gauge(registry)
+        self.follower = LogFollower(
+            LogReader(self.instance.log_path),
+            self.redis,
+            event_queue=self.event_queue,
+            instance_name=self.name,
+            qid_ttl_s=qid_ttl,
+            metrics=self.metrics,
+            rotate=self.instance.rotate_log,
+            rotate_bytes=section.log_rotate_bytes,
+        )
+        self.requeuer = Requeuer(self.instance, self.redis, incoming_queue=self.incoming)
+        self.injector = Injector(
+            self.redis,
+            host=section.postfix.hostname,
+            port=section.postfix.port,
+            event_queue=self.event_queue,
+            qid_ttl_s=qid_ttl,
+            resolver=QueueResolver(self.redis, self.instance, self.follower),
+            connections=section.postfix.connections,
+            timeout_s=section.postfix.timeout_seconds,
+            metrics=self.metrics,
+        )
+        queues = Queues(self.redis, QueueSettings.from_config(config.global_))
+        # Batches of several rounds per connection: the sessions idle only between batches.
+        batch_size = max(queues.settings.batch_size, BATCH_ROUNDS * section.postfix.connections)
+        consumer = Consumer(queues, [self.incoming], keys.GROUP_POSTFIXLOG, self.name, batch_size=batch_size)
+        self.worker = Worker(
+            consumer,
+            self.injector,
+            stopper,
+            metrics=WorkerMetrics(registry),
+            heartbeat=health.beat,
+        )
+        self._postfix_answers = False
+        if section.postfix.port != section.string_replacer.master_cf.smtpd_port:
+            log.warning(
+                "postfixlog.postfix.port (%d) differs from string-replacer.master-cf.smtpd-port (%d)",
+                section.postfix.port,
+                section.string_replacer.master_cf.smtpd_port,
+            )
+        health.add_check("postfix", lambda: self._postfix_answers and self.instance.running)
+        health.add_check("redis", self._redis_answers)
+        health.add_check("log-follower", lambda: self.follower.alive)
+
+    def _redis_answers(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return False
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit status."""
+        early_exit = self._prepare()
+        if early_exit is not None:
+            return early_exit
+        worker = threading.Thread(target=self.worker.run, name="injector")
+        worker.start()
+        status = self._supervise(worker)
+        worker.join()
+        return self.shutdown() or status
+
+    def _prepare(self) -> int | None:
+        """Finish an interrupted requeue, follow the log, start Postfix.
+
+        Returns None when running, else the exit status: 1 when Postfix cannot be set up (a
+        configuration or directory problem: retrying would not help), 0 when stopped meanwhile.
+        """
+        try:
+            self.instance.render()
+            self.instance.stop_stale()
+            self.instance.check()  # creates the queue directories postqueue reads
+        except PostfixError as exc:
+            log.error("cannot set up Postfix: %s", exc)
+            return 1
+        while not self.stopper.is_set():
+            try:
+                self.requeuer.finish_interrupted()
+                break
+            except (TemporaryError, PostfixError) as exc:
+                log.warning("cannot check Postfix' queue before starting (%s); retrying", exc)
+                self.stopper.wait(2.0)
+        if self.stopper.is_set():
+            log.info("stopped before Postfix was started")
+            return 0
+        self.follower.start()
+        try:
+            self.instance.start(check=False)
+        except PostfixError as exc:
+            log.error("Postfix does not start: %s", exc)
+            self.follower.drain(5.0)
+            return 1
+        self._postfix_answers = True
+        self.metrics.postfix_up.set(1)
+        return None
+
+    def _supervise(self, worker: threading.Thread) -> int:
+        """Keep Postfix running while the injector works; returns 1 if the injector died."""
+        next_probe = time.monotonic() + PROBE_INTERVAL_S
+        failures = 0
+        while not self.stopper.wait(0.5):
+            if not worker.is_alive():
+                log.error("the injector stopped unexpectedly; shutting down")
+                self.stopper.stop()
+                return 1
+            if not self.instance.running:
+                self._postfix_answers = False
+                self.metrics.postfix_up.set(0)
+                failures += 1
+                status = self.instance.proc.returncode if self.instance.proc else None
+                log.error("Postfix exited (status %s); restarting it", status)
+                try:
+                    self.instance.start()
+                    self.metrics.postfix_restarts.inc()
+                    self._postfix_answers = True
+                    self.metrics.postfix_up.set(1)
+                    failures = 0
+                except PostfixError as exc:
+                    log.error("Postfix does not start again: %s", exc)
+                    self.stopper.wait(min(2.0 * failures, 30.0))
+                continue
+            if time.monotonic() >= next_probe:
+                self._postfix_answers = self.instance.answers()
+                self.metrics.postfix_up.set(1 if self._postfix_answers else 0)
+                next_probe = time.monotonic() + PROBE_INTERVAL_S
+        return 0
+
+    def shutdown(self) -> int:
+        """Stop Postfix, read its log to the end, requeue what is left; returns 0 or 1."""
+        self.injector.close()
+        self._postfix_answers = False
+        self.instance.stop()
+        self.metrics.postfix_up.set(0)
+        if not self.follower.drain(60.0):
+            log.error("log follower did not reach the end of the log; later events come after restart")
+        try:
+            report = self.requeuer.requeue_all()
+        except (TemporaryError, PostfixError) as exc:
+            log.error("requeue failed (%s); the mail stays in Postfix' queue for the next start", exc)
+            return 1
+        return 1 if report.failed else 0

@@ -1,0 +1,70 @@
+"""A tiny authoritative DNS server on a loopback address for Postfix tests (UDP, dnspython).
+
+Every name is NXDOMAIN except the ones given as records; nothing is forwarded anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+import dns.message
+import dns.rcode
+import dns.rrset
+
+
+class DnsServer:
+    """Answers from ``records`` ({(name, type): [rdata text]}), NXDOMAIN for everything else."""
+
+    def __init__(self, records: dict[tuple[str, str], list[str]] | None = None) -> None:
+        self.records = {(n.rstrip(".").lower(), t.upper()): v for (n, t), v in (records or {}).items()}
+        # A loopback address of its own: port 53 there is free even if something uses 127.0.0.1:53.
+        self.address = f"127.53.{os.getpid() % 250 + 1}.{threading.get_ident() % 250 + 1}"
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((self.address, 53))
+        self.sock.settimeout(0.2)
+        self.queries: list[tuple[str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="dns", daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except (TimeoutError, OSError):
+                continue
+            with contextlib.suppress(Exception):
+                self.sock.sendto(self._answer(data), peer)
+
+    def _answer(self, data: bytes) -> bytes:
+        query = dns.message.from_wire(data)
+        reply = dns.message.make_response(query)
+        question = query.question[0]
+        name = question.name.to_text().rstrip(".").lower()
+        rdtype = dns.rdatatype.to_text(question.rdtype)
+        self.queries.append((name, rdtype))
+        values = self.records.get((name, rdtype))
+        if values:
+            reply.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", rdtype, values))
+        elif not any(n == name for n, _ in self.records):
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        return reply.to_wire()
+
+    def __enter__(self) -> DnsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def dns_server(records: dict[tuple[str, str], list[str]] | None = None) -> Iterator[DnsServer]:
+    """A running :class:`DnsServer`."""
+    with DnsServer(records) as server:
+        yield server

@@ -1,0 +1,97 @@
+"""Crash safety: kill -9 PostfixLog while it injects; after a restart every message is delivered
+exactly once and every event is emitted exactly once."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from common.config import Config
+from common.queue import Queues
+from devtools.servers import wait_until
+from devtools.sink import Sink
+
+from .conftest import events_of, outbound
+
+pytestmark = [pytest.mark.postfix, pytest.mark.redis, pytest.mark.slow]
+
+INCOMING = "INCOMING-TO-POSTFIX"
+
+
+def _start(config: Config) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "INBOXBOOSTER_CONSUMER_NAME": "crash-test", "INBOXBOOSTER_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "postfixlog",
+            "--global-config-file",
+            str(config.global_path),
+            "--customer-config-file",
+            str(config.customer_path),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_kill_9_mid_stream_then_restart_delivers_and_reports_exactly_once(
+    service_config, queues: Queues, redis_client: Any, sink: Sink
+) -> None:
+    ok = [f"ok{i}@dest.test" for i in range(360)]
+    bounced = [f"bounce{i}@dest.test" for i in range(40)]
+    # Mostly one recipient per entry, some with two (partial progress inside an entry).
+    batches: list[list[str]] = [[r] for r in ok[:300]]
+    batches += [[ok[i], ok[i + 1]] for i in range(300, 360, 2)]
+    batches += [[r] for r in bounced]
+    queues.enqueue_many(INCOMING, [outbound(f"c{i}", rcpts).to_fields() for i, rcpts in enumerate(batches)])
+    total = len(batches)
+    config = service_config()
+
+    def in_flight() -> int:
+        """Recipients sent to Postfix whose answer PostfixLog has not recorded yet."""
+        values = [v for key in redis_client.keys("IB:postfixlog:progress:*") for v in redis_client.hvals(key)]
+        return sum(1 for v in values if v.startswith(b"t:"))
+
+    first = _start(config)
+    try:
+        # Kill in the middle of a batch, after at least one batch was completed.
+        wait_until(
+            lambda: redis_client.xlen(INCOMING) < total and in_flight() > 0,
+            60,
+            interval_s=0.002,
+            what="a batch in flight",
+        )
+    finally:
+        first.kill()
+        first.wait()
+    assert 0 < redis_client.xlen(INCOMING) < total, "the kill did not land mid-stream"
+    assert in_flight() > 0
+
+    second = _start(config)
+    try:
+        wait_until(lambda: len(sink.messages) >= len(ok), 90, what="every message at the sink")
+        wait_until(lambda: len(events_of(redis_client)) >= len(ok) + len(bounced), 60, what="every event")
+        wait_until(lambda: redis_client.xlen(INCOMING) == 0, 30, what="every entry acknowledged")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        status = second.wait(90)
+    stderr = second.stderr.read().decode(errors="replace") if second.stderr else ""
+    assert status == 0, stderr
+
+    copies = collections.Counter(m.rcpt for m in sink.messages)
+    assert set(copies) == set(ok)
+    assert [r for r, n in copies.items() if n != 1] == []
+    events = events_of(redis_client)
+    per_recipient = collections.Counter((e["recipient"], e["event"]) for e in events)
+    assert [k for k, n in per_recipient.items() if n != 1] == []
+    assert {r for r, kind in per_recipient if kind == "delivered"} == set(ok)
+    assert {r for r, kind in per_recipient if kind == "bounce"} == set(bounced)
+    assert len({e["event_id"] for e in events}) == len(events)
