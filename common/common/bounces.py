@@ -329,7 +329,7 @@ def classify(
     classification = _by_text(text) or _by_status(status) or "other"
     if expired:
         classification = "expired"
-    bounce_type = _type(code, status, classification, expired)
+    bounce_type = _type(code, status, classification, expired, text)
     suppress = bounce_type in ("hard", "unroutable") and classification in DEAD_ADDRESS
     return Verdict(classification, suppress, bounce_type, status, code)
 
@@ -350,12 +350,22 @@ def _by_status(status: str | None) -> str | None:
     return STATUS_RULES.get(f"{subject}.{detail}")
 
 
-def _type(code: int | None, status: str | None, classification: str, expired: bool) -> BounceType:
+#: No route to the destination at all (the original's ``unroutable``), as opposed to a
+#: connection that broke after the remote server answered (``lost connection``: soft).
+_NO_ROUTE: Final = re.compile(
+    r"connect to |connection refused|connection timed out|no route to host|network is unreachable",
+    re.IGNORECASE,
+)
+
+
+def _type(code: int | None, status: str | None, classification: str, expired: bool, text: str) -> BounceType:
     klass = str(code)[0] if code is not None else (status[0] if status else None)
     if klass == "5":
         return "hard"
     if klass == "4" or expired:
         return "soft"
-    if classification in ("host-unknown", "network"):
+    if classification == "host-unknown" or (classification == "network" and _NO_ROUTE.search(text)):
         return "unroutable"
+    if classification == "network":
+        return "soft"
     return "soft" if klass is None and classification == "other" else "hard"

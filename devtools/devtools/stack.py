@@ -218,11 +218,15 @@ class Stack:
         if busy:
             raise RuntimeError(f"ports already in use: {', '.join(busy)} (is another stack running?)")
         self.echo(f"starting Redis on 127.0.0.1:{self.ports['redis']}")
-        self.redis = RedisProcess(self.run_dir / "state" / "redis", self.ports["redis"]).start()
-        if self.peers:
-            self._start_peers()
-        for name in self.services:
-            self.start_service(name)
+        try:
+            self.redis = RedisProcess(self.run_dir / "state" / "redis", self.ports["redis"]).start()
+            if self.peers:
+                self._start_peers()
+            for name in self.services:
+                self.start_service(name)
+        except BaseException:
+            self.stop()  # never leave half a stack running
+            raise
 
     def _start_peers(self) -> None:
         from devtools.sink import Sink
