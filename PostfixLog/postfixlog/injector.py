@@ -189,6 +189,10 @@ class Injector:
         event = error_event(ERROR_SERVICE, f"message not handed to Postfix: {reason}", uuid=uuid)
         return [Output(self.event_queue, event.to_fields())]
 
+    def reconnect(self) -> None:
+        """Use new SMTP sessions from the next batch on (thread-safe; after a Postfix restart)."""
+        self._pool.request_reconnect()
+
     def close(self) -> None:
         """Close every SMTP session; delete records of the last completed entries."""
         self._pool.close()

@@ -21,6 +21,7 @@ notifications, mail from other clients) produce no event.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,9 @@ from common.bounces import classify
 from common.events import BounceType, Event, EventKind, make_event_id
 from postfixlog.logparser import Line
 from postfixlog.records import Delivery
+
+#: The tagged return path of :mod:`common.addressing`: ``bounce-<uuid>-<tag>@<domain>``.
+_RETURN_PATH = re.compile(r"^bounce-([a-z0-9]+)-[a-z2-7]{10}@[^@\s]+$")
 
 #: Reason prefix of an ``expired`` bounce.
 EXPIRED_REASON = "undelivered within the queue lifetime (maximal_queue_lifetime)"
@@ -92,10 +96,14 @@ class Interpreter:
                 self._client(line, qid, tx_records, deliveries, effects)
                 continue
             delivery = deliveries.get(qid)
+            if delivery is None and line.kind == "from":
+                delivery = self._from_return_path(line, qid, effects)
             if delivery is None:
                 if line.kind in ("status", "expired"):
                     effects.counts["foreign"] += 1
                 continue
+            if not delivery.recipient and line.recipient:
+                delivery = replace(delivery, recipient=line.recipient)
             deliveries[qid] = self._apply_one(line, qid, delivery, effects)
         return effects
 
@@ -116,6 +124,24 @@ class Interpreter:
         deliveries[qid] = delivery
         effects.update_qid(qid, delivery.to_hash())
         effects.update_tx(line.token, {"qid": qid})
+
+    def _from_return_path(self, line: Line, qid: str, effects: Effects) -> Delivery | None:
+        """Rebuild a record from qmgr's ``from=`` line when no other record is there yet.
+
+        That happens when smtpd's ``client=`` line was lost (an smtpd that outlived a killed
+        Postfix master logs into the void) and the status line comes before the injector wrote
+        the record after Postfix' 250.  The tagged return path names the uuid; the status line
+        names the recipient.  The injector's full record, when it lands, replaces this one.
+        """
+        match = _RETURN_PATH.match(line.sender or "")
+        if match is None:
+            return None  # Postfix' own notifications (null sender) and foreign mail
+        delivery = Delivery(
+            uuid=match.group(1), recipient="", mail_from=line.sender or "", from_domain="", queue_id=qid
+        )
+        effects.update_qid(qid, delivery.to_hash())
+        effects.counts["record-from-return-path"] += 1
+        return delivery
 
     def _apply_one(self, line: Line, qid: str, delivery: Delivery, effects: Effects) -> Delivery | None:
         if line.kind == "from":

@@ -252,6 +252,7 @@ class PostfixLogService:
                 log.error("Postfix exited (status %s); restarting it", status)
                 try:
                     self.instance.start()
+                    self.injector.reconnect()
                     self.metrics.postfix_restarts.inc()
                     self._postfix_answers = True
                     self.metrics.postfix_up.set(1)

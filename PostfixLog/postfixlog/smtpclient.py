@@ -26,6 +26,7 @@ import logging
 import re
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -375,6 +376,16 @@ class SmtpPool:
         ]
         self.timeout_s = timeout_s
         self._selector = selectors.DefaultSelector()
+        self._reconnect = threading.Event()
+
+    def request_reconnect(self) -> None:
+        """Open new connections before the next jobs (thread-safe).
+
+        After Postfix was restarted, smtpd processes of the old master may still serve our
+        open connections while their log lines go nowhere; new connections reach new smtpd
+        processes.
+        """
+        self._reconnect.set()
 
     def close(self) -> None:
         """Close every connection."""
@@ -385,6 +396,11 @@ class SmtpPool:
 
     def send_all(self, jobs: Sequence[Job]) -> None:
         """Run every job, ``size`` at a time; each gets ``result`` or ``error``."""
+        if self._reconnect.is_set():
+            self._reconnect.clear()
+            for slot in self.slots:
+                self._forget(slot)
+                slot.session.close()
         todo = list(reversed(jobs))
         busy = sum(1 for slot in self.slots if todo and self._begin(slot, todo))
         while busy:
