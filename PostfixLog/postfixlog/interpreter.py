@@ -151,6 +151,9 @@ class Interpreter:
                 return delivery.with_queue_id(qid, accepted=True)
             return delivery
         if line.kind == "removed":
+            if delivery.accepted and not delivery.final and line.program.endswith("qmgr"):
+                effects.events.append(self._inferred(line, qid, delivery))
+                effects.counts["event:delivered-inferred"] += 1
             effects.qid_deletes.add(qid)
             effects.qid_updates.pop(qid, None)
             return None
@@ -160,15 +163,14 @@ class Interpreter:
             return delivery
         effects.events.append(event)
         effects.counts[f"event:{event.event}"] += 1
-        if event.event == "deferred":
-            last = {"last-reason": line.text, "last-status": event.status or ""}
-            if line.ip:
-                last["last-ip"] = line.ip
-            effects.update_qid(qid, last)
-            return replace(
-                delivery, last_reason=line.text, last_status=event.status, last_ip=line.ip or delivery.last_ip
-            )
-        return delivery
+        if event.event != "deferred":
+            effects.update_qid(qid, {"fin": "1"})
+            return replace(delivery, final=True)
+        last = {"last-reason": line.text, "last-status": event.status or ""}
+        if line.ip:
+            last["last-ip"] = line.ip
+        effects.update_qid(qid, last)
+        return replace(delivery, last_reason=line.text, last_status=event.status, last_ip=line.ip or delivery.last_ip)
 
     def event(self, line: Line, qid: str, delivery: Delivery) -> Event | None:
         """The event of one status or expiry line, or None for statuses that are not outcomes."""
@@ -191,6 +193,22 @@ class Interpreter:
             classification=verdict.classification,
             suppress=verdict.suppress if line.status == "bounced" else False,
         )
+
+    def _inferred(self, line: Line, qid: str, delivery: Delivery) -> Event:
+        """``delivered`` for a recipient Postfix marked done without a status line we could read.
+
+        Postfix marks a recipient done only after the remote server accepted the message (or
+        after its bounce was recorded, which a killed Postfix cannot do); the status line itself
+        can be lost when Postfix' master is killed while a delivery agent logs it.
+        """
+        event = _event(
+            "delivered",
+            delivery,
+            make_event_id("postfix", qid, delivery.recipient, "removed", line.raw),
+            ip=delivery.last_ip,
+            status=None,
+        )
+        return replace(event, extra={"inferred": True})
 
     def _expired(self, line: Line, qid: str, delivery: Delivery) -> Event:
         # type keeps what the last attempt says: soft after a 4xx reply, unroutable when the

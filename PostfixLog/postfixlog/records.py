@@ -155,6 +155,8 @@ class Delivery:
     last_status: str | None = None
     last_ip: str | None = None
     meta: Mapping[str, str] = field(default_factory=dict)
+    #: A final status line (sent, bounced, expired) was seen for this recipient.
+    final: bool = False
 
     def envelope(self) -> str:
         """The fixed part of the record as one JSON field (``d``): cheap to write and read."""
@@ -182,6 +184,7 @@ class Delivery:
             "last-reason": self.last_reason,
             "last-status": self.last_status,
             "last-ip": self.last_ip,
+            "fin": "1" if self.final else None,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         return out
@@ -217,6 +220,7 @@ class Delivery:
             last_status=text(b"last-status"),
             last_ip=text(b"last-ip"),
             meta={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
+            final=raw.get(b"fin") == b"1",
         )
 
     def with_queue_id(self, queue_id: str, *, accepted: bool | None = None) -> Delivery:
@@ -235,6 +239,7 @@ class Delivery:
             self.last_status,
             self.last_ip,
             self.meta,
+            self.final,
         )
 
 
