@@ -40,9 +40,7 @@ def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
 @pytest.fixture
 def queue_settings() -> QueueSettings:
     """Small, fast queue settings for tests."""
-    return QueueSettings(
-        max_length=1000, max_deliveries=3, claim_idle_ms=500, batch_size=10, priority_share=4
-    )
+    return QueueSettings(max_length=1000, max_deliveries=3, claim_idle_ms=500, batch_size=10, priority_share=4)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ HTTP status with a JSON error body).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -112,10 +113,9 @@ def _read_reply(sock: socket.socket) -> list[bytes]:
 
 
 def _session(host: str, port: int, rng: random.Random) -> None:
-    try:
+    # The server may end the session (e.g. "502 5.5.1 Too many unrecognized commands").
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
         _dialogue(host, port, rng)
-    except (ConnectionResetError, BrokenPipeError):
-        pass  # the server ended the session (e.g. "502 5.5.1 Too many unrecognized commands")
 
 
 def _dialogue(host: str, port: int, rng: random.Random) -> None:
