@@ -2,16 +2,19 @@
 
 The pod runs as root (Postfix' master insists) with every capability dropped but a few, with
 ``allowPrivilegeEscalation: false`` and a read-only root filesystem.  This test recreates that
-on this machine -- a private mount namespace with ``/`` read-only and a writable ``/tmp``
-(``unshare``), exactly the pod's capability bounding set and ``no_new_privs`` (``setpriv``) --
+on this machine -- a private mount namespace with ``/`` read-only and one writable tmpfs, the
+pod's emptyDir (``unshare``), exactly the pod's capability bounding set and ``no_new_privs`` (``setpriv``) --
 starts a real Postfix there and relays one mail through it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +23,10 @@ from tests.infra.repo import BY_POD, pod_of, tool
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
 PROBE = Path(__file__).with_name("postfix_probe.py")
-#: In the new mount namespace: /tmp becomes a fresh tmpfs (the pod's emptyDir), / read-only.
+#: In the new mount namespace: $POD_DIR becomes a fresh tmpfs (the pod's emptyDir), / read-only.
+#: (Not /tmp: the checkout, and so the Python running the probe, may live there.)
 SANDBOX = (
-    "mount --make-rprivate / && mount -t tmpfs -o mode=1777 tmpfs /tmp && mkdir -m 755 /tmp/pod "
-    '&& mount -o remount,bind,ro / && exec "$@"'
+    'mount --make-rprivate / && mount -t tmpfs -o mode=755 tmpfs "$POD_DIR" && mount -o remount,bind,ro / && exec "$@"'
 )
 
 
@@ -41,7 +44,7 @@ def _capabilities() -> list[str]:
     return added
 
 
-def _run_with(capabilities: list[str]) -> subprocess.CompletedProcess[str]:
+def _run_with(capabilities: list[str], pod_dir: Path) -> subprocess.CompletedProcess[str]:
     if os.geteuid() != 0:
         pytest.skip("needs root, as Postfix' master does")
     unshare = tool("unshare", package="Debian: util-linux")
@@ -49,7 +52,8 @@ def _run_with(capabilities: list[str]) -> subprocess.CompletedProcess[str]:
     bounding = "-all," + ",".join(f"+{c.lower()}" for c in capabilities)
     privileges = [setpriv, "--bounding-set", bounding, "--inh-caps", "-all", "--no-new-privs"]
     return subprocess.run(
-        [unshare, "--mount", "sh", "-c", SANDBOX, "sh", *privileges, sys.executable, str(PROBE), "/tmp/pod/postfix"],
+        [unshare, "--mount", "sh", "-c", SANDBOX, "sh", *privileges, sys.executable, str(PROBE), f"{pod_dir}/postfix"],
+        env={**os.environ, "POD_DIR": str(pod_dir)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -57,15 +61,24 @@ def _run_with(capabilities: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_postfix_runs_with_the_pods_privileges_on_a_read_only_root() -> None:
-    result = _run_with(_capabilities())
+@pytest.fixture
+def pod_dir() -> Iterator[Path]:
+    """An empty directory outside /tmp for the tmpfs (Postfix' user must reach it)."""
+    directory = Path(tempfile.mkdtemp(prefix="pod-", dir="/var/tmp"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_postfix_runs_with_the_pods_privileges_on_a_read_only_root(pod_dir: Path) -> None:
+    result = _run_with(_capabilities(), pod_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "delivered"
 
 
-def test_without_chown_postfix_cannot_set_up_its_queue() -> None:
+def test_without_chown_postfix_cannot_set_up_its_queue(pod_dir: Path) -> None:
     # The check above can fail: one capability fewer and Postfix refuses to start.
     fewer = [c for c in _capabilities() if c != "CHOWN"]
-    result = _run_with(fewer)
+    result = _run_with(fewer, pod_dir)
     assert result.returncode != 0
     assert "Operation not permitted" in result.stderr
