@@ -171,7 +171,7 @@ def main() -> int:
     parser.add_argument(
         "--duration",
         type=float,
-        default=60.0,
+        default=80.0,
         help="spread the submissions over this many seconds, so the chaos hits mail in flight",
     )
     parser.add_argument("--seed", type=int, default=int(time.time()))

@@ -48,7 +48,7 @@ from redis.retry import Retry
 from common import keys
 from common.config.base import RedisServer
 from common.config.globalfile import GlobalConfig
-from common.errors import QueueFullError, QueueUnavailableError
+from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +352,10 @@ class Consumer:
     With several streams (``[P0, P1]``) each batch is filled from the first stream, then the
     next; every ``priority_share``-th batch starts with the second stream, so the default
     queue keeps moving under sustained priority load.
+
+    With ``fill_wait_ms``, a batch of new entries smaller than ``batch_size`` waits up to that
+    long for more, so a trickle is handled in a few batches instead of one call per entry
+    (BackData: a few webhook POSTs instead of one per event).
     """
 
     def __init__(
@@ -363,6 +367,7 @@ class Consumer:
         *,
         batch_size: int | None = None,
         block_ms: int = 1000,
+        fill_wait_ms: int = 0,
     ) -> None:
         if not streams:
             raise ValueError("a consumer needs at least one stream")
@@ -374,6 +379,7 @@ class Consumer:
         self.name = name
         self.batch_size = batch_size or self.settings.batch_size
         self.block_ms = block_ms
+        self.fill_wait_ms = fill_wait_ms
         self._round = 0
         self._history_done = False
         self._next_reclaim = 0.0
@@ -407,7 +413,32 @@ class Consumer:
                 if entries:
                     return entries
                 self._next_reclaim = time.monotonic() + self.settings.claim_idle_ms / 2000
-            return self._read_new()
+            entries = self._read_new()
+        if entries and len(entries) < self.batch_size and self.fill_wait_ms > 0:
+            entries.extend(self._fill(self.batch_size - len(entries)))
+        return entries
+
+    def _fill(self, need: int) -> list[Entry]:
+        """New entries arriving within ``fill_wait_ms``.
+
+        A Redis error ends the wait: the batch in hand is processed, the rest stays in Redis.
+        """
+        deadline = time.monotonic() + self.fill_wait_ms / 1000
+        more: list[Entry] = []
+        while len(more) < need:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms < 1:
+                break
+            try:
+                with redis_errors("fill batch"):
+                    reply = self.client.xreadgroup(
+                        self.group, self.name, dict.fromkeys(self.streams, ">"), count=need - len(more), block=left_ms
+                    )
+            except TemporaryError as exc:
+                log.warning("stopped filling the batch: %s", exc)
+                break
+            more.extend(Entry(stream, i, dict(f)) for stream, rows in _streams(reply) for i, f in rows)
+        return more
 
     def _read_history(self) -> list[Entry]:
         """Entries this consumer name read before a restart and never completed."""
