@@ -17,8 +17,10 @@ import time
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from common.addressing import AddressSigner
+from common.authguard import AuthGuard
 from common.config import Config
 from common.errors import TemporaryError
 from common.events import error_event
@@ -56,11 +58,20 @@ def create_app(
         else None
     )
     intake = MailIntake(
-        config, section, queues, Authenticator(section.auth_logins, section.api_keys), idempotency, metrics
+        config,
+        section,
+        queues,
+        Authenticator(section.auth_logins, section.api_keys),
+        AuthGuard(queues.client, SERVICE, section.auth_lockout),
+        idempotency,
+        metrics,
     )
     unsubscribe = OneClickUnsubscribe(config, queues, metrics, signer)
 
     app = Flask(SERVICE)
+    if section.trusted_proxy_hops:
+        # The client address (auth-lockout, logs) from the proxies' X-Forwarded-For.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=section.trusted_proxy_hops)  # type: ignore[method-assign]
     # Default for every route; the views set their own per request.
     app.config["MAX_CONTENT_LENGTH"] = section.max_message_size + 1
     app.extensions[SERVICE] = metrics

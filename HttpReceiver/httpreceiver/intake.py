@@ -7,6 +7,7 @@ names its rule:
 
 =====  =================================================================================
 401    no or wrong credentials (HTTP Basic or a bearer API key)
+429    too many wrong credentials from this address (``httpreceiver.auth-lockout``; ``Retry-After``)
 415    Content-Type is not application/octet-stream or message/rfc822
 413    larger than ``max-message-size`` (refused from Content-Length, before reading)
 400    a validation rule of :mod:`common.submission` failed, or a bad Idempotency-Key
@@ -25,6 +26,7 @@ from typing import Final
 
 from flask import Response, request
 
+from common.authguard import AuthGuard, seconds_text
 from common.config import Config
 from common.config.httpreceiver import HttpReceiverSection
 from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
@@ -53,6 +55,7 @@ class MailIntake:
         section: HttpReceiverSection,
         queues: Queues,
         authenticator: Authenticator,
+        guard: AuthGuard,
         idempotency: IdempotencyStore | None,
         metrics: HttpMetrics,
     ) -> None:
@@ -61,6 +64,7 @@ class MailIntake:
         self.max_size = section.max_message_size
         self.queues = queues
         self.auth = authenticator
+        self.guard = guard
         self.idempotency = idempotency
         self.metrics = metrics
         transformer = config.transformer
@@ -68,16 +72,9 @@ class MailIntake:
 
     def send(self) -> Response:
         """Handle one submission (Flask view)."""
-        user = self.auth.authenticate(request.headers.get("Authorization"))
-        if user is None:
-            self.metrics.auth_failures.inc()
-            log.warning("refused submission from %s: missing or wrong credentials", request.remote_addr)
-            return error_answer(
-                401,
-                "unauthorized",
-                "HTTP Basic credentials (or a bearer API key) from httpreceiver.auth-logins are required",
-                {"WWW-Authenticate": self.auth.challenge()},
-            )
+        user = self._authenticate()
+        if isinstance(user, Response):
+            return user
         refusal = self._check_request()
         if refusal is not None:
             return refusal
@@ -93,6 +90,36 @@ class MailIntake:
             return self.refuse(400, exc.rule, exc.message)
         key = request.headers.get("Idempotency-Key") if self.idempotency is not None else None
         return self._queue(user, raw, submission, key)
+
+    def _authenticate(self) -> str | Response:
+        """The caller's name, or the 401/429 answer (with the lockout of :mod:`common.authguard`)."""
+        credentials = request.headers.get("Authorization")
+        peer = request.remote_addr or "unknown"
+        # Checked before the credentials, so a locked-out guesser learns nothing even when right.
+        locked_for = self.guard.locked_for(peer) if credentials else 0.0
+        if locked_for > 0:
+            self.metrics.auth_failures.labels("locked-out").inc()
+            wait = seconds_text(locked_for)
+            return error_answer(
+                429,
+                "too-many-failed-logins",
+                f"too many wrong credentials from your address; try again in {wait} seconds",
+                {"Retry-After": wait},
+            )
+        user = self.auth.authenticate(credentials)
+        if user is not None:
+            self.guard.succeeded(peer)
+            return user
+        self.metrics.auth_failures.labels("bad-credentials" if credentials else "no-credentials").inc()
+        log.warning("refused submission from %s: missing or wrong credentials", peer)
+        if credentials:
+            self.guard.failed(peer)
+        return error_answer(
+            401,
+            "unauthorized",
+            "HTTP Basic credentials (or a bearer API key) from httpreceiver.auth-logins are required",
+            {"WWW-Authenticate": self.auth.challenge()},
+        )
 
     def _check_request(self) -> Response | None:
         """Refusals decided from the headers alone, before the body is read."""

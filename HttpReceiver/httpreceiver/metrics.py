@@ -33,7 +33,10 @@ class HttpMetrics:
             registry=registry,
         )
         self.auth_failures = Counter(
-            "httpreceiver_auth_failures", "Requests with missing or wrong credentials", registry=registry
+            "httpreceiver_auth_failures",
+            "Submissions refused for credentials, by reason (no-credentials, bad-credentials, locked-out)",
+            ["reason"],
+            registry=registry,
         )
         self.idempotent_replays = Counter(
             "httpreceiver_idempotent_replays",

@@ -22,13 +22,13 @@ from typing import Any, Final
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, TLSSetupException
 
-from common.config.receiver import AuthLockout
+from common.authguard import AsyncAuthGuard, seconds_text
+from common.config.base import SmtpAuthLockout
 from common.errors import QueueFullError, QueueUnavailableError
 from common.payloads import SubmittedMail
 from common.queue import AsyncQueues
 from common.submission import Rejection, validate
 from receiver.accounts import Accounts
-from receiver.lockout import AuthGuard, seconds_text
 from receiver.metrics import ReceiverMetrics
 from receiver.protocol import AUTH_LIMIT_REPLY, SubmissionSession, SubmissionSMTP, hook_names
 
@@ -58,8 +58,8 @@ class SubmissionHandler:
         self,
         *,
         accounts: Accounts,
-        guard: AuthGuard,
-        lockout: AuthLockout,
+        guard: AsyncAuthGuard,
+        lockout: SmtpAuthLockout,
         queues: AsyncQueues,
         queue_names: QueueNames,
         is_configured_domain: Callable[[str], bool],

@@ -22,7 +22,7 @@ from typing import Any, Final, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Session
 
-from receiver.lockout import client_key
+from common.authguard import client_key
 
 log = logging.getLogger(__name__)
 

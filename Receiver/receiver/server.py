@@ -22,11 +22,11 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry
 
+from common.authguard import AsyncAuthGuard
 from common.config import Config
 from common.queue import AsyncQueues, QueueSettings, connect_async
 from receiver.accounts import Accounts
 from receiver.handler import QueueNames, SubmissionHandler
-from receiver.lockout import AuthGuard
 from receiver.metrics import ReceiverMetrics
 from receiver.protocol import Sessions, SubmissionSMTP
 
@@ -89,7 +89,7 @@ class ReceiverProcess:
         transformer = self.config.transformer
         handler = SubmissionHandler(
             accounts=Accounts(self.section.auth_logins),
-            guard=AuthGuard(client, self.section.auth_lockout),
+            guard=AsyncAuthGuard(client, "receiver", self.section.auth_lockout),
             lockout=self.section.auth_lockout,
             queues=AsyncQueues(client, QueueSettings.from_config(self.config.global_)),
             queue_names=QueueNames(primary=names.primary_queue, default=names.default_queue),

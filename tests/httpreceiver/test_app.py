@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from common import passwords
+from common.authguard import lockout_key
 from common.config.base import RedisServer
 from common.queue import Queues, QueueSettings, connect
-from devtools.servers import free_port
+from devtools.servers import free_port, wait_until
 from tests.httpreceiver.conftest import (
     P0,
     P1,
@@ -79,7 +80,12 @@ def test_bad_credentials_get_401_with_challenge(hr: AppUnderTest, authorization:
     assert resp.headers["WWW-Authenticate"].startswith('Basic realm="inboxbooster-mailer"')
     assert resp.get_json()["error"] == "unauthorized"
     assert hr.redis.xlen(P1) == 0
-    assert hr.metric("httpreceiver_auth_failures_total") == 1
+    assert (
+        hr.metric(
+            "httpreceiver_auth_failures_total", {"reason": "bad-credentials" if authorization else "no-credentials"}
+        )
+        == 1
+    )
 
 
 def test_auth_is_checked_before_anything_else(hr: AppUnderTest) -> None:
@@ -88,6 +94,61 @@ def test_auth_is_checked_before_anything_else(hr: AppUnderTest) -> None:
         "/v1/mail/send", data=b"x" * 2048, headers={"Content-Type": "text/plain", "Content-Length": "999999999"}
     )
     assert resp.status_code == 401
+
+
+def test_brute_force_lockout(make_app: Callable[..., AppUnderTest]) -> None:
+    # Three wrong passwords from one address lock it out: 429 with Retry-After, even with the
+    # right password; other addresses are unaffected; the lockout expires.
+    app = make_app({"auth-lockout": {"max-failures": 3, "window-seconds": 60, "lockout-seconds": 2}})
+    attacker, other = {"REMOTE_ADDR": "127.0.0.7"}, {"REMOTE_ADDR": "127.0.0.8"}
+    wrong = headers(Authorization=basic(password="guess"))
+    for _ in range(3):
+        assert app.client.post("/v1/mail/send", data=message(), headers=wrong, environ_base=attacker).status_code == 401
+    resp = app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=attacker)
+    assert resp.status_code == 429
+    assert resp.get_json()["error"] == "too-many-failed-logins"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 2
+    assert app.redis.xlen(P1) == 0
+    assert app.metric("httpreceiver_auth_failures_total", {"reason": "locked-out"}) == 1
+    assert app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=other).status_code == 200
+    wait_until(
+        lambda: (
+            app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=attacker).status_code
+            == 200
+        ),
+        timeout_s=10,
+        what="the lockout to expire",
+    )
+
+
+def test_lockout_set_by_another_process_applies_after_any_failure(make_app: Callable[..., AppUnderTest]) -> None:
+    # A process remembers a just-logged-in address as clean for a second (no Redis round trip
+    # per request); a wrong password from that address makes it ask Redis again at once.
+    app = make_app({"auth-lockout": {"max-failures": 5, "lockout-seconds": 60}})
+    client_ip = {"REMOTE_ADDR": "127.0.0.10"}
+    assert (
+        app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=client_ip).status_code == 200
+    )
+    app.redis.set(lockout_key("httpreceiver", "127.0.0.10"), 5, px=60_000)  # another worker locked it out
+    wrong = headers(Authorization=basic(password="guess"))
+    assert app.client.post("/v1/mail/send", data=message(), headers=wrong, environ_base=client_ip).status_code == 401
+    assert (
+        app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=client_ip).status_code == 429
+    )
+    assert app.redis.xlen(P1) == 1
+
+
+def test_lockout_uses_the_forwarded_address_behind_trusted_proxies(make_app: Callable[..., AppUnderTest]) -> None:
+    # Behind one proxy, failures count against the client in X-Forwarded-For, not the proxy.
+    app = make_app({"auth-lockout": {"max-failures": 2, "lockout-seconds": 60}, "trusted-proxy-hops": 1})
+    proxy = {"REMOTE_ADDR": "127.0.0.9"}
+    wrong = headers(Authorization=basic(password="guess"), X_Forwarded_For="192.0.2.1")
+    for _ in range(2):
+        assert app.client.post("/v1/mail/send", data=message(), headers=wrong, environ_base=proxy).status_code == 401
+    locked = headers(X_Forwarded_For="192.0.2.1")
+    assert app.client.post("/v1/mail/send", data=message(), headers=locked, environ_base=proxy).status_code == 429
+    fine = headers(X_Forwarded_For="198.51.100.2")
+    assert app.client.post("/v1/mail/send", data=message(), headers=fine, environ_base=proxy).status_code == 200
 
 
 def test_hashed_password_and_bearer_keys(make_app: Callable[..., AppUnderTest]) -> None:

@@ -10,9 +10,9 @@ import time
 import pytest
 import redis
 
+from common.authguard import failures_key, lockout_key
 from devtools import testing
 from devtools.servers import wait_until
-from receiver.lockout import failures_key, lockout_key
 from tests.receiver.conftest import (
     CLIENT_NAME,
     P1,
@@ -155,13 +155,15 @@ def test_brute_force_lockout(fresh: RunningReceiver, redis_client: redis.Redis) 
     assert codes == [535, 535, 454]
     # Every failure was delayed (delay-seconds 0.05).
     assert time.monotonic() - started >= 0.15
-    assert redis_client.exists(lockout_key(attacker))
-    assert not redis_client.exists(failures_key(attacker))
+    assert redis_client.exists(lockout_key("receiver", attacker))
+    assert not redis_client.exists(failures_key("receiver", attacker))
     code, text = _attempt(fresh, PASSWORD, attacker)
     assert code == 454 and text.startswith(b"4.7.0 Too many failed logins"), text
     assert _attempt(fresh, PASSWORD, "127.0.0.1")[0] == 235
     assert fresh.metric('mailer_receiver_auth_failures_total{reason="locked-out"}') >= 1
-    wait_until(lambda: not redis_client.exists(lockout_key(attacker)), timeout_s=10, what="the lockout to expire")
+    wait_until(
+        lambda: not redis_client.exists(lockout_key("receiver", attacker)), timeout_s=10, what="the lockout to expire"
+    )
     assert _attempt(fresh, PASSWORD, attacker)[0] == 235
 
 
@@ -184,9 +186,9 @@ def test_too_many_failures_in_one_session_close_it(fresh: RunningReceiver) -> No
 def test_successful_login_clears_the_failure_count(fresh: RunningReceiver, redis_client: redis.Redis) -> None:
     source = "127.0.0.5"
     assert _attempt(fresh, "bad", source)[0] == 535
-    assert redis_client.get(failures_key(source)) == b"1"
+    assert redis_client.get(failures_key("receiver", source)) == b"1"
     assert _attempt(fresh, PASSWORD, source)[0] == 235
-    assert not redis_client.exists(failures_key(source))
+    assert not redis_client.exists(failures_key("receiver", source))
 
 
 def test_failed_tls_handshake_closes_only_that_connection(fresh: RunningReceiver) -> None:

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from common import passwords
+from common.authguard import client_key
 from common.config import AuthLogin
 from receiver.accounts import Accounts, check_logins, hash_problem
 from receiver.app import process_count
-from receiver.lockout import client_key
 from receiver.protocol import Sessions, SubmissionSMTP, is_trusted, read_data, unstuff
 
 

@@ -69,3 +69,17 @@ class AuthLogin(StrictModel):
 
     username: str = Field(..., min_length=1)
     password: SecretStr = Field(..., description="Plain password or pbkdf2_sha256$<iter>$<salt>$<hash>.")
+
+
+class AuthLockout(StrictModel):
+    """Brute-force protection for password logins, per client address (kept in Redis)."""
+
+    max_failures: int = Field(5, ge=1, description="Failed logins allowed within window-seconds.")
+    window_seconds: float = Field(300.0, gt=0, description="Window in which failures are counted.")
+    lockout_seconds: float = Field(900.0, ge=0, description="How long an address is refused after that.")
+
+
+class SmtpAuthLockout(AuthLockout):
+    """:class:`AuthLockout` plus a delay on every failed SMTP AUTH reply."""
+
+    delay_seconds: float = Field(1.0, ge=0, description="Delay added to every failed AUTH reply.")

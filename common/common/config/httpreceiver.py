@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, model_validator
 
-from common.config.base import AuthLogin, Prometheus, ReliableQueueClient, StrictModel
+from common.config.base import AuthLockout, AuthLogin, Prometheus, ReliableQueueClient, StrictModel
 
 
 class HttpBind(StrictModel):
@@ -34,6 +34,15 @@ class HttpReceiverSection(StrictModel):
     max_message_size: int = Field(26_214_400, ge=1024, description="Largest accepted body in bytes.")
     idempotency_window_seconds: int = Field(
         86_400, ge=0, description="How long an Idempotency-Key is remembered (0 disables the feature)."
+    )
+    auth_lockout: AuthLockout = Field(
+        default_factory=AuthLockout, description="Brute-force protection of HTTP Basic and bearer keys."
+    )
+    trusted_proxy_hops: int = Field(
+        0,
+        ge=0,
+        le=5,
+        description="Reverse proxies in front that append X-Forwarded-For (the client address used by auth-lockout).",
     )
     workers: int = Field(
         0, ge=0, le=256, description="gunicorn worker processes, each with 4 threads (0 = one per core)."

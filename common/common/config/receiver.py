@@ -7,16 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from common.config.base import AuthLogin, Bind, Prometheus, ReliableQueueClient, StrictModel
-
-
-class AuthLockout(StrictModel):
-    """Brute-force protection for SMTP AUTH, per client address."""
-
-    max_failures: int = Field(5, ge=1, description="Failed logins allowed within window-seconds.")
-    window_seconds: float = Field(300.0, gt=0, description="Window in which failures are counted.")
-    lockout_seconds: float = Field(900.0, ge=0, description="How long an address is refused after that.")
-    delay_seconds: float = Field(1.0, ge=0, description="Delay added to every failed AUTH reply.")
+from common.config.base import AuthLogin, Bind, Prometheus, ReliableQueueClient, SmtpAuthLockout, StrictModel
 
 
 class ReceiverSection(StrictModel):
@@ -42,7 +33,7 @@ class ReceiverSection(StrictModel):
     tls_key_file: Path | None = Field(None, description="PEM key; default receiver_key.pem next to the customer file.")
     hostname: str | None = Field(None, description="Name in the SMTP banner; default the host name.")
     processes: int = Field(0, ge=0, description="Worker processes sharing the port (0 = one per core).")
-    auth_lockout: AuthLockout = Field(default_factory=AuthLockout)
+    auth_lockout: SmtpAuthLockout = Field(default_factory=SmtpAuthLockout)
     shutdown_grace_seconds: float = Field(
         25.0,
         gt=0,
