@@ -14,8 +14,13 @@ from devtools.stack import Stack, free_ports
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole platform on free loopback ports; the sink plays the internet."""
     run_dir: Path = tmp_path_factory.mktemp("stack")
-    # Short Postfix retry timers so deferred mail is retried while the tests watch.
+    # Short Postfix retry timers so deferred mail is retried while the tests watch.  The fuzz
+    # tests send wrong credentials on purpose: no login lockout, or 127.0.0.1 would be locked
+    # out for the other tests (the lockout has tests of its own in tests/receiver, httpreceiver).
+    no_lockout = {"auth-lockout": {"lockout-seconds": 0}}
     override = {
+        "receiver": no_lockout,
+        "httpreceiver": no_lockout,
         "postfixlog": {
             "string-replacer": {
                 "main-cf": {
@@ -24,7 +29,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     "maximal_backoff_time": "4s",
                 }
             }
-        }
+        },
     }
     stack = Stack(run_dir, ports=free_ports(), customer_override=override)
     stack.start()

@@ -62,14 +62,16 @@ def submit_smtp(stack: Stack, raw: bytes) -> None:
 
 
 def submit_http(stack: Stack, raw: bytes) -> requests.Response:
-    """Submit through HttpReceiver."""
-    return requests.post(
+    """Submit through HttpReceiver; the answer must be 200."""
+    reply = requests.post(
         f"http://127.0.0.1:{stack.ports['httpreceiver']}/v1/mail/send",
         data=raw,
         headers={"Content-Type": "message/rfc822"},
         auth=(testing.RECEIVER_USER, testing.RECEIVER_PASSWORD),
         timeout=30,
     )
+    assert reply.status_code == 200, reply.text
+    return reply
 
 
 def events_for(stack: Stack, uuid: str, kind: str | None = None) -> list[dict[str, Any]]:
