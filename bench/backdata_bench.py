@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -95,7 +94,7 @@ def run(
     for start in range(0, n, 1000):
         queues.enqueue_many(QUEUE, [_event(i).to_fields() for i in range(start, min(start + 1000, n))])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backdata", "--global-config-file", str(gpath), "--customer-config-file", str(cpath)],
+        testing.service_command("backdata", gpath, cpath),
         env={**os.environ, "INBOXBOOSTER_LOG_LEVEL": "WARNING"},
     )
     try:

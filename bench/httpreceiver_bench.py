@@ -239,8 +239,7 @@ def _measure(root: Path, server: RedisProcess, args: argparse.Namespace, *, base
         customer["httpreceiver"]["workers"] = args.workers
         global_ = testing.merge(testing.global_config(), {"reliable-queue": {"max-queue-length": 0}})
         gpath, cpath = testing.write_configs(root / "configs", customer, global_)
-        command = [sys.executable, "-m", "httpreceiver", "--global-config-file", str(gpath),
-                   "--customer-config-file", str(cpath)]  # fmt: skip
+        command = testing.service_command("httpreceiver", gpath, cpath)
         queue = "IB-MAIL-QUEUE-P1"
     with (root / ("baseline.log" if baseline else "httpreceiver.log")).open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -19,7 +19,6 @@ import json
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -110,17 +109,7 @@ def bench_smtp(cases: list[tuple[str, list[str], bytes]], messages: int, clients
         customer = testing.customer_config(directory, redis_port=server.port, ports=ports)
         global_path, customer_path = testing.write_configs(directory / "configs", customer)
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mxserver",
-                "--global-config-file",
-                str(global_path),
-                "--customer-config-file",
-                str(customer_path),
-                "--log-level",
-                "WARNING",
-            ],
+            testing.service_command("mxserver", global_path, customer_path, "--log-level", "WARNING"),
             stderr=subprocess.DEVNULL,
         )
         try:

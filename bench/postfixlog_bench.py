@@ -24,7 +24,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -169,7 +168,7 @@ def _postfixlog(directory: Path, sink_port: int, redis_port: int, args: argparse
         queues.enqueue_many(INCOMING, [_mail(j, body) for j in range(i, min(i + 500, args.messages))])
     env = {**os.environ, "INBOXBOOSTER_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "postfixlog", "--global-config-file", str(gpath), "--customer-config-file", str(cpath)],
+        testing.service_command("postfixlog", gpath, cpath),
         env=env,
     )
     instance = PostfixInstance(directory / "postfix", smtpd_port=port)

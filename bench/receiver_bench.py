@@ -26,7 +26,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -87,8 +86,7 @@ class ReceiverTarget:
         self.log = directory / "receiver.log"
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "receiver", "--global-config-file", str(self.global_path)]
-        cmd += ["--customer-config-file", str(self.customer_path), "--log-level", "WARNING"]
+        cmd = testing.service_command("receiver", self.global_path, self.customer_path, "--log-level", "WARNING")
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         wait_until(self._greets, timeout_s=30, what="the Receiver's 220 greeting")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,17 @@ def write_configs(
     global_path.write_text(yaml.safe_dump(dict(global_ or global_config()), sort_keys=False))
     customer_path.write_text(yaml.safe_dump(dict(customer), sort_keys=False))
     return global_path, customer_path
+
+
+def service_command(module: str, global_path: Path, customer_path: Path, *extra: str) -> list[str]:
+    """The command line running ``python -m <module>`` of this environment on both config files."""
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--global-config-file",
+        str(global_path),
+        "--customer-config-file",
+        str(customer_path),
+        *extra,
+    ]

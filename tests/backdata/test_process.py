@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from backdata.__main__ import main
 from common.config import Config
+from devtools import testing
 from devtools.servers import free_port, port_open, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -44,16 +44,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 def _spawn(config: Config, started: list[subprocess.Popen[bytes]], *args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "INBOXBOOSTER_CONSUMER_NAME": "backdata-test", "INBOXBOOSTER_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backdata",
-            "--global-config-file",
-            str(config.global_path),
-            "--customer-config-file",
-            str(config.customer_path),
-            *args,
-        ],
+        testing.service_command("backdata", config.global_path, config.customer_path, *args),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -150,16 +141,14 @@ def test_health_readiness_and_metrics_endpoints(backdata_config, bd, webhook, pr
 def test_check_config_and_bad_config(backdata_config, tmp_path: Path) -> None:
     config = backdata_config()
     ok = subprocess.run(
-        [sys.executable, "-m", "backdata", "--global-config-file", str(config.global_path),
-         "--customer-config-file", str(config.customer_path), "--check-config"],
+        testing.service_command("backdata", config.global_path, config.customer_path, "--check-config"),
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("backdata:\n  post-url: ftp://nowhere\n  webhook-secret: 'whsec_'\n")
     failed = subprocess.run(
-        [sys.executable, "-m", "backdata", "--global-config-file", str(config.global_path),
-         "--customer-config-file", str(bad), "--check-config"],
+        testing.service_command("backdata", config.global_path, bad, "--check-config"),
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert failed.returncode == 2

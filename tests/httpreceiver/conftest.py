@@ -11,7 +11,6 @@ import base64
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,16 +142,7 @@ class Gunicorn:
 
     def command(self, *extra: str) -> list[str]:
         """The console script's command line."""
-        return [
-            sys.executable,
-            "-m",
-            "httpreceiver",
-            "--global-config-file",
-            str(self.global_path),
-            "--customer-config-file",
-            str(self.customer_path),
-            *extra,
-        ]
+        return testing.service_command("httpreceiver", self.global_path, self.customer_path, *extra)
 
     def start(self) -> Gunicorn:
         """Start and wait until the API port accepts connections and every worker runs."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from common import keys
 from common.config import Config
 from common.lifecycle import Stopper
 from common.queue import Consumer, Queues, QueueSettings
+from devtools import testing
 from devtools.servers import wait_until
 from redis_sidecar import connection
 from redis_sidecar.backup import BackupError, Backups, DataLayout, restore
@@ -54,16 +54,7 @@ class Pod:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "redis_sidecar",
-                "--global-config-file",
-                str(config.global_path),
-                "--customer-config-file",
-                str(config.customer_path),
-                "server",
-            ],
+            testing.service_command("redis_sidecar", config.global_path, config.customer_path, "server"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -189,16 +180,7 @@ def test_manual_backup_command(
     try:
         pod.client.set("k", "v")
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "redis_sidecar",
-                "--customer-config-file",
-                str(config.customer_path),
-                "--global-config-file",
-                str(config.global_path),
-                "backup",
-            ],
+            testing.service_command("redis_sidecar", config.global_path, config.customer_path, "backup"),
             capture_output=True,
             text=True,
             timeout=60,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from common.config import Config
 from common.config.globalfile import GlobalConfig
 from common.errors import ConfigError
 from common.queue import Consumer, Queues, QueueSettings
+from devtools import testing
 from devtools.servers import free_port
 from redis_sidecar.check import run_checks
 from redis_sidecar.exporter import RedisMetrics
@@ -175,16 +175,7 @@ def test_check_live_against_the_running_server(pod_config: PodConfig, redis_serv
 
 def _cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "redis_sidecar",
-            "--global-config-file",
-            str(config.global_path),
-            "--customer-config-file",
-            str(config.customer_path),
-            *args,
-        ],
+        testing.service_command("redis_sidecar", config.global_path, config.customer_path, *args),
         capture_output=True,
         text=True,
         timeout=60,

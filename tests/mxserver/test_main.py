@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,7 @@ def write(tmp_path: Path, redis_port: int, **mx: Any) -> tuple[Path, Path, dict[
 
 
 def command(global_path: Path, customer_path: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mxserver",
-        "--global-config-file",
-        str(global_path),
-        "--customer-config-file",
-        str(customer_path),
-        *extra,
-    ]
+    return testing.service_command("mxserver", global_path, customer_path, *extra)
 
 
 def test_check_config(tmp_path: Path, redis_server: RedisProcess) -> None:

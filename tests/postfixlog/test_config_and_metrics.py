@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -80,16 +79,7 @@ def test_original_keys_still_load(tmp_path: Path, customer_dict: dict[str, Any])
 def test_check_config_cli(tmp_path: Path, customer_dict: dict[str, Any]) -> None:
     gpath, cpath = _write(tmp_path, customer_dict)
     ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "postfixlog",
-            "--global-config-file",
-            str(gpath),
-            "--customer-config-file",
-            str(cpath),
-            "--check-config",
-        ],
+        testing.service_command("postfixlog", gpath, cpath, "--check-config"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -98,16 +88,7 @@ def test_check_config_cli(tmp_path: Path, customer_dict: dict[str, Any]) -> None
     bad = testing.merge(customer_dict, {"postfixlog": {"postfix": {"connections": 0}}})
     gpath, cpath = _write(tmp_path / "bad", bad)
     refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "postfixlog",
-            "--global-config-file",
-            str(gpath),
-            "--customer-config-file",
-            str(cpath),
-            "--check-config",
-        ],
+        testing.service_command("postfixlog", gpath, cpath, "--check-config"),
         capture_output=True,
         text=True,
         timeout=60,

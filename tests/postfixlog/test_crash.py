@@ -7,13 +7,13 @@ import collections
 import os
 import signal
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from common.config import Config
 from common.queue import Queues
+from devtools import testing
 from devtools.servers import wait_until
 from devtools.sink import Sink
 
@@ -27,15 +27,7 @@ INCOMING = "INCOMING-TO-POSTFIX"
 def _start(config: Config) -> subprocess.Popen[bytes]:
     env = {**os.environ, "INBOXBOOSTER_CONSUMER_NAME": "crash-test", "INBOXBOOSTER_LOG_LEVEL": "WARNING"}
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "postfixlog",
-            "--global-config-file",
-            str(config.global_path),
-            "--customer-config-file",
-            str(config.customer_path),
-        ],
+        testing.service_command("postfixlog", config.global_path, config.customer_path),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -16,7 +16,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -204,8 +203,7 @@ def start_receiver(
     global_ = testing.merge(testing.global_config(), global_override or {})
     gpath, cpath = testing.write_configs(directory, customer, global_)
     log_path = directory / "receiver.log"
-    command = [sys.executable, "-m", "receiver", "--global-config-file", str(gpath)]
-    command += ["--customer-config-file", str(cpath)]
+    command = testing.service_command("receiver", gpath, cpath)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, **(env or {})})
     section = customer["receiver"]

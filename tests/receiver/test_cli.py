@@ -24,10 +24,8 @@ pytestmark = pytest.mark.redis
 
 def _check(directory: Path, customer: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     gpath, cpath = testing.write_configs(directory, customer)
-    command = [sys.executable, "-m", "receiver", "--check-config", "--global-config-file", str(gpath)]
-    command += ["--customer-config-file", str(cpath)]
     return subprocess.run(
-        command,
+        testing.service_command("receiver", gpath, cpath, "--check-config"),
         capture_output=True,
         text=True,
         timeout=60,
