@@ -11,6 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported at collection on purpose: hypothesis' pytest plugin imports it lazily at the end of the
+# run, and on CPython 3.11.7 that late import fails ("AST constructor recursion depth mismatch")
+# once a test has run an event loop in a thread.
+import hypothesis  # noqa: F401
 import pytest
 import redis
 

@@ -34,7 +34,7 @@ from common.worker import Done, Fail, Outcome, Retry
 log = logging.getLogger(__name__)
 
 #: Stream of records waiting for the bounce manager (documented in :mod:`common.keys`).
-STREAM: Final = keys.service_key("backdata", "bounce-manager")
+STREAM: Final = keys.BOUNCE_MANAGER_STREAM
 _KINDS: Final = frozenset(("delivered", "bounce"))
 
 

@@ -44,13 +44,10 @@ from backdata.signing import batch_id
 from common.errors import PermanentError
 from common.events import EVENT_KINDS, decode_event, make_event_id, public
 from common.lifecycle import Stopper
-from common.queue import Entry, Output
+from common.queue import REPLAYED_AT, Entry, Output
 from common.worker import Done, Fail, Outcome, Retry
 
 log = logging.getLogger(__name__)
-
-#: Entry field set by ``backdata replay``: the age limit counts from here for a replayed event.
-REPLAYED_AT = "replayed-at"
 
 
 @dataclass

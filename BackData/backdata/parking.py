@@ -16,13 +16,13 @@ dead-lettered.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Mapping
 from typing import Any, Final
 
 from common import keys
 from common.queue import Entry, Output, Queues, redis_errors
+from common.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +54,17 @@ def parks(entry: Entry) -> int:
 class Parking:
     """The parking stream of one event queue."""
 
-    def __init__(self, queues: Queues, queue: str, *, base_s: float, cap_s: float) -> None:
+    def __init__(self, queues: Queues, queue: str, *, policy: RetryPolicy) -> None:
         self.queues = queues
         self.redis: Any = queues.redis
         self.queue = queue
-        self.base_s = base_s
-        self.cap_s = cap_s
+        self.policy = policy
         self._script = self.redis.register_script(_REQUEUE)
         self._cursor = "-"
 
     def delay(self, times_parked: int) -> float:
-        """Seconds until a parked event is tried again: capped exponential, jittered."""
-        ceiling = min(self.cap_s, self.base_s * (2 ** min(times_parked, 32)))
-        return random.uniform(ceiling / 2, ceiling)
+        """Seconds until a parked event is tried again (the n-th park is attempt n + 1)."""
+        return self.policy.delay(times_parked + 1)
 
     def output(self, entry: Entry, reason: str, *, since: float, not_after: float, now: float | None = None) -> Output:
         """The output that parks ``entry`` (write it with the entry's completion).

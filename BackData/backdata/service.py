@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-
-import redis
-from prometheus_client import CollectorRegistry
 
 from backdata import SERVICE
 from backdata.bouncemanager import STREAM as BOUNCE_MANAGER_STREAM
@@ -27,9 +23,10 @@ from backdata.signing import Signer
 from common import keys
 from common.config import Config
 from common.config.backdata import BackDataSection
-from common.lifecycle import Stopper
-from common.queue import Queues, QueueSettings, consumer_name
-from common.worker import RetryPolicy, Worker, WorkerMetrics
+from common.queue import Queues, QueueSettings, connect, consumer_name
+from common.retry import RetryPolicy
+from common.service import Context
+from common.worker import Worker, WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +46,16 @@ def signer_of(section: BackDataSection) -> Signer | None:
 
 
 class BackData:
-    """Both workers, built from the configuration."""
+    """Both workers, built from the configuration (a :class:`common.service.Service`)."""
 
-    def __init__(
-        self,
-        config: Config,
-        client: redis.Redis,
-        stopper: Stopper,
-        registry: CollectorRegistry,
-        heartbeat: Callable[[], None] | None = None,
-        block_ms: int = 1000,
-    ) -> None:
+    def __init__(self, context: Context, *, block_ms: int = 1000) -> None:
+        config, registry, stopper = context.config, context.registry, context.stopper
+        heartbeat = context.health.beat
         section = section_of(config)
+        self.metrics_address = (section.prometheus.inet_interface, section.prometheus.inet_port)
+        self.client = connect(config.redis_for(SERVICE), client_name=SERVICE)
+        client = self.client
+        context.health.add_check("redis", lambda: bool(client.ping()))
         self.stopper = stopper
         self.queue = config.global_.backdata.queue_name
         settings = QueueSettings.from_config(config.global_)
@@ -68,9 +63,8 @@ class BackData:
         metrics = BackDataMetrics(registry)
         registry.register(BacklogCollector(queues, self.queue, keys.GROUP_BACKDATA))
         worker_metrics = WorkerMetrics(registry)
-        base_s = min(1.0, section.max_backoff_seconds)
-        policy = RetryPolicy(base_s=base_s, cap_s=section.max_backoff_seconds)
-        parking = Parking(queues, self.queue, base_s=base_s, cap_s=section.max_backoff_seconds)
+        policy = RetryPolicy(base_s=min(1.0, section.max_backoff_seconds), cap_s=section.max_backoff_seconds)
+        parking = Parking(queues, self.queue, policy=policy)
         consumer = BatchingConsumer(
             queues,
             [self.queue],
@@ -112,8 +106,11 @@ class BackData:
             self.side = Worker(bm_consumer, bm_handler, stopper, policy=policy, metrics=worker_metrics)
         self.failed = False
 
-    def run(self) -> None:
-        """Run until the stopper is set; a crashed bounce-manager thread stops the service too."""
+    def run(self) -> int:
+        """Run until the stopper is set; a crashed bounce-manager thread stops the service too.
+
+        Returns 1 when the bounce-manager thread crashed, else 0.
+        """
         thread = None
         if self.side is not None:
             thread = threading.Thread(target=self._run_side, args=(self.side,), name="bounce-manager", daemon=True)
@@ -125,6 +122,8 @@ class BackData:
             self.stopper.stop()
             if thread is not None:
                 thread.join()
+            self.client.close()
+        return 1 if self.failed else 0
 
     def _run_side(self, worker: Worker) -> None:
         try:
@@ -134,3 +133,8 @@ class BackData:
             self.failed = True
             self.stopper.stop()
             raise
+
+
+def build(context: Context) -> BackData:
+    """The BackData service of ``context``."""
+    return BackData(context)

@@ -7,28 +7,29 @@ Produces the P0/P1 mail streams and, for unsubscribe clicks, the event stream.  
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from common import cli, logs
+from common.service import ServiceSpec, run_service
 from httpreceiver import server
 from httpreceiver.settings import SERVICE
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console script ``httpreceiver``."""
-    parser = cli.parser(SERVICE, __doc__)
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gunicorn-config",
         type=Path,
         default=server.default_gunicorn_config(),
         help="gunicorn settings file (default: the gunicorn.conf.py shipped with the app)",
     )
-    args = parser.parse_args(argv)
-    config = cli.load(args, SERVICE)
-    logs.setup(SERVICE, args.log_level)
-    with server.metrics_directory():
-        server.HttpReceiverServer(config, args.gunicorn_config).run()
-    return 0
+
+
+SPEC = ServiceSpec(SERVICE, __doc__, server.build, arguments=_arguments, prepare=server.metrics_directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``httpreceiver``."""
+    return run_service(SPEC, argv)
 
 
 if __name__ == "__main__":

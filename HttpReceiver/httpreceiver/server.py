@@ -33,6 +33,7 @@ from gunicorn.arbiter import Arbiter
 
 from common.config import Config
 from common.queue import connect
+from common.service import Context
 from httpreceiver.settings import SERVICE, section_of
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ class RootLogger(glogging.Logger):  # type: ignore[misc]  # gunicorn ships no ty
 class HttpReceiverServer(Application):  # type: ignore[misc]  # gunicorn ships no type information
     """The gunicorn application: configuration from both files, one Flask app per worker."""
 
-    def __init__(self, config: Config, gunicorn_config: Path) -> None:
+    def __init__(self, config: Config, gunicorn_config: Path, health: Any = None) -> None:
         self.config = config
+        self.health = health
         self.section = section_of(config)
         self.gunicorn_config = gunicorn_config
         self.probe_redis = config.redis_for(SERVICE).model_copy(update={"socket_timeout": 1.0})
@@ -131,7 +133,8 @@ class HttpReceiverServer(Application):  # type: ignore[misc]  # gunicorn ships n
 
         # Live while this process answers (gunicorn itself replaces stuck or dead workers);
         # ready while workers run and Redis answers.
-        health = Health(stale_after_s=float("inf"))
+        health = self.health or Health()
+        health.stale_after_s = float("inf")
         health.add_check("workers", self.workers_running)
         health.add_check("redis", self.redis_answers)
         bind = self.section.bind
@@ -179,3 +182,23 @@ class HttpReceiverServer(Application):  # type: ignore[misc]  # gunicorn ships n
         """In a new worker: close its inherited copy of the master's metrics socket."""
         if self.metrics_server is not None:
             self.metrics_server.httpd.server_close()
+
+
+class HttpReceiverService:
+    """The gunicorn master of HttpReceiver as a :class:`common.service.Service` (it serves its own metrics)."""
+
+    metrics_address = None
+
+    def __init__(self, context: Context) -> None:
+        section_of(context.config)
+        self.server = HttpReceiverServer(context.config, context.args.gunicorn_config, context.health)
+
+    def run(self) -> int:
+        """Run gunicorn until SIGTERM; 0 after a graceful stop."""
+        self.server.run()
+        return 0
+
+
+def build(context: Context) -> HttpReceiverService:
+    """The HttpReceiver service of ``context``."""
+    return HttpReceiverService(context)

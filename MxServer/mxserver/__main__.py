@@ -7,39 +7,16 @@ stores in progress (at most 20 s), exit 0.
 
 from __future__ import annotations
 
-import asyncio
-import sys
+from common.service import ServiceSpec, run_service
+from mxserver.server import SERVICE, build
 
-from prometheus_client import CollectorRegistry
-
-from common import cli, logs
-from common.errors import ConfigError
-from common.metrics import Health, register_memory_gauge, serve
-from mxserver.metrics import MxMetrics
-from mxserver.server import SERVICE, run
+SPEC = ServiceSpec(SERVICE, __doc__, build)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console script ``mxserver``."""
-    args = cli.parser(SERVICE, __doc__).parse_args(argv)
-    config = cli.load(args, SERVICE)
-    logs.setup(SERVICE, args.log_level)
-    registry = CollectorRegistry()
-    register_memory_gauge(registry)
-    metrics = MxMetrics(registry)
-    health = Health()
-    section = config.customer.mxserver
-    assert section is not None  # cli.load checked the required sections
-    http = serve(section.prometheus.inet_interface, section.prometheus.inet_port, health, registry)
-    try:
-        asyncio.run(run(config, metrics, health))
-    except ConfigError as exc:
-        sys.stderr.write(f"{SERVICE}: {exc}\n")
-        return cli.EXIT_CONFIG
-    finally:
-        http.close()
-    return 0
+    return run_service(SPEC, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

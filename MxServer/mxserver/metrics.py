@@ -39,6 +39,12 @@ class MxMetrics:
         )
         self.warnings = Counter("mxserver_warnings", "Unexpected problems (see the log)", registry=r)
         self.sessions = Gauge("mxserver_sessions", "Open SMTP sessions", registry=r)
+        self.connections_refused = Counter(
+            "mailer_mxserver_connections_refused",
+            "Connections refused at connect with 421, by reason (busy, per-ip)",
+            ["reason"],
+            registry=r,
+        )
         self.eml_files = Gauge("mxserver_eml_directory_files", "Files in the eml directory", registry=r)
         self.eml_bytes = Gauge("mxserver_eml_directory_bytes", "Bytes in the eml directory", registry=r)
 

@@ -3,28 +3,28 @@
 Runs in the process's asyncio loop (``redis.asyncio`` for the event stream).  On SIGTERM or
 SIGINT it stops accepting connections, lets mails being stored finish (at most
 :data:`DRAIN_SECONDS`), sends ``421`` to the remaining sessions and closes them, then closes
-Redis.  Sessions over ``mxserver.max-connections`` get ``421 4.7.0`` at connect.
+Redis.  Connection and session limits (``mxserver.max-connections``,
+``max-connections-per-ip``, timeouts) are those of :mod:`common.smtpserver`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import ssl
-import time
-from typing import Any, Final
+from typing import Final
 
 import redis
-from aiosmtpd.smtp import SMTP
 
-from common.addressing import AddressSigner, load_secret
+from common.addressing import wait_for_secret_async
 from common.config import Config
 from common.config.mxserver import MxServerSection
 from common.errors import ConfigError
 from common.metrics import Health
 from common.queue import AsyncQueues, QueueSettings, connect, connect_async
+from common.service import Context
+from common.smtpserver import BaseSMTP, Limits, Sessions
 from mxserver.classifier import Classifier
 from mxserver.emlstore import EmlStore
 from mxserver.handler import MxHandler
@@ -35,51 +35,11 @@ log = logging.getLogger(__name__)
 
 SERVICE: Final = "mxserver"
 DRAIN_SECONDS: Final = 20.0
-SESSION_TIMEOUT: Final = 300.0  # RFC 5321 §4.5.3.2.7: at least 5 minutes between commands
 HEARTBEAT_SECONDS: Final = 5.0
 
 
-class MxSMTP(SMTP):
-    """aiosmtpd's SMTP with a cap on concurrent sessions and a tracked session set."""
-
-    def __init__(self, handler: Any, *, sessions: set[MxSMTP], limit: int, metrics: MxMetrics, **kw: Any) -> None:
-        super().__init__(handler, **kw)
-        self._sessions = sessions
-        self._limit = limit
-        self._metrics = metrics
-        self._refused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Refuse beyond the session limit; otherwise start the SMTP dialogue."""
-        first = self.transport is None
-        if first and len(self._sessions) >= self._limit:
-            self._refused = True
-            self._metrics.rejected.labels("busy").inc()
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(f"421 4.7.0 {self.hostname} Too many connections, try again later\r\n".encode())
-            transport.close()
-            return
-        if first:
-            self._sessions.add(self)
-            self._metrics.sessions.set(len(self._sessions))
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        """Forget the session."""
-        if self._refused:
-            return
-        self._sessions.discard(self)
-        self._metrics.sessions.set(len(self._sessions))
-        super().connection_lost(error)
-
-    def shut_down(self) -> None:
-        """Tell the client we are going away and close the connection."""
-        transport = self.transport
-        if transport is None:
-            return
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(f"421 4.3.2 {self.hostname} Service shutting down, try again later\r\n".encode())
-        transport.close()
+class MxSMTP(BaseSMTP):
+    """One connection to the public MX (limits, timeouts and shutdown from the shared base)."""
 
 
 def tls_context(config: Config, section: MxServerSection) -> ssl.SSLContext | None:
@@ -112,7 +72,12 @@ class MxServer:
         self.metrics = metrics
         self.health = health
         self.hostname = section.hostname or socket.gethostname()
-        self.sessions: set[MxSMTP] = set()
+        self.tls = tls_context(config, section)
+        self.sessions = Sessions(
+            Limits.from_config(section),
+            on_refused=lambda reason: metrics.connections_refused.labels(reason).inc(),
+            on_count=metrics.sessions.set,
+        )
         self.handler: MxHandler | None = None
         self._server: asyncio.Server | None = None
         self._redis = connect_async(config.redis_for(SERVICE), client_name=SERVICE)
@@ -126,14 +91,15 @@ class MxServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self, stop: asyncio.Event | None = None) -> None:
-        """Build everything and start listening.
+    async def start(self, stop: asyncio.Event | None = None) -> bool:
+        """Build everything and start listening; False when stopped while waiting for Redis.
 
         Raises:
-            ConfigError: bad TLS files.
             OSError: the eml directory or the listening socket cannot be set up.
         """
-        signer = await self._signer(stop)
+        signer = await wait_for_secret_async(self.config, self._probe, stop or asyncio.Event(), self.health.beat)
+        if signer is None:
+            return False
         classifier = Classifier.from_config(self.config, signer)
         store = await asyncio.to_thread(
             EmlStore(
@@ -153,21 +119,18 @@ class MxServer:
             metrics=self.metrics,
             hostname=self.hostname,
         )
-        context = tls_context(self.config, self.section)
+        context = self.tls
         loop = asyncio.get_running_loop()
-        handler, limit = self.handler, self.section.max_connections
+        handler = self.handler
 
         def factory() -> MxSMTP:
             return MxSMTP(
                 handler,
                 sessions=self.sessions,
-                limit=limit,
-                metrics=self.metrics,
                 data_size_limit=self.section.max_message_size,
                 hostname=self.hostname,
                 ident="ESMTP",
                 tls_context=context,
-                timeout=SESSION_TIMEOUT,
                 loop=loop,
             )
 
@@ -184,19 +147,7 @@ class MxServer:
             self.section.max_message_size,
             ",".join(sorted(classifier.return_path_domains)),
         )
-
-    async def _signer(self, stop: asyncio.Event | None) -> AddressSigner:
-        """The address signer; waits for Redis when the secret is kept there."""
-        delay = 1.0
-        while True:
-            try:
-                return await asyncio.to_thread(load_secret, self.config, self._probe)
-            except redis.exceptions.RedisError as exc:
-                log.warning("cannot read the address secret from Redis (%s); retrying in %.0fs", exc, delay)
-            if stop is not None and stop.is_set():
-                raise ConfigError(["stopped while waiting for Redis"])
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        return True
 
     def _redis_answers(self) -> bool:
         try:
@@ -216,15 +167,10 @@ class MxServer:
 
     async def close(self, drain_s: float = DRAIN_SECONDS) -> None:
         """Stop accepting, let stores in progress finish, close sessions and Redis."""
-        if self._server is not None:
-            self._server.close()
-        deadline = time.monotonic() + drain_s
-        while self.handler is not None and self.handler.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for session in list(self.sessions):
-            session.shut_down()
-        if self._server is not None:
-            await self._server.wait_closed()
+        servers = [self._server] if self._server is not None else []
+        await self.sessions.drain(servers, drain_s)
+        for server in servers:
+            await server.wait_closed()
         if self._beat is not None:
             self._beat.cancel()
         await self._redis.aclose()
@@ -232,12 +178,28 @@ class MxServer:
         log.info("stopped")
 
 
-async def run(config: Config, metrics: MxMetrics, health: Health) -> None:
-    """Run the MX until SIGTERM/SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = MxServer(config, metrics, health)
-    await server.start(stop)
-    await server.serve(stop)
+class MxService:
+    """The MX of one process (a :class:`common.service.Service`)."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.metrics = MxMetrics(context.registry)
+        #: Checks the TLS files now: a bad certificate stops the start (and --check-config).
+        self.server = MxServer(context.config, self.metrics, context.health)
+        prom = self.server.section.prometheus
+        self.metrics_address = (prom.inet_interface, prom.inet_port)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT."""
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        stop = self.context.stopper.async_event()
+        if await self.server.start(stop):
+            await self.server.serve(stop)
+        return 0
+
+
+def build(context: Context) -> MxService:
+    """The MxServer service of ``context`` (raises ConfigError for unusable TLS files)."""
+    return MxService(context)

@@ -26,8 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from common.bounces import classify
-from common.events import BounceType, Event, EventKind, make_event_id
+from common.bounces import BounceType, classify
+from common.events import Event, EventKind, make_event_id
 from postfixlog.logparser import Line
 from postfixlog.records import Delivery
 

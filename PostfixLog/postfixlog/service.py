@@ -28,8 +28,10 @@ from common.config import Config
 from common.config.postfixlog import PostfixLogSection
 from common.errors import ConfigError, TemporaryError
 from common.lifecycle import Stopper
-from common.metrics import Health, register_memory_gauge
+from common.metrics import Health
 from common.queue import Consumer, Queues, QueueSettings, connect, consumer_name, redis_errors
+from common.retry import DEPENDENCY
+from common.service import Context
 from common.worker import Worker, WorkerMetrics
 from postfixlog import records
 from postfixlog.follower import LogFollower, LogReader
@@ -127,6 +129,7 @@ class PostfixLogService:
         if section is None:
             raise ConfigError([f"{config.customer_path}: postfixlog: section is missing"])
         self.section: PostfixLogSection = section
+        self.metrics_address = (section.prometheus.inet_interface, section.prometheus.inet_port)
         self.health = health
         self.stopper = stopper
         self.name = name or consumer_name(SERVICE)
@@ -137,7 +140,6 @@ class PostfixLogService:
         lifetime = section.string_replacer.main_cf.get("maximal_queue_lifetime", "12h")
         qid_ttl = records.qid_ttl_s(lifetime)
         self.metrics = PostfixLogMetrics(registry, self.instance.queue_counts)
-        register_memory_gauge(registry)
         self.follower = LogFollower(
             LogReader(self.instance.log_path),
             self.redis,
@@ -214,13 +216,15 @@ class PostfixLogService:
         except PostfixError as exc:
             log.error("cannot set up Postfix: %s", exc)
             return 1
+        attempt = 0
         while not self.stopper.is_set():
             try:
                 self.requeuer.finish_interrupted()
                 break
             except (TemporaryError, PostfixError) as exc:
-                log.warning("cannot check Postfix' queue before starting (%s); retrying", exc)
-                self.stopper.wait(2.0)
+                attempt += 1
+                log.warning("cannot check Postfix' queue before starting (%s); retry %d", exc, attempt)
+                DEPENDENCY.wait(attempt, self.stopper)
         if self.stopper.is_set():
             log.info("stopped before Postfix was started")
             return 0
@@ -259,7 +263,7 @@ class PostfixLogService:
                     failures = 0
                 except PostfixError as exc:
                     log.error("Postfix does not start again: %s", exc)
-                    self.stopper.wait(min(2.0 * failures, 30.0))
+                    DEPENDENCY.wait(failures, self.stopper)
                 continue
             if time.monotonic() >= next_probe:
                 self._postfix_answers = self.instance.answers()
@@ -281,3 +285,8 @@ class PostfixLogService:
             log.error("requeue failed (%s); the mail stays in Postfix' queue for the next start", exc)
             return 1
         return 1 if report.failed else 0
+
+
+def build(context: Context) -> PostfixLogService:
+    """The PostfixLog service of ``context``."""
+    return PostfixLogService(context.config, registry=context.registry, health=context.health, stopper=context.stopper)

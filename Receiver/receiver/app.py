@@ -7,6 +7,7 @@ and the metrics server itself; several processes are forked by a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import getpass
 import logging
@@ -18,15 +19,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from common import passwords
 from common.config import Config
-from common.metrics import Health, MetricsServer
+from common.errors import ConfigError
+from common.metrics import MetricsServer
 from common.queue import connect
+from common.service import Context
 from receiver import tls
 from receiver.accounts import check_logins
-from receiver.metrics import MemoryCollector, enable_multiprocess, multiprocess_registry
+from receiver.metrics import enable_multiprocess, multiprocess_registry
 from receiver.server import Listener, ReceiverProcess
 from receiver.supervisor import Supervisor, bind_listeners, worker_plan
 
@@ -82,46 +83,67 @@ def _cgroup_cpu_limit(root: Path) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
-def run(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status."""
-    section = config.customer.receiver
-    assert section is not None  # the loader requires it for this service
-    hostname = section.hostname or socket.gethostname()
-    context = tls.server_context(tls.locate(config), hostname)
-    count = process_count(section.processes)
-    try:
-        per_worker = _listen(section.bind.inet_interface, section.bind.inet_port, section.implicit_tls_port, count)
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", section.bind.inet_interface, exc)
-        return 1
-    health = Health()
-    redis_client = connect(config.redis_for("receiver"), client_name="receiver-health")
-    health.add_check("redis", lambda: bool(redis_client.ping()))
-    prom = section.prometheus
-    log.info("receiver starting: %d process(es), %d accounts", count, len(section.auth_logins))
-    with _multiprocess_dir(count) as directory:
-        if directory is not None:
-            enable_multiprocess(directory)
+class ReceiverService:
+    """The Receiver of one pod: one SMTP process, or a supervisor forking several."""
+
+    def __init__(self, context: Context) -> None:
+        problems = preflight(context.config)
+        if problems:
+            raise ConfigError(problems)
+        section = context.config.customer.receiver
+        assert section is not None  # the loader requires it for this service
+        self.context = context
+        self.section = section
+        self.processes = process_count(section.processes)
+        prom = section.prometheus
+        # One process serves its metrics from this registry; a supervisor serves the workers'
+        # sums itself, once they are forked (no thread may exist before fork).
+        self.metrics_address = (prom.inet_interface, prom.inet_port) if self.processes == 1 else None
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit status."""
+        context, section = self.context, self.section
+        hostname = section.hostname or socket.gethostname()
+        tls_context = tls.server_context(tls.locate(context.config), hostname)
+        count = self.processes
+        try:
+            per_worker = _listen(section.bind.inet_interface, section.bind.inet_port, section.implicit_tls_port, count)
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", section.bind.inet_interface, exc)
+            return 1
+        health = context.health
+        redis_client = connect(context.config.redis_for("receiver"), client_name="receiver-health")
+        health.add_check("redis", lambda: bool(redis_client.ping()))
+        prom = section.prometheus
+        log.info("receiver starting: %d process(es), %d accounts", count, len(section.auth_logins))
         if count == 1:
-            registry = CollectorRegistry()
-            registry.register(MemoryCollector())
             process = ReceiverProcess(
-                config, per_worker[0], context, registry, hostname=hostname, heartbeat=health.beat
+                context.config,
+                per_worker[0],
+                tls_context,
+                context.registry,
+                hostname=hostname,
+                stopper=context.stopper,
+                heartbeat=health.beat,
             )
-            server = MetricsServer(prom.inet_interface, prom.inet_port, health, registry)
-            try:
-                return process.run()
-            finally:
-                server.close()
-        supervisor = Supervisor(
-            config,
-            context,
-            worker_plan(per_worker),
-            hostname,
-            on_started=lambda: MetricsServer(prom.inet_interface, prom.inet_port, health, multiprocess_registry()),
-            heartbeat=health.beat,
-        )
-        return supervisor.run()
+            return process.run()
+        with _multiprocess_dir() as directory:
+            enable_multiprocess(directory)
+            supervisor = Supervisor(
+                context.config,
+                tls_context,
+                worker_plan(per_worker),
+                hostname,
+                stopper=context.stopper,
+                on_started=lambda: MetricsServer(prom.inet_interface, prom.inet_port, health, multiprocess_registry()),
+                heartbeat=health.beat,
+            )
+            return supervisor.run()
+
+
+def build(context: Context) -> ReceiverService:
+    """The Receiver service of ``context`` (raises ConfigError for bad certificates or password hashes)."""
+    return ReceiverService(context)
 
 
 def _listen(host: str, port: int, implicit_tls_port: int | None, count: int) -> list[list[Listener]]:
@@ -136,24 +158,23 @@ def _listen(host: str, port: int, implicit_tls_port: int | None, count: int) -> 
 
 
 @contextlib.contextmanager
-def _multiprocess_dir(count: int) -> Iterator[Path | None]:
-    """Where multiprocess metrics live: ``PROMETHEUS_MULTIPROC_DIR`` if set, else a temporary one.
-
-    One process without the variable keeps its counters in memory (None).
-    """
+def _multiprocess_dir() -> Iterator[Path]:
+    """Where the workers' metrics live: ``PROMETHEUS_MULTIPROC_DIR`` if set, else a temporary one."""
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if configured:
         yield Path(configured)
-        return
-    if count == 1:
-        yield None
         return
     with tempfile.TemporaryDirectory(prefix="receiver-metrics-") as tmp:
         yield Path(tmp)
 
 
-def print_password_hash() -> int:
-    """``receiver --hash-password``: read a password (prompt, or one line of stdin), print its hash."""
+def print_password_hash(args: argparse.Namespace) -> int | None:
+    """``receiver --hash-password``: read a password (prompt, or one line of stdin), print its hash.
+
+    None (go on and start the service) without ``--hash-password``.
+    """
+    if not getattr(args, "hash_password", False):
+        return None
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:

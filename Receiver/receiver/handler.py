@@ -22,21 +22,22 @@ from typing import Any, Final
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, TLSSetupException
 
+from common import logs
+from common import smtpreplies as replies
 from common.authguard import AsyncAuthGuard, seconds_text
 from common.config.base import SmtpAuthLockout
 from common.errors import QueueFullError, QueueUnavailableError
 from common.payloads import SubmittedMail
 from common.queue import AsyncQueues
+from common.smtpserver import hook_names
 from common.submission import Rejection, validate
 from receiver.accounts import Accounts
 from receiver.metrics import ReceiverMetrics
-from receiver.protocol import AUTH_LIMIT_REPLY, SubmissionSession, SubmissionSMTP, hook_names
+from receiver.protocol import SubmissionSession, SubmissionSMTP
 
 log = logging.getLogger(__name__)
 
 MAX_RECIPIENTS: Final = 1000
-AUTH_OK: Final = "235 2.7.0 Authentication successful"
-AUTH_INVALID: Final = "535 5.7.8 Authentication credentials invalid"
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,7 @@ class SubmissionHandler:
         locked_for = await self.guard.locked_for(session.peer_ip)
         if locked_for > 0:
             self.metrics.auth_failures.labels("locked-out").inc()
-            return (
-                f"454 4.7.0 Too many failed logins from your address, try again in {seconds_text(locked_for)} seconds"
-            )
+            return replies.auth_locked_out(seconds_text(locked_for))
         return MISSING
 
     async def auth_PLAIN(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:
@@ -98,7 +97,7 @@ class SubmissionHandler:
         if len(args) > 1:
             blob: bytes | None = _b64(args[1])
             if blob is None:
-                return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=False, message=replies.AUTH_BAD_BASE64)
         else:
             answer = await server.challenge_auth("")
             if answer is MISSING:
@@ -106,7 +105,7 @@ class SubmissionHandler:
             blob = answer
         parts = blob.split(b"\0")
         if len(parts) != 3:
-            return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot split AUTH PLAIN value")
+            return AuthResult(success=False, handled=False, message=replies.AUTH_BAD_PLAIN)
         return await self._verify(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:
@@ -114,7 +113,7 @@ class SubmissionHandler:
         if len(args) > 1:
             user: Any = _b64(args[1])
             if user is None:
-                return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=False, message=replies.AUTH_BAD_BASE64)
         else:
             user = await server.challenge_auth("Username:")
             if user is MISSING:
@@ -128,7 +127,7 @@ class SubmissionHandler:
         session = server.state
         if await self.accounts.check(user, password):
             await self.guard.succeeded(session.peer_ip)
-            return AuthResult(success=True, auth_data=user.decode("utf-8", "replace"), message=AUTH_OK)
+            return AuthResult(success=True, auth_data=user.decode("utf-8", "replace"), message=replies.AUTH_OK)
         session.auth_failures += 1
         self.metrics.warnings.inc()
         self.metrics.auth_failures.labels("bad-credentials").inc()
@@ -137,14 +136,11 @@ class SubmissionHandler:
         # Slows guessing; other sessions keep being served meanwhile.
         await asyncio.sleep(self.lockout.delay_seconds)
         if locked:
-            message = (
-                "454 4.7.0 Too many failed logins from your address, "
-                f"try again in {seconds_text(self.lockout.lockout_seconds)} seconds"
-            )
+            message = replies.auth_locked_out(seconds_text(self.lockout.lockout_seconds))
         elif session.auth_failures >= self.max_auth_failures_per_session:
-            message = AUTH_LIMIT_REPLY
+            message = replies.AUTH_TOO_MANY_IN_SESSION
         else:
-            message = AUTH_INVALID
+            message = replies.AUTH_INVALID
         return AuthResult(success=False, handled=False, message=message)
 
     # -- envelope ----------------------------------------------------------------------------
@@ -160,7 +156,7 @@ class SubmissionHandler:
         """Accept any syntactically valid sender (the return path is ours to set)."""
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 Ok"
+        return replies.SENDER_OK
 
     async def handle_RCPT(
         self,
@@ -173,12 +169,12 @@ class SubmissionHandler:
         """Check the recipient's syntax only: delivery goes to the To/Cc headers' addresses."""
         local, at, domain = address.rpartition("@")
         if not (at and local and domain) or "." not in domain.strip("."):
-            return "501 5.1.3 Bad recipient address syntax (need local-part@domain)"
+            return replies.RECIPIENT_SYNTAX
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
-            return f"452 4.5.3 Too many recipients (at most {MAX_RECIPIENTS} per message)"
+            return replies.too_many_recipients(MAX_RECIPIENTS)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Ok"
+        return replies.RECIPIENT_OK
 
     # -- DATA --------------------------------------------------------------------------------
 
@@ -201,10 +197,10 @@ class SubmissionHandler:
             entry_id = await self.queues.enqueue(queue, mail.to_fields())
         except QueueFullError as exc:
             self._temporary("queue-full", submission.uuid, queue, exc)
-            return "452 4.3.1 Mail queue is full, try again later"
+            return replies.QUEUE_FULL
         except QueueUnavailableError as exc:
             self._temporary("queue-unavailable", submission.uuid, queue, exc)
-            return "451 4.3.0 Mail queue temporarily unavailable, try again later"
+            return replies.QUEUE_UNAVAILABLE
         self.metrics.enqueue_seconds.observe(time.perf_counter() - started)
         self.metrics.enqueued.inc()
         self.metrics.recipients.inc(len(submission.recipients))
@@ -215,22 +211,23 @@ class SubmissionHandler:
             entry_id,
             len(raw),
             len(submission.recipients),
+            extra=logs.fields(uuid=submission.uuid, queue=queue, entry_id=entry_id, peer=session.peer_ip),
         )
-        return f"250 2.0.0 Ok: queued as {submission.uuid}"
+        return replies.queued_as(submission.uuid)
 
     def _temporary(self, reason: str, uuid: str, queue: str, exc: Exception) -> None:
         self.metrics.temporary_failures.labels(reason).inc()
         self.metrics.dropped.inc()
-        log.warning("not accepted %s (%s): %s", uuid, queue, exc)
+        log.warning("not accepted %s (%s): %s", uuid, queue, exc, extra=logs.fields(uuid=uuid, queue=queue))
 
     async def handle_exception(self, error: Exception) -> str:
         """Any unexpected error: a temporary failure, so the client keeps the message and retries."""
         if isinstance(error, TLSSetupException):
             # Scanners and clients with no common cipher; aiosmtpd closes the connection.
             log.info("TLS handshake failed: %s", error.__cause__ or error)
-            return "454 4.7.0 TLS not available due to temporary reason"
+            return replies.TLS_UNAVAILABLE
         log.error("unexpected error in an SMTP session", exc_info=error)
-        return "451 4.3.0 Internal error, try again later"
+        return replies.INTERNAL_ERROR
 
 
 def _b64(text: str) -> bytes | None:

@@ -5,7 +5,8 @@ Original names (dashboards and alerts use them): ``nbr_emails_enqueued_total``,
 (messages whose DATA did not end in ``250``: rejected, too big, or refused for a temporary
 reason), ``receiver_warnings_total`` (failed AUTH) and ``memory_usage_percent``.  Added:
 ``mailer_receiver_auth_failures_total{reason}``, ``mailer_receiver_rejections_total{rule}``,
-``mailer_receiver_temporary_failures_total{reason}`` and ``mailer_receiver_enqueue_seconds``.
+``mailer_receiver_temporary_failures_total{reason}``, ``mailer_receiver_enqueue_seconds``,
+``mailer_receiver_connections_refused_total{reason}`` and ``mailer_receiver_sessions``.
 
 With several worker processes every worker writes its counters to
 ``PROMETHEUS_MULTIPROC_DIR`` and the supervisor serves their sum.
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,6 +39,8 @@ class ReceiverMetrics:
     rejections: Counter = field(init=False)
     temporary_failures: Counter = field(init=False)
     enqueue_seconds: Histogram = field(init=False)
+    connections_refused: Counter = field(init=False)
+    sessions: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         reg = self.registry
@@ -58,6 +61,18 @@ class ReceiverMetrics:
             "Messages refused with a 4xx (queue unavailable or full), by reason",
             ["reason"],
             registry=reg,
+        )
+        self.connections_refused = Counter(
+            "mailer_receiver_connections_refused",
+            "Connections refused at connect with 421, by reason (busy, per-ip)",
+            ["reason"],
+            registry=reg,
+        )
+        self.sessions = Gauge(
+            "mailer_receiver_sessions",
+            "Open SMTP sessions (summed over worker processes)",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.enqueue_seconds = Histogram(
             "mailer_receiver_enqueue_seconds",

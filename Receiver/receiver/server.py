@@ -3,18 +3,15 @@
 Each process has its own event loop and its own ``redis.asyncio`` client.  SIGTERM/SIGINT:
 stop listening, close idle sessions with ``421 4.3.2``, let transactions in progress finish
 (each is closed right after its DATA reply), and after ``shutdown-grace-seconds`` close what is
-left; then close Redis and return 0.
+left (:meth:`common.smtpserver.Sessions.drain`); then close Redis and return 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import socket
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -24,18 +21,18 @@ from prometheus_client import CollectorRegistry
 
 from common.authguard import AsyncAuthGuard
 from common.config import Config
+from common.lifecycle import Stopper
 from common.queue import AsyncQueues, QueueSettings, connect_async
+from common.smtpserver import Limits, Sessions
 from receiver.accounts import Accounts
 from receiver.handler import QueueNames, SubmissionHandler
 from receiver.metrics import ReceiverMetrics
-from receiver.protocol import Sessions, SubmissionSMTP
+from receiver.protocol import SubmissionSMTP
 
 log = logging.getLogger(__name__)
 
 MAX_AUTH_FAILURES_PER_SESSION: Final = 3
-SESSION_TIMEOUT_S: Final = 300.0
 IDENT: Final = "ESMTP Inboxbooster-Mailer"
-CLOSE_FLUSH_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ class Listener:
 
 
 class ReceiverProcess:
-    """Serves SMTP on ``listeners`` until SIGTERM/SIGINT (or :meth:`request_stop`)."""
+    """Serves SMTP on ``listeners`` until SIGTERM/SIGINT (or until its stopper is set)."""
 
     def __init__(
         self,
@@ -62,6 +59,8 @@ class ReceiverProcess:
         registry: CollectorRegistry,
         *,
         hostname: str,
+        stopper: Stopper,
+        processes: int = 1,
         heartbeat: Callable[[], None] | None = None,
     ) -> None:
         section = config.customer.receiver
@@ -72,8 +71,9 @@ class ReceiverProcess:
         self.tls_context = tls_context
         self.metrics = ReceiverMetrics(registry)
         self.hostname = hostname
+        self.stopper = stopper
+        self.limits = Limits.from_config(section, processes)
         self.heartbeat = heartbeat
-        self._stop: asyncio.Event | None = None
 
     def run(self) -> int:
         """Run the event loop until stopped; returns the exit status."""
@@ -81,9 +81,7 @@ class ReceiverProcess:
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        stop = self.stopper.async_event()
         client = connect_async(self.config.redis_for("receiver"), client_name="receiver")
         names = self.config.global_.reliable_queue.queue_names
         transformer = self.config.transformer
@@ -97,7 +95,11 @@ class ReceiverProcess:
             metrics=self.metrics,
             max_auth_failures_per_session=MAX_AUTH_FAILURES_PER_SESSION,
         )
-        sessions = Sessions()
+        sessions = Sessions(
+            self.limits,
+            on_refused=lambda reason: self.metrics.connections_refused.labels(reason).inc(),
+            on_count=self.metrics.sessions.set,
+        )
         servers = []
         for listener in self.listeners:
             factory = partial(self._protocol, handler, sessions, implicit_tls=listener.implicit_tls, loop=loop)
@@ -105,11 +107,10 @@ class ReceiverProcess:
             servers.append(await loop.create_server(factory, sock=listener.sock, ssl=tls))
         log.info("serving SMTP on %s", ", ".join(li.describe() for li in self.listeners))
         beating = asyncio.create_task(self._beat())
-        await self._stop.wait()
+        await stop.wait()
+        log.info("stopping: no new connections; finishing open transactions")
         beating.cancel()
-        for server in servers:
-            server.close()
-        await self._drain(sessions)
+        await sessions.drain(servers, self.section.shutdown_grace_seconds)
         await client.aclose()
         log.info("stopped")
         return 0
@@ -131,36 +132,10 @@ class ReceiverProcess:
             # and AUTH needs no further TLS check.
             tls_context=None if implicit_tls else self.tls_context,
             auth_require_tls=not implicit_tls,
-            timeout=SESSION_TIMEOUT_S,
             loop=loop,
         )
-
-    def _on_signal(self, sig: signal.Signals) -> None:
-        log.info("received %s: no new connections; finishing open transactions", sig.name)
-        self.request_stop()
-
-    def request_stop(self) -> None:
-        """Stop gracefully (call from the loop's thread)."""
-        if self._stop is not None:
-            self._stop.set()
 
     async def _beat(self) -> None:
         while self.heartbeat is not None:
             self.heartbeat()
             await asyncio.sleep(5)
-
-    async def _drain(self, sessions: Sessions) -> None:
-        sessions.stopping = True
-        grace = self.section.shutdown_grace_seconds
-        deadline = time.monotonic() + grace
-        while sessions.close_idle() and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sessions.empty.wait(), timeout=0.05)
-        # Closed sessions flush their last reply; a TLS close may wait for a client that never
-        # answers, so that wait is short.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(sessions.empty.wait(), timeout=CLOSE_FLUSH_S)
-        working = sessions.abort_all()
-        if working:
-            log.warning("cut %d sessions still in a transaction after %.0fs", working, grace)
-        await asyncio.sleep(0)

@@ -133,7 +133,13 @@ class Supervisor:
                     listener.sock.close()
         try:
             process = ReceiverProcess(
-                self.config, worker.listeners, self.tls_context, CollectorRegistry(), hostname=self.hostname
+                self.config,
+                worker.listeners,
+                self.tls_context,
+                CollectorRegistry(),
+                hostname=self.hostname,
+                stopper=Stopper(),
+                processes=len(self.workers),
             )
             return process.run()
         except BaseException:  # a worker's last word before os._exit (no finally runs)

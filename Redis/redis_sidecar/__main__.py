@@ -9,35 +9,46 @@ check:     check the configuration and the running server (exit 1 on a problem)
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from common import cli, logs
+from common.service import ServiceSpec, run_service
 from redis_sidecar import commands
 
-COMMANDS = {
-    "server": commands.server,
-    "exporter": commands.exporter,
-    "backup": commands.backup,
-    "restore": commands.restore_command,
-    "check": commands.check,
+DESCRIPTIONS = {
+    "server": "run redis-server (restore before, back up on stop)",
+    "exporter": "serve /metrics, /healthz and /readyz until SIGTERM",
+    "backup": "upload a BGSAVE snapshot of the running Redis now",
+    "restore": "restore the backup into an empty data directory (Redis must not be running on it)",
+    "check": "print the checks; exit 1 when there is a problem",
 }
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in DESCRIPTIONS.items():
+        command = sub.add_parser(name, help=text)
+        if name == "check":
+            command.add_argument("--offline", action="store_true", help="skip the running server and bucket")
+
+
+def _command_needed(args: argparse.Namespace) -> int | None:
+    """A COMMAND is required, except to check the configuration."""
+    if args.command is None and not args.check_config:
+        sys.stderr.write("redis-sidecar: a COMMAND is required: " + ", ".join(DESCRIPTIONS) + "\n")
+        return 2
+    return None
+
+
+SPEC = ServiceSpec(
+    "redis-sidecar", __doc__, commands.build, arguments=_arguments, early=_command_needed, config_service="redis"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``redis-sidecar`` console script."""
-    parser = cli.parser("redis-sidecar", __doc__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, func in COMMANDS.items():
-        command = sub.add_parser(name, help=(func.__doc__ or "").splitlines()[0])
-        if name == "check":
-            command.add_argument("--offline", action="store_true", help="skip the running server and bucket")
-    args = parser.parse_args(argv)
-    logs.setup("redis", args.log_level)
-    config = cli.load(args, "redis")
-    if args.command is None:
-        parser.error("a COMMAND is required: " + ", ".join(COMMANDS))
-    return COMMANDS[args.command](config, args)
+    return run_service(SPEC, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

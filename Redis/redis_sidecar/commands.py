@@ -1,20 +1,18 @@
-"""The ``redis-sidecar`` subcommands (one function each; ``__main__`` dispatches)."""
+"""The ``redis-sidecar`` subcommands: long-running services (server, exporter) and one-shot commands."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry
 
-from common import cli
 from common.config import Config
-from common.errors import ConfigError
-from common.lifecycle import Stopper
-from common.metrics import Health, serve
 from common.queue import Queues, QueueSettings, connect
+from common.service import Context, Service
 from redis_sidecar import connection
 from redis_sidecar.backup import BackupError, Backups, DataLayout, restore
 from redis_sidecar.check import run_checks
@@ -32,32 +30,37 @@ def object_store(config: Config) -> ObjectStore | None:
     return ObjectStore(settings) if settings is not None else None
 
 
-def server(config: Config, args: argparse.Namespace) -> int:
-    """Run redis-server (restore before, back up on stop)."""
-    try:
-        launcher = RedisLauncher(config, Stopper().install(), object_store(config))
-    except ConfigError as exc:
-        sys.stderr.write("redis-sidecar: invalid configuration:\n")
-        sys.stderr.writelines(f"  {line}\n" for line in exc.problems)
-        return cli.EXIT_CONFIG
-    return launcher.run()
+class Exporter:
+    """``exporter``: serve queue depths and Redis health until SIGTERM."""
+
+    def __init__(self, context: Context) -> None:
+        config = context.config
+        self.context = context
+        section = connection.section(config)
+        self.metrics_address = (section.prometheus.inet_interface, section.prometheus.inet_port)
+        self.client: Any = connect(connection.local_server(config), client_name="redis-sidecar-exporter")
+        RedisMetrics(Queues(self.client, QueueSettings.from_config(config.global_)), config.global_, context.registry)
+        context.health.add_check("redis", lambda: bool(self.client.ping()))
+
+    def run(self) -> int:
+        """Beat until stopped."""
+        while not self.context.stopper.wait(BEAT_SECONDS):
+            self.context.health.beat()
+        self.client.close()
+        return 0
 
 
-def exporter(config: Config, args: argparse.Namespace) -> int:
-    """Serve /metrics, /healthz and /readyz until SIGTERM."""
-    section = connection.section(config)
-    client: Any = connect(connection.local_server(config), client_name="redis-sidecar-exporter")
-    registry = CollectorRegistry()
-    RedisMetrics(Queues(client, QueueSettings.from_config(config.global_)), config.global_, registry)
-    health = Health()
-    health.add_check("redis", lambda: bool(client.ping()))
-    metrics = serve(section.prometheus.inet_interface, section.prometheus.inet_port, health, registry)
-    stopper = Stopper().install()
-    while not stopper.wait(BEAT_SECONDS):
-        health.beat()
-    metrics.close()
-    client.close()
-    return 0
+@dataclass
+class OneShot:
+    """A command that runs once (backup, restore, check) as a :class:`common.service.Service`."""
+
+    command: Callable[[Config, argparse.Namespace], int]
+    context: Context
+    metrics_address: tuple[str, int] | None = None
+
+    def run(self) -> int:
+        """Run the command; its exit status."""
+        return self.command(self.context.config, self.context.args)
 
 
 def backup(config: Config, args: argparse.Namespace) -> int:
@@ -94,3 +97,27 @@ def check(config: Config, args: argparse.Namespace) -> int:
     for finding in findings:
         sys.stdout.write(f"{finding.level:8} {finding.text}\n")
     return 1 if any(f.level == "problem" for f in findings) else 0
+
+
+def server(context: Context) -> RedisLauncher:
+    """``server``: run redis-server (restore before, back up on stop)."""
+    return RedisLauncher(context.config, context.stopper, object_store(context.config))
+
+
+ONE_SHOT: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "backup": backup,
+    "restore": restore_command,
+    "check": check,
+}
+
+
+def build(context: Context) -> Service:
+    """The service or command named on the command line."""
+    command = context.args.command
+    if command is None:  # --check-config alone
+        return OneShot(lambda _config, _args: 0, context)
+    if command == "server":
+        return server(context)
+    if command == "exporter":
+        return Exporter(context)
+    return OneShot(ONE_SHOT[command], context)

@@ -24,7 +24,6 @@ from prometheus_client.registry import Collector
 from common import keys
 from common.config.globalfile import GlobalConfig
 from common.errors import TemporaryError
-from common.metrics import register_memory_gauge
 from common.queue import Queues, QueueStats
 from redis_sidecar.backup import LAST_BACKUP_KEY
 
@@ -141,4 +140,3 @@ class RedisMetrics:
         self.registry = registry
         self.collector = QueueCollector(queues, watched_queues(cfg))
         registry.register(self.collector)
-        self.memory = register_memory_gauge(registry)

@@ -121,7 +121,9 @@ def runtime_settings(config: Config, memory_limit: int | None) -> dict[str, str]
 
 
 class RedisLauncher:
-    """Restore, run and stop one redis-server."""
+    """Restore, run and stop one redis-server (a :class:`common.service.Service`; the exporter serves metrics)."""
+
+    metrics_address = None
 
     def __init__(self, config: Config, stopper: Stopper, store: ObjectStore | None) -> None:
         self.config = config

@@ -23,17 +23,17 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from common import cli
 from common.cli import EXIT_CONFIG
-from common.config import DEFAULT_CUSTOMER_FILE, DEFAULT_GLOBAL_FILE, load_config
 from common.dkimkeys import (
-    KeyProblem,
     PrivateKey,
     generate_ed25519_seed,
     generate_rsa_pem,
+    load_domain_keys,
     load_private_key,
     public_key_record,
 )
-from common.errors import ConfigError
+from common.version import __version__
 
 TTL = 3600
 _TXT_CHUNK = 255
@@ -135,21 +135,15 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 
 def _records(args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        config = load_config(args.global_config_file, args.customer_config_file, service="transformer")
-    except ConfigError as exc:
-        sys.stderr.write("transformer-dkim: invalid configuration:\n")
-        sys.stderr.writelines(f"  {line}\n" for line in exc.problems)
+    config = cli.load(args, "transformer", check_only=False, announce=True)
+    keys, problems = load_domain_keys(config.transformer, config.customer_path)
+    if problems:  # pragma: no cover - load_config already checked the keys
+        cli.report_problems("transformer-dkim", problems)
         return EXIT_CONFIG
+    by_domain = {k.domain: k for k in keys}
     for ds in config.transformer.domain_settings:
-        try:
-            key = load_private_key(config.resolve(ds.dkim_private_key_file), "rsa")
-            ed: tuple[str, PrivateKey] | None = None
-            if ds.ed25519_private_key_file is not None and ds.ed25519_selector is not None:
-                ed = (ds.ed25519_selector, load_private_key(config.resolve(ds.ed25519_private_key_file), "ed25519"))
-        except KeyProblem as exc:  # pragma: no cover - load_config already checked the keys
-            sys.stderr.write(f"transformer-dkim: {exc}\n")
-            return EXIT_CONFIG
+        key = by_domain[ds.domain].rsa
+        ed = by_domain[ds.domain].ed25519
         out.write(
             dns_records(
                 domain=ds.domain,
@@ -168,6 +162,7 @@ def _records(args: argparse.Namespace, out: TextIO) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``transformer-dkim`` argument parser."""
     p = argparse.ArgumentParser(prog="transformer-dkim", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--mx-host", help="host name of MxServer (default mxserver.<domain>)")
@@ -187,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output-dir", type=Path, default=Path("."), help="where to write the key files")
     gen.add_argument("--force", action="store_true", help="replace existing key files")
     rec = sub.add_parser("records", parents=[common], help="print the DNS records of a configuration")
-    rec.add_argument("--global-config-file", type=Path, default=DEFAULT_GLOBAL_FILE)
-    rec.add_argument("--customer-config-file", type=Path, default=DEFAULT_CUSTOMER_FILE)
+    rec.add_argument("--global-config-file", type=Path, default=None, help="default: as for every service")
+    rec.add_argument("--customer-config-file", type=Path, default=None, help="default: as for every service")
     return p
 
 

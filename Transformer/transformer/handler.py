@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from common import logs
 from common.addressing import valid_uuid
 from common.errors import PermanentError
 from common.events import error_event, make_event_id
@@ -72,6 +73,7 @@ class TransformHandler:
             log.exception("unexpected error on %s %s (delivery %d)", entry.queue, entry.id, entry.deliveries)
             return Retry(f"{type(exc).__name__}: {exc}", counts=True)
         mail = result.mail
+        where = logs.fields(uuid=mail.uuid, queue=entry.queue, entry_id=entry.id, stream_id=mail.stream_id)
         self.metrics.transform_seconds.observe(time.perf_counter() - started)
         self.metrics.signing_seconds.observe(result.sign_seconds)
         self.metrics.pushed.inc()
@@ -79,7 +81,7 @@ class TransformHandler:
             self.metrics.beacons.inc(result.beacons)
         for warning in result.warnings:
             self.metrics.warnings.inc()
-            log.warning("uuid %s (%s %s): %s", mail.uuid, entry.queue, entry.id, warning)
+            log.warning("uuid %s (%s %s): %s", mail.uuid, entry.queue, entry.id, warning, extra=where)
         log.info(
             "signed uuid %s from %s for %d recipient(s), %d bytes (%s %s)",
             mail.uuid,
@@ -88,13 +90,21 @@ class TransformHandler:
             len(mail.raw),
             entry.queue,
             entry.id,
+            extra=where,
         )
         return Done([Output(self.outgoing_queue, mail.to_fields())])
 
     def _fail(self, entry: Entry, reason: str, uuid: str | None, stream_id: str | None) -> Fail:
         self.metrics.failed.inc()
         reason = printable(reason)
-        log.warning("unprocessable message uuid %s (%s %s): %s", uuid, entry.queue, entry.id, reason)
+        log.warning(
+            "unprocessable message uuid %s (%s %s): %s",
+            uuid,
+            entry.queue,
+            entry.id,
+            reason,
+            extra=logs.fields(uuid=uuid, queue=entry.queue, entry_id=entry.id),
+        )
         return Fail(reason, [self._error_output(entry, reason, uuid, stream_id)])
 
     def dead_letter_outputs(self, entry: Entry, reason: str) -> Sequence[Output]:

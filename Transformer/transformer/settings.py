@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from common.config import Config
 from common.config.transformer import FeedbackId
-from common.dkimkeys import KeyProblem, load_private_key
+from common.dkimkeys import load_domain_keys
 from common.errors import ConfigError
 from transformer.signer import DkimSigner, Signature
 
@@ -48,31 +48,23 @@ class Settings:
             ConfigError: a key file is missing or unusable (one line per problem).
         """
         section = config.transformer
-        problems: list[str] = []
-        profiles: dict[str, DomainProfile] = {}
-        for i, ds in enumerate(section.domain_settings):
-            where = f"{config.customer_path}: transformer.domain-settings[{i}]"
-            signatures: list[Signature] = []
-            pairs = [("dkim-private-key-file", ds.dkim_private_key_file, "rsa", ds.selector)]
-            if ds.ed25519_private_key_file is not None and ds.ed25519_selector is not None:
-                pairs.append(("ed25519-private-key-file", ds.ed25519_private_key_file, "ed25519", ds.ed25519_selector))
-            for key_name, path, kind, selector in pairs:
-                try:
-                    key = load_private_key(config.resolve(path), kind)
-                except KeyProblem as exc:
-                    problems.append(f"{where}.{key_name}: {exc}")
-                    continue
-                signatures.append(Signature(ds.domain, selector, key))
-            if len(signatures) == len(pairs):
-                profiles[ds.domain] = DomainProfile(
-                    domain=ds.domain,
-                    return_path_domain=ds.return_path_domain,
-                    signer=DkimSigner(signatures, clock=clock),
-                    beacon_url=ds.beacon_url,
-                    unsubscribe_url=ds.unsubscribe_url or section.unsubscribe_url,
-                )
+        keys, problems = load_domain_keys(section, config.customer_path)
         if problems:
             raise ConfigError(problems)
+        by_domain = {k.domain: k for k in keys}
+        profiles: dict[str, DomainProfile] = {}
+        for ds in section.domain_settings:
+            loaded = by_domain[ds.domain]
+            signatures = [Signature(ds.domain, loaded.selector, loaded.rsa)]
+            if loaded.ed25519 is not None:
+                signatures.append(Signature(ds.domain, *loaded.ed25519))
+            profiles[ds.domain] = DomainProfile(
+                domain=ds.domain,
+                return_path_domain=ds.return_path_domain,
+                signer=DkimSigner(signatures, clock=clock),
+                beacon_url=ds.beacon_url,
+                unsubscribe_url=ds.unsubscribe_url or section.unsubscribe_url,
+            )
         inject: list[tuple[str, str]] = []
         warnings: list[str] = []
         for name, template in section.email_headers.inject.items():

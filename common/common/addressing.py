@@ -19,12 +19,14 @@ in Redis (``IB:address-secret``) on first use, so every service of an installati
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -32,6 +34,7 @@ import redis
 
 from common import keys
 from common.config import Config
+from common.retry import DEPENDENCY, Waiter
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +130,43 @@ def load_secret(config: Config, client: redis.Redis) -> AddressSigner:
     if not isinstance(value, bytes | str):
         raise redis.exceptions.RedisError(f"{keys.ADDRESS_SECRET} vanished after SET NX")
     return AddressSigner(value.encode() if isinstance(value, str) else value)
+
+
+def wait_for_secret(
+    config: Config, client: redis.Redis, stopper: Waiter, beat: Callable[[], None] | None = None
+) -> AddressSigner | None:
+    """:func:`load_secret`, waiting (with backoff) while Redis is unavailable; None when stopped first.
+
+    ``beat`` is called on every attempt: waiting for Redis is not a hung loop.
+    """
+    attempt = 0
+    while True:
+        if beat is not None:
+            beat()
+        try:
+            return load_secret(config, client)
+        except redis.exceptions.RedisError as exc:
+            attempt += 1
+            log.warning("cannot read the address secret from Redis (%s); retry %d", exc, attempt)
+        if DEPENDENCY.wait(attempt, stopper):
+            return None
+
+
+async def wait_for_secret_async(
+    config: Config, client: redis.Redis, stop: asyncio.Event, beat: Callable[[], None] | None = None
+) -> AddressSigner | None:
+    """:func:`wait_for_secret` for an asyncio service (the Redis call runs in a thread)."""
+    attempt = 0
+    while not stop.is_set():
+        if beat is not None:
+            beat()
+        try:
+            return await asyncio.to_thread(load_secret, config, client)
+        except redis.exceptions.RedisError as exc:
+            attempt += 1
+            log.warning("cannot read the address secret from Redis (%s); retry %d", exc, attempt)
+        try:
+            await asyncio.wait_for(stop.wait(), DEPENDENCY.delay(attempt))
+        except TimeoutError:
+            continue
+    return None

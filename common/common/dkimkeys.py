@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 MIN_RSA_BITS = 1024
 MAX_RSA_BITS = 4096
+
+if TYPE_CHECKING:
+    from common.config.transformer import TransformerSection
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -90,3 +94,43 @@ def generate_ed25519_seed() -> bytes:
     key = ed25519.Ed25519PrivateKey.generate()
     raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     return base64.b64encode(raw) + b"\n"
+
+
+@dataclass(frozen=True)
+class DomainKeys:
+    """The keys of one ``transformer.domain-settings`` entry."""
+
+    domain: str
+    selector: str
+    rsa: PrivateKey
+    #: (selector, key) of the optional second, ed25519 signature.
+    ed25519: tuple[str, PrivateKey] | None
+
+
+def load_domain_keys(section: TransformerSection, customer_path: Path) -> tuple[list[DomainKeys], list[str]]:
+    """Every domain's keys, and one problem line (file and key path) per key that cannot be used.
+
+    Relative key paths are resolved from the customer file's directory.  The one place that
+    loads configured keys: the configuration check, the Transformer and ``transformer-dkim``.
+    """
+    loaded: list[DomainKeys] = []
+    problems: list[str] = []
+    for i, setting in enumerate(section.domain_settings):
+        where = f"{customer_path}: transformer.domain-settings[{i}]"
+
+        def load(name: str, path: Path, kind: str) -> PrivateKey | None:
+            try:
+                return load_private_key(path if path.is_absolute() else customer_path.parent / path, kind)
+            except KeyProblem as exc:
+                problems.append(f"{where}.{name}: {exc}")  # noqa: B023 -- called at once, in this iteration
+                return None
+
+        rsa_key = load("dkim-private-key-file", setting.dkim_private_key_file, "rsa")
+        ed_key: PrivateKey | None = None
+        if setting.ed25519_private_key_file is not None:
+            ed_key = load("ed25519-private-key-file", setting.ed25519_private_key_file, "ed25519")
+        if rsa_key is None or (setting.ed25519_private_key_file is not None and ed_key is None):
+            continue
+        ed = (setting.ed25519_selector, ed_key) if ed_key is not None and setting.ed25519_selector else None
+        loaded.append(DomainKeys(setting.domain, setting.selector, rsa_key, ed))
+    return loaded, problems

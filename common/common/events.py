@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from common.bounces import BounceType
 from common.errors import PermanentError
 
 EventKind = Literal["delivered", "bounce", "deferred", "unsubscribe", "spam-report", "error"]
 EVENT_KINDS: Final[frozenset[str]] = frozenset(
     ("delivered", "bounce", "deferred", "unsubscribe", "spam-report", "error")
 )
-BounceType = Literal["hard", "soft", "unroutable", "autoreply"]
 
 #: Fields that never reach the customer.
 INTERNAL_FIELDS: Final = frozenset(("fd", "rcpt"))

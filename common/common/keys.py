@@ -54,6 +54,8 @@ def service_key(service: str, *parts: str) -> str:
 
 
 ADDRESS_SECRET: Final = f"{PREFIX}:address-secret"
+#: BackData's feed of the customer's bounce manager (a stream with group ``backdata``).
+BOUNCE_MANAGER_STREAM: Final = service_key("backdata", "bounce-manager")
 
 
 def heartbeat(service: str, consumer: str) -> str:

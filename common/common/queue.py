@@ -45,7 +45,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from common import keys
+from common import keys, logs
 from common.config.base import RedisServer
 from common.config.globalfile import GlobalConfig
 from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
@@ -56,6 +56,8 @@ Fields = Mapping[str, bytes | str]
 
 #: Prefix of the metadata fields added to a dead-lettered entry.
 DEAD_PREFIX: Final = "dl-"
+#: Field set on a replayed entry: when it was replayed (BackData's age limit restarts there).
+REPLAYED_AT: Final = "replayed-at"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class QueueSettings:
     claim_idle_ms: int = 60_000
     batch_size: int = 64
     priority_share: int = 10
+    dead_letter_max_length: int = 100_000
 
     @classmethod
     def from_config(cls, cfg: GlobalConfig) -> QueueSettings:
@@ -78,6 +81,7 @@ class QueueSettings:
             claim_idle_ms=int(rq.claim_idle_seconds * 1000),
             batch_size=rq.batch_size,
             priority_share=rq.priority_share,
+            dead_letter_max_length=rq.dead_letter_max_length,
         )
 
 
@@ -190,6 +194,12 @@ class _Limit:
             raise QueueFullError(f"{queue} holds {self._full[queue]} entries (limit {self.max_length})")
 
 
+def _uuid_of(entry: Entry) -> str | None:
+    """The message uuid an entry carries (mail streams), for log fields."""
+    raw = entry.fields.get(b"uuid")
+    return raw.decode("utf-8", "replace") if raw else None
+
+
 def _decode_id(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
@@ -274,19 +284,12 @@ class Queues:
             rows = self.redis.xrange(dead, count=count)
         return [Entry(dead, _decode_id(i), dict(f)) for i, f in rows]
 
-    def replay_dead_letters(
-        self,
-        queue: str,
-        ids: Sequence[str] | None = None,
-        count: int = 1000,
-        *,
-        stamp: Fields | None = None,
-    ) -> int:
+    def replay_dead_letters(self, queue: str, ids: Sequence[str] | None = None, count: int = 1000) -> int:
         """Move dead-lettered entries back to ``queue`` (metadata removed); returns how many.
 
         Each move is atomic (add to the queue and delete from the dead-letter stream in one
-        MULTI/EXEC).  Without ``ids`` the oldest ``count`` entries are replayed.  ``stamp``
-        fields are set on every replayed entry (e.g. when it was replayed).
+        MULTI/EXEC).  Without ``ids`` the oldest ``count`` entries are replayed.  Every replayed
+        entry gets :data:`REPLAYED_AT` (the time of the replay).
         """
         dead = keys.dead_letter(queue)
         with redis_errors(f"replay {dead}"):
@@ -298,15 +301,28 @@ class Queues:
                     rows.extend(self.redis.xrange(dead, min=entry_id, max=entry_id))
             if not rows:
                 return 0
+            now = repr(time.time())
             pipe = self.redis.pipeline(transaction=True)
             for entry_id, fields in rows:
                 original = {k: v for k, v in fields.items() if not k.startswith(DEAD_PREFIX.encode())}
-                original.update({k.encode(): v for k, v in (stamp or {}).items()})
+                original[REPLAYED_AT.encode()] = now
                 pipe.xadd(queue, original)
                 pipe.xdel(dead, entry_id)
             pipe.execute()
         log.info("replayed %d dead-lettered entries of %s", len(rows), queue)
         return len(rows)
+
+    def purge_dead_letters(self, queue: str, older_than_s: float, *, now: float | None = None) -> int:
+        """Delete dead letters of ``queue`` dead-lettered more than ``older_than_s`` ago; returns how many.
+
+        Dead-letter entry ids are the time they were dead-lettered, so this is one ``XTRIM MINID``.
+        """
+        cutoff_ms = int(((time.time() if now is None else now) - older_than_s) * 1000)
+        dead = keys.dead_letter(queue)
+        with redis_errors(f"purge {dead}"):
+            removed = int(self.redis.xtrim(dead, minid=f"{max(cutoff_ms, 0)}-0", approximate=False))
+        log.info("purged %d dead-lettered entries of %s older than %.0fs", removed, queue, older_than_s)
+        return removed
 
 
 class AsyncQueues:
@@ -581,13 +597,16 @@ class Consumer:
                     DEAD_PREFIX + "at": now,
                 }
             )
-            pipe.xadd(keys.dead_letter(entry.queue), fields)
+            cap = self.settings.dead_letter_max_length
+            # Approximate trimming (whole macro nodes): cheap, and never below the cap.
+            pipe.xadd(keys.dead_letter(entry.queue), fields, maxlen=cap or None, approximate=True)
             log.error(
                 "dead-lettered %s %s after %d deliveries: %s",
                 entry.queue,
                 entry.id,
                 entry.deliveries,
                 reason[:300],
+                extra=logs.fields(uuid=_uuid_of(entry), queue=entry.queue, entry_id=entry.id),
             )
         self._ack_into(pipe, [(e.queue, e.id) for e, _, _ in failed])
         with redis_errors("dead-letter"):

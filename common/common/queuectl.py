@@ -1,73 +1,141 @@
-"""``mailer-queue``: look at the queues and replay dead letters (an operator's tool).
+"""``mailer-queue``: look at the queues and manage their dead letters (an operator's tool).
 
-``mailer-queue stats`` prints length, pending and dead-letter counts of every queue;
-``mailer-queue dead QUEUE`` lists dead-lettered entries with their reasons;
-``mailer-queue replay QUEUE [--id ID ...] [--count N]`` moves them back to the queue.
+Commands::
 
-It reads the same two configuration files as the services (Redis of ``common-config.redis``).
+  mailer-queue stats                          length, pending and dead letters of every queue
+  mailer-queue dead QUEUE [--count N]         list dead-lettered entries with their reasons
+  mailer-queue replay QUEUE [--id ID]… [--count N]
+                                              move dead letters back to their queue
+  mailer-queue purge QUEUE --older-than AGE   delete dead letters older than AGE (e.g. 30d, 12h)
+
+QUEUE is a configured queue name (``IB-MAIL-QUEUE-P0``, ``IB-MAIL-QUEUE-P1``,
+``INCOMING-TO-POSTFIX``, ``EVENT_QUEUE`` by default) or ``bounce-manager`` (BackData's feed of
+its bounce manager).  A replayed event is retried by BackData for a fresh ``max-age-seconds``.
+
+It reads the same two configuration files as the services (found as they find them: in a
+checkout running ``./mailer up`` it needs no flags) and says on stderr which ones.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 import time
+from collections.abc import Mapping
 
 from common import cli, keys, logs
 from common.config import Config
 from common.errors import TemporaryError
-from common.queue import Queues, QueueSettings, connect
+from common.queue import Entry, Queues, QueueSettings, connect
+
+PROGRAM = "mailer-queue"
+#: BackData's bounce-manager stream, replayable like a queue.
+BOUNCE_MANAGER = "bounce-manager"
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _queues(config: Config) -> dict[str, str]:
-    """Queue name -> consumer group."""
+def known_queues(config: Config) -> dict[str, tuple[str, str]]:
+    """Name on the command line -> (stream, consumer group)."""
     g = config.global_
-    return {
+    queues = {
         g.reliable_queue.queue_names.primary_queue: keys.GROUP_TRANSFORMER,
         g.reliable_queue.queue_names.default_queue: keys.GROUP_TRANSFORMER,
         g.postfix.incoming_queue_name: keys.GROUP_POSTFIXLOG,
         g.backdata.queue_name: keys.GROUP_BACKDATA,
     }
+    out = {name: (name, group) for name, group in queues.items()}
+    out[BOUNCE_MANAGER] = (keys.BOUNCE_MANAGER_STREAM, keys.GROUP_BACKDATA)
+    return out
+
+
+def age_seconds(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``3600`` (seconds) -> seconds."""
+    match = _AGE.match(text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 30d, 12h, 90m or 3600")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mailer-queue`` argument parser."""
+    parser = cli.parser(PROGRAM, __doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("stats", help="length, pending and dead letters of every queue")
+    dead = sub.add_parser("dead", help="list dead-lettered entries of a queue")
+    dead.add_argument("queue", help="a configured queue name, or bounce-manager")
+    dead.add_argument("--count", type=int, default=20, help="oldest N entries (default 20)")
+    replay = sub.add_parser("replay", help="move dead-lettered entries back to their queue")
+    replay.add_argument("queue", help="a configured queue name, or bounce-manager")
+    replay.add_argument("--id", action="append", dest="ids", metavar="ID", help="only this entry (repeatable)")
+    replay.add_argument("--count", type=int, default=1000, help="oldest N entries (default 1000)")
+    purge = sub.add_parser("purge", help="delete dead letters older than an age")
+    purge.add_argument("queue", help="a configured queue name, or bounce-manager")
+    purge.add_argument("--older-than", type=age_seconds, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``mailer-queue``."""
-    parser = cli.parser("mailer-queue", __doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("stats", help="length, pending and dead letters of every queue")
-    dead = sub.add_parser("dead", help="list dead-lettered entries of a queue")
-    dead.add_argument("queue")
-    dead.add_argument("--count", type=int, default=20)
-    replay = sub.add_parser("replay", help="move dead-lettered entries back to their queue")
-    replay.add_argument("queue")
-    replay.add_argument("--id", action="append", dest="ids", help="only this entry (repeatable)")
-    replay.add_argument("--count", type=int, default=1000)
+    """Entry point of ``mailer-queue``: 0 done, 1 some ``--id`` not found, 2 usage/config, 3 Redis down."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    config = cli.load(args, "mailer-queue")  # needs no section of its own
-    logs.setup("mailer-queue", args.log_level or "WARNING")
-    queues = Queues(connect(config.redis_for("redis")), QueueSettings.from_config(config.global_))
-    known = _queues(config)
+    config = cli.load(args, PROGRAM, announce=True)
+    logs.setup(PROGRAM, args.log_level or "WARNING")
+    known = known_queues(config)
+    if args.command != "stats" and args.queue not in known:
+        sys.stderr.write(f"{PROGRAM}: unknown queue {args.queue!r}; known queues: {', '.join(known)}\n")
+        return 2
+    client = connect(config.redis_for("redis"), client_name=PROGRAM)
+    queues = Queues(client, QueueSettings.from_config(config.global_))
     try:
-        if args.command == "stats":
-            sys.stdout.write(f"{'queue':28s} {'length':>8s} {'pending':>8s} {'dead':>8s}\n")
-            for queue, group in known.items():
-                s = queues.stats(queue, group)
-                sys.stdout.write(f"{queue:28s} {s.length:8d} {s.pending:8d} {s.dead:8d}\n")
-        elif args.command == "dead":
-            for entry in queues.dead_letters(args.queue, args.count):
-                fields = {k.decode(errors="replace"): v for k, v in entry.fields.items()}
-                at = float(fields.get("dl-at", b"0") or 0)
-                sys.stdout.write(
-                    f"{entry.id}  {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(at))}Z  "
-                    f"deliveries={fields.get('dl-deliveries', b'?').decode()}  "
-                    f"{fields.get('dl-reason', b'').decode(errors='replace')}\n"
-                )
-        else:
-            moved = queues.replay_dead_letters(args.queue, args.ids, args.count)
-            sys.stdout.write(f"replayed {moved} entries of {args.queue}\n")
+        return _run(args, queues, known)
     except TemporaryError as exc:
-        sys.stderr.write(f"mailer-queue: {exc}\n")
+        sys.stderr.write(f"{PROGRAM}: {exc}\n")
+        return 3
+    finally:
+        client.close()
+
+
+def _run(args: argparse.Namespace, queues: Queues, known: Mapping[str, tuple[str, str]]) -> int:
+    out = sys.stdout
+    if args.command == "stats":
+        out.write(f"{'queue':28s} {'length':>8s} {'pending':>8s} {'dead':>8s}\n")
+        for name, (stream, group) in known.items():
+            s = queues.stats(stream, group)
+            out.write(f"{name:28s} {s.length:8d} {s.pending:8d} {s.dead:8d}\n")
+        return 0
+    stream = known[args.queue][0]
+    if args.command == "dead":
+        for entry in queues.dead_letters(stream, args.count):
+            out.write(describe(entry) + "\n")
+        return 0
+    if args.command == "purge":
+        removed = queues.purge_dead_letters(stream, args.older_than)
+        out.write(f"purged {removed} dead-lettered entries of {args.queue}\n")
+        return 0
+    ids = list(dict.fromkeys(args.ids)) if args.ids else None
+    moved = queues.replay_dead_letters(stream, ids, args.count)
+    out.write(f"replayed {moved} dead-lettered entries of {args.queue}\n")
+    if ids and moved < len(ids):
+        sys.stderr.write(f"{PROGRAM}: {len(ids) - moved} of the given ids are not in {keys.dead_letter(stream)}\n")
         return 1
     return 0
+
+
+def describe(entry: Entry) -> str:
+    """One line per dead letter: id, time, deliveries, what it was (event kind) and the reason."""
+    fields = {k.decode(errors="replace"): v for k, v in entry.fields.items()}
+
+    def text(name: str) -> str:
+        return fields.get(name, b"").decode("utf-8", "replace")
+
+    try:
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(text("dl-at"))))
+    except ValueError:
+        at = "?"
+    what = text("uuid") or "-"
+    return f"{entry.id}  {at}  deliveries={text('dl-deliveries') or '?'}  uuid={what}  {text('dl-reason')}"
 
 
 if __name__ == "__main__":

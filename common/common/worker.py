@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from common.errors import PermanentError, TemporaryError
 from common.lifecycle import Stopper
 from common.queue import Consumer, Entry, Output
+from common.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +103,6 @@ class EntryHandler(abc.ABC):
                 log.exception("unexpected error on %s %s (delivery %d)", entry.queue, entry.id, entry.deliveries)
                 outcomes.append(Retry(f"{type(exc).__name__}: {exc}", counts=True))
         return outcomes
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter."""
-
-    base_s: float = 0.5
-    cap_s: float = 30.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number ``attempt`` (1-based): half to full of the cap."""
-        ceiling = min(self.cap_s, self.base_s * (2 ** max(attempt - 1, 0)))
-        return random.uniform(ceiling / 2, ceiling)
 
 
 @dataclass
@@ -204,7 +191,7 @@ class Worker:
             except TemporaryError as exc:
                 attempt += 1
                 log.warning("cannot set up consumer group (%s); retrying", exc)
-                self.stopper.wait(self.policy.delay(attempt))
+                self.policy.wait(attempt, self.stopper)
 
     def _process(self, batch: list[Entry]) -> tuple[list[Entry], float | None]:
         started = time.perf_counter()
@@ -277,7 +264,7 @@ class Worker:
                     )
                     return
                 log.warning("cannot complete batch (%s); retrying", exc)
-                self.stopper.wait(self.policy.delay(attempt))
+                self.policy.wait(attempt, self.stopper)
 
     def _redeliver(self, entries: list[Entry]) -> list[Entry]:
         try:

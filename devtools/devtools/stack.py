@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from common import logs
+from common.version import __version__
 from devtools import testing
 from devtools.servers import RedisProcess, free_port, port_open, wait_until
 
@@ -389,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     """``mailer-stack up|down|status``."""
     parser = argparse.ArgumentParser(prog="mailer-stack", description="Run the whole platform locally")
     parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--run-dir", type=Path, default=REPO / "run")
     args = parser.parse_args(argv)
     logs.setup("stack")

@@ -17,6 +17,7 @@ from common.config import Config
 from common.events import Event
 from common.lifecycle import Stopper
 from common.queue import Queues, QueueSettings
+from common.service import Context
 from devtools.webhook import WebhookReceiver
 
 QUEUE = "EVENT_QUEUE"
@@ -77,10 +78,9 @@ def start_backdata(redis_client: redis.Redis, backdata_config) -> Iterator[Calla
 
     def start(config: Config | None = None, **section: Any) -> Running:
         config = config or backdata_config(**section)
-        stopper = Stopper()
-        registry = CollectorRegistry()
-        client = redis.Redis(host="127.0.0.1", port=redis_client.connection_pool.connection_kwargs["port"])
-        service = BackData(config, client, stopper, registry, block_ms=200)
+        context = Context.create(config)
+        stopper, registry = context.stopper, context.registry
+        service = BackData(context, block_ms=200)
         running = Running(service, stopper, registry, threading.Thread(target=lambda: None))
 
         def run() -> None:

@@ -8,12 +8,13 @@ import pytest
 
 from backdata.parking import DUE, PARKED, PARKS, SINCE, Parking, parks
 from common.queue import Entry, Queues
+from common.retry import RetryPolicy
 
 pytestmark = pytest.mark.redis
 
 
 def _parking(queues: Queues) -> Parking:
-    return Parking(queues, "EVENT_QUEUE", base_s=1.0, cap_s=60.0)
+    return Parking(queues, "EVENT_QUEUE", policy=RetryPolicy(base_s=1.0, cap_s=60.0))
 
 
 def test_due_event_is_requeued_once_even_by_two_replicas(queues: Queues) -> None:

@@ -82,7 +82,8 @@ def test_dead_letter_keeps_entry_and_reason_and_replays(queues: Queues) -> None:
     assert queues.replay_dead_letters("IN") == 1
     assert queues.redis.xlen(keys.dead_letter("IN")) == 0
     [replayed] = consumer.read()
-    assert replayed.fields == {b"payload": b"poison"}
+    assert replayed.fields[b"payload"] == b"poison"
+    assert set(replayed.fields) == {b"payload", b"replayed-at"}  # the dl-* metadata is gone
 
 
 def test_orphaned_entries_are_claimed_with_delivery_count(queues: Queues) -> None:

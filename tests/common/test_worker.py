@@ -16,7 +16,8 @@ import pytest
 from common.errors import PermanentError, TemporaryError
 from common.lifecycle import Stopper
 from common.queue import Consumer, Entry, Output, Queues
-from common.worker import EntryHandler, RetryPolicy, Worker
+from common.retry import RetryPolicy
+from common.worker import EntryHandler, Worker
 from devtools.servers import RedisProcess, wait_until
 
 pytestmark = pytest.mark.redis

@@ -224,7 +224,7 @@ def test_connection_limit(mx_config: Callable[..., Config], start_mx: Callable[[
     with pytest.raises(smtplib.SMTPConnectError) as refused:
         smtplib.SMTP("127.0.0.1", mx.port, local_hostname="client.test", timeout=5)
     assert refused.value.smtp_code == 421
-    assert mx.metric("mxserver_rejected_recipients_total", reason="busy") == 1
+    assert mx.metric("mailer_mxserver_connections_refused_total", reason="busy") == 1
     first.quit()
     wait_until(lambda: mx.metric("mxserver_sessions") == 1, 5, what="session closed")
     third = mx.smtp()

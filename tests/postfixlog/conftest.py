@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from common.config import Config
 from common.events import decode_event
-from common.lifecycle import Stopper
-from common.metrics import Health
 from common.payloads import OutboundMail
+from common.service import Context
 from devtools.servers import free_port, wait_until
 from devtools.sink import Sink
 from postfixlog.instance import PostfixInstance
@@ -79,9 +77,8 @@ class RunningService:
     """A PostfixLogService running in a thread of the test process (stopped with .stop())."""
 
     def __init__(self, config: Config, name: str = "test-postfixlog") -> None:
-        self.stopper = Stopper()
-        self.registry = CollectorRegistry()
-        self.health = Health()
+        context = Context.create(config)  # what `postfixlog` builds its service from
+        self.stopper, self.registry, self.health = context.stopper, context.registry, context.health
         self.service = PostfixLogService(
             config, registry=self.registry, health=self.health, stopper=self.stopper, name=name
         )

@@ -17,9 +17,10 @@ from pydantic import SecretStr
 from common import passwords
 from common.authguard import client_key
 from common.config import AuthLogin
+from common.smtpserver import Sessions
 from receiver.accounts import Accounts, check_logins, hash_problem
 from receiver.app import process_count
-from receiver.protocol import Sessions, SubmissionSMTP, is_trusted, read_data, unstuff
+from receiver.protocol import SubmissionSMTP, is_trusted, read_data, unstuff
 
 
 def _stuff(content: bytes) -> bytes:

@@ -83,3 +83,30 @@ class SmtpAuthLockout(AuthLockout):
     """:class:`AuthLockout` plus a delay on every failed SMTP AUTH reply."""
 
     delay_seconds: float = Field(1.0, ge=0, description="Delay added to every failed AUTH reply.")
+
+
+class SmtpLimits(StrictModel):
+    """Connection and session limits of an SMTP listener (Receiver, MxServer).
+
+    A client over a limit gets ``421 4.7.0`` and is disconnected; each refusal is counted by
+    reason.  The idle timeout is reset by every command, so a client that keeps sending NOOP is
+    still ended by ``max-session-seconds``.
+    """
+
+    max_connections: int = Field(
+        500, ge=1, description="Concurrent SMTP sessions of the pod (shared out over its worker processes)."
+    )
+    max_connections_per_ip: int = Field(
+        20, ge=1, description="Concurrent SMTP sessions from one client address (in each worker process)."
+    )
+    idle_timeout_seconds: float = Field(
+        300.0, gt=0, description="A session waiting this long for the client's next command is closed (421)."
+    )
+    busy_idle_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="The idle timeout while more than half of max-connections are in use (as Postfix under stress).",
+    )
+    max_session_seconds: float = Field(
+        1800.0, gt=0, description="Longest session; a transaction in progress is finished first."
+    )

@@ -38,6 +38,14 @@ class ReliableQueueSettings(StrictModel):
         description="Under sustained priority load, every Nth batch is taken from the default queue first.",
     )
     batch_size: int = Field(64, ge=1, le=10_000, description="Entries a consumer reads per round trip.")
+    dead_letter_max_length: int = Field(
+        100_000,
+        ge=0,
+        description=(
+            "Each <queue>:dead stream keeps about this many newest entries (0 = no cap); "
+            "`mailer-queue purge QUEUE --older-than` removes old ones on demand."
+        ),
+    )
 
 
 class BackDataGlobal(StrictModel):

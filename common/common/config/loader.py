@@ -242,17 +242,6 @@ def _check_customer(cfg: CustomerConfig, path: Path, service: str | None) -> lis
 
 def _check_dkim_keys(section: TransformerSection, path: Path) -> list[str]:
     # Imported here: only the Transformer (and --check-config) pays for loading key material.
-    from common.dkimkeys import KeyProblem, load_private_key
+    from common.dkimkeys import load_domain_keys
 
-    problems: list[str] = []
-    for i, setting in enumerate(section.domain_settings):
-        pairs = [("dkim-private-key-file", setting.dkim_private_key_file, "rsa")]
-        if setting.ed25519_private_key_file is not None:
-            pairs.append(("ed25519-private-key-file", setting.ed25519_private_key_file, "ed25519"))
-        for key, file, kind in pairs:
-            resolved = file if file.is_absolute() else path.parent / file
-            try:
-                load_private_key(resolved, kind)
-            except KeyProblem as exc:
-                problems.append(f"{path}: transformer.domain-settings[{i}].{key}: {exc}")
-    return problems
+    return load_domain_keys(section, path)[1]

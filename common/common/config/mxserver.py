@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from common.config.base import Bind, Prometheus, ReliableQueueClient, StrictModel
+from common.config.base import Bind, Prometheus, ReliableQueueClient, SmtpLimits, StrictModel
 
 
 class YahooAbuse(StrictModel):
@@ -31,8 +31,8 @@ class Abuse(StrictModel):
         return frozenset(a for a in found if "@" in a)
 
 
-class MxServerSection(StrictModel):
-    """MxServer settings."""
+class MxServerSection(SmtpLimits):
+    """MxServer settings (connection and session limits: SmtpLimits)."""
 
     bind: Bind = Field(..., description="SMTP listener (25 in Kubernetes).")
     eml_directory: Path = Field(
@@ -50,10 +50,16 @@ class MxServerSection(StrictModel):
     tls_key_file: Path | None = Field(None, description="PEM key for tls-cert-file.")
     hostname: str | None = Field(None, description="Name in the SMTP banner; default the host name.")
     max_connections: int = Field(
-        50,
+        200,
         ge=1,
         description="Concurrent SMTP sessions; further clients get 421 and retry later. "
         "Worst-case memory is about 2 x max-connections x max-message-size.",
+    )
+    max_connections_per_ip: int = Field(
+        10, ge=1, description="Concurrent SMTP sessions from one client address; a sending MTA needs few."
+    )
+    max_session_seconds: float = Field(
+        900.0, gt=0, description="Longest session; a transaction in progress is finished first."
     )
 
     @model_validator(mode="after")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from common.config.base import AuthLogin, Bind, Prometheus, ReliableQueueClient, SmtpAuthLockout, StrictModel
+from common.config.base import AuthLogin, Bind, Prometheus, ReliableQueueClient, SmtpAuthLockout, SmtpLimits
 
 
-class ReceiverSection(StrictModel):
-    """SMTP submission: STARTTLS + AUTH, validates and enqueues to the P0/P1 streams."""
+class ReceiverSection(SmtpLimits):
+    """SMTP submission: STARTTLS + AUTH, validates and enqueues to the P0/P1 streams (limits: SmtpLimits)."""
 
     bind: Bind = Field(..., description="SMTP listener (587 in Kubernetes).")
     auth_logins: list[AuthLogin] = Field(default_factory=list, description="SMTP AUTH accounts.")

@@ -1,0 +1,332 @@
+"""The SMTP server base of Receiver (submission) and MxServer (public MX), on aiosmtpd.
+
+What both listeners need beyond aiosmtpd, written once:
+
+* **Connection limits** (:class:`Sessions`): a global and a per-client-address cap; a client
+  over either gets ``421 4.7.0`` at connect and is disconnected, counted by reason.
+* **Session limits**: an idle timeout per command (shortened to ``busy-idle-timeout-seconds``
+  while more than half of the connection slots are in use, as Postfix does under stress), a
+  total session length that no NOOP loop can renew (a transaction in progress is finished
+  first), and per-command budgets for commands that do nothing (NOOP, RSET, HELP, VRFY, EXPN).
+  Timeouts end with a ``421 4.4.2`` reply, not a silent close.
+* **Shutdown** (:meth:`Sessions.drain`): stop accepting, answer ``421 4.3.2`` to idle
+  sessions at once, let transactions in progress finish within the grace time, then cut what
+  is left.
+* Replies with enhanced status codes (aiosmtpd's own replies have none), always one ASCII line.
+* Speed: aiosmtpd scans ``dir()`` of the protocol and the handler for hooks on every
+  connection; :func:`hook_names` caches that, and plain ``<local@domain>`` paths skip the
+  e-mail address parser.
+
+Private aiosmtpd methods overridden here (``_getaddr``, ``_reset_timeout``, ``_timeout_cb``)
+are why ``aiosmtpd`` is pinned to the minor version tested (``common/pyproject.toml``).
+
+Reply texts live in :mod:`common.smtpreplies`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiosmtpd.smtp import SMTP
+
+from common import smtpreplies as replies
+from common.authguard import client_key
+from common.config.base import SmtpLimits
+
+log = logging.getLogger(__name__)
+
+#: ``<local@domain> [params]`` with nothing unusual (no quotes, route, literal or comment).
+_SIMPLE_PATH: Final = re.compile(r"\s*<([^\s<>()\[\]\\,;:@\"]+@[^\s<>()\[\]\\,;:@\"]+)>(.*)\Z", re.DOTALL)
+
+#: Times a command that changes nothing may be sent in one session (aiosmtpd's call limits).
+IDLE_COMMAND_BUDGET: Final[Mapping[str, int]] = {"NOOP": 50, "RSET": 1000, "HELP": 10, "VRFY": 10, "EXPN": 10}
+#: Budget of every other command (MAIL/RCPT/DATA run once per message; keep it out of the way).
+OTHER_COMMAND_BUDGET: Final = 1_000_000
+
+#: Why a connection was refused (metric label).
+REFUSED_BUSY: Final = "busy"
+REFUSED_PER_IP: Final = "per-ip"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Connection and session limits of one process (from :class:`common.config.base.SmtpLimits`)."""
+
+    max_connections: int = 500
+    max_connections_per_ip: int = 20
+    idle_timeout_s: float = 300.0
+    busy_idle_timeout_s: float = 10.0
+    max_session_s: float = 1800.0
+
+    @classmethod
+    def from_config(cls, section: SmtpLimits, processes: int = 1) -> Limits:
+        """The limits of one of ``processes`` worker processes sharing the section's limits.
+
+        The global cap is shared out; the per-address cap applies in each process (the kernel
+        spreads one client's connections unevenly over the processes, so a share of it would
+        refuse a legitimate client early).
+        """
+        share = max(processes, 1)
+        return cls(
+            max_connections=max(-(-section.max_connections // share), 1),
+            max_connections_per_ip=section.max_connections_per_ip,
+            idle_timeout_s=section.idle_timeout_seconds,
+            busy_idle_timeout_s=section.busy_idle_timeout_seconds,
+            max_session_s=section.max_session_seconds,
+        )
+
+
+@dataclass
+class Sessions:
+    """The open connections of one process, per client address, and whether it is stopping."""
+
+    limits: Limits = field(default_factory=Limits)
+    #: Called with a reason (:data:`REFUSED_BUSY`, :data:`REFUSED_PER_IP`) for each refused connection.
+    on_refused: Callable[[str], None] = lambda _reason: None
+    #: Called with the number of open sessions whenever it changes.
+    on_count: Callable[[int], None] = lambda _count: None
+    open: set[BaseSMTP] = field(default_factory=set)
+    per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.empty = asyncio.Event()
+        self.empty.set()
+
+    @property
+    def busy(self) -> bool:
+        """True while more than half of the connection slots are in use."""
+        return 2 * len(self.open) > self.limits.max_connections
+
+    def admit(self, protocol: BaseSMTP, peer_ip: str) -> str | None:
+        """Register a new connection; the refusal reply (and nothing registered) when over a cap."""
+        if len(self.open) >= self.limits.max_connections:
+            self.on_refused(REFUSED_BUSY)
+            return replies.TOO_MANY_CONNECTIONS
+        if peer_ip and self.per_ip[peer_ip] >= self.limits.max_connections_per_ip:
+            self.on_refused(REFUSED_PER_IP)
+            log.info("refused a connection from %s: %d sessions open from that address", peer_ip, self.per_ip[peer_ip])
+            return replies.TOO_MANY_FROM_ADDRESS
+        self.open.add(protocol)
+        if peer_ip:
+            self.per_ip[peer_ip] += 1
+        self.empty.clear()
+        self.on_count(len(self.open))
+        return None
+
+    def discard(self, protocol: BaseSMTP, peer_ip: str) -> None:
+        """Forget a closed connection."""
+        if protocol not in self.open:
+            return
+        self.open.discard(protocol)
+        if peer_ip:
+            self.per_ip[peer_ip] -= 1
+            if self.per_ip[peer_ip] <= 0:
+                del self.per_ip[peer_ip]
+        if not self.open:
+            self.empty.set()
+        self.on_count(len(self.open))
+
+    def close_idle(self) -> int:
+        """Close every session not inside a mail transaction; returns how many are still working."""
+        for protocol in list(self.open):
+            protocol.close_if_idle()
+        return sum(1 for protocol in self.open if not protocol.closing)
+
+    def abort_all(self) -> int:
+        """Cut every remaining connection; returns how many were still working (not closing)."""
+        working = sum(1 for protocol in self.open if not protocol.closing)
+        for protocol in list(self.open):
+            protocol.close_now()
+            protocol.abort()
+        return working
+
+    async def drain(self, servers: list[asyncio.Server], grace_s: float, flush_s: float = 1.0) -> int:
+        """Graceful stop: no new connections, idle sessions closed, transactions finished.
+
+        Transactions still running after ``grace_s`` are cut; returns how many were.  Closed
+        sessions get ``flush_s`` to flush their last reply (a TLS close may wait for a client
+        that never answers).
+        """
+        self.stopping = True
+        for server in servers:
+            server.close()
+        deadline = time.monotonic() + grace_s
+        while self.close_idle() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.empty.wait(), timeout=0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.empty.wait(), timeout=flush_s)
+        working = self.abort_all()
+        if working:
+            log.warning("cut %d sessions still in a transaction after %.0fs", working, grace_s)
+        await asyncio.sleep(0)
+        return working
+
+
+_HOOK_NAMES: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+
+
+def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """Attribute names of ``cls`` that start with one of ``prefixes`` (what aiosmtpd scans for)."""
+    key = (f"{cls.__module__}.{cls.__qualname__}", prefixes)
+    names = _HOOK_NAMES.get(key)
+    if names is None:
+        names = sorted({name for klass in cls.__mro__ for name in vars(klass) if name.startswith(prefixes)})
+        _HOOK_NAMES[key] = names
+    return names
+
+
+def call_limits() -> dict[str, int]:
+    """Aiosmtpd ``command_call_limit``: budgets for commands that change nothing, large for the rest."""
+    limits: collections.defaultdict[str, int] = collections.defaultdict(lambda: OTHER_COMMAND_BUDGET)
+    limits.update(IDLE_COMMAND_BUDGET)
+    return limits
+
+
+class BaseSMTP(SMTP):
+    """One client connection of Receiver or MxServer (see the module docstring)."""
+
+    def __init__(self, handler: Any, *, sessions: Sessions, **kwargs: Any) -> None:
+        kwargs.setdefault("timeout", sessions.limits.idle_timeout_s)
+        kwargs.setdefault("command_call_limit", call_limits())
+        super().__init__(handler, **kwargs)
+        # aiosmtpd keeps these limits in a class attribute shared by all connections.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self._sessions = sessions
+        self._rewrites: Mapping[str, str] = replies.rewrites(self.data_size_limit)
+        self._in_data = False
+        self._admitted = False
+        self._peer_ip = ""
+        self._session_deadline: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def __dir__(self) -> list[str]:
+        """Only the names aiosmtpd looks up by prefix (``smtp_*``, ``auth_*``).
+
+        aiosmtpd scans ``dir()`` of the protocol (and of the handler) with
+        ``inspect.getmembers`` for every new connection; listing the ~150 inherited attributes
+        cost about a tenth of the CPU spent per message.
+        """
+        return hook_names(type(self), ("smtp_", "auth_"))
+
+    @property
+    def peer_ip(self) -> str:
+        """The client's address (IPv4-mapped IPv6 as IPv4), or ``""`` when unknown."""
+        return self._peer_ip
+
+    # -- connection life cycle -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admit or refuse a new connection; start the dialogue (STARTTLS calls this again)."""
+        if self.transport is None and not self._admitted:
+            peer = transport.get_extra_info("peername")
+            self._peer_ip = client_key(str(peer[0])) if isinstance(peer, tuple) and peer else ""
+            refusal = self._sessions.admit(self, self._peer_ip)
+            if refusal is not None:
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(f"{refusal}\r\n".encode())
+                transport.close()
+                return
+            self._admitted = True
+            self._session_deadline = asyncio.get_running_loop().call_later(
+                self._sessions.limits.max_session_s, self._session_expired
+            )
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Forget the connection."""
+        if not self._admitted:
+            return  # refused at connect: aiosmtpd never started on it
+        self._sessions.discard(self, self._peer_ip)
+        if self._session_deadline is not None:
+            self._session_deadline.cancel()
+        super().connection_lost(error)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Idle timeout per command, shorter while the process is busy."""
+        if duration is None and self._sessions.busy:
+            duration = self._sessions.limits.busy_idle_timeout_s
+        super()._reset_timeout(duration)
+
+    def _timeout_cb(self) -> None:
+        """Idle too long: say why, then close (aiosmtpd closes silently)."""
+        log.info("%s: idle timeout", self._peer_ip or "client")
+        self._say_and_close(replies.IDLE_TIMEOUT)
+
+    def _session_expired(self) -> None:
+        """The session reached ``max-session-seconds``: close it, after a transaction in progress."""
+        self._expired = True
+        if not self.in_transaction:
+            log.info("%s: session too long", self._peer_ip or "client")
+            self._say_and_close(replies.SESSION_TOO_LONG)
+
+    def _say_and_close(self, reply: str) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{reply}\r\n".encode())
+            transport.close()
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Address and parameters of MAIL/RCPT; plain ``<local@domain>`` without the email parser."""
+        match = _SIMPLE_PATH.match(arg) if arg else None
+        if match is not None:
+            return match.group(1), match.group(2).lstrip()
+        address, rest = super()._getaddr(arg)
+        return address, rest
+
+    async def push(self, status: str | bytes) -> None:
+        """Send one reply line: enhanced codes added, always ASCII, never a stray CR/LF."""
+        if isinstance(status, str):
+            status = self._rewrites.get(status, status)
+            status = status.replace("\r", " ").replace("\n", " ").encode("ascii", errors="replace")
+        await super().push(status)
+
+    # -- transactions and shutdown ---------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between MAIL and the end of DATA."""
+        return self._in_data or (self.envelope is not None and self.envelope.mail_from is not None)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA as aiosmtpd reads it; then a stopping process or an expired session closes."""
+        await super().smtp_DATA(arg)
+        self.transaction_done()
+
+    def transaction_done(self) -> None:
+        """Call after each DATA reply: a stopping process or an expired session closes now."""
+        if self._sessions.stopping:
+            self.close_if_idle()
+        elif self._expired:
+            self._say_and_close(replies.SESSION_TOO_LONG)
+
+    def close_if_idle(self) -> None:
+        """Say ``421`` and close, unless a mail transaction is in progress."""
+        if not self.in_transaction:
+            self.close_now()
+
+    def close_now(self) -> None:
+        """Say ``421`` (shutting down) and close the connection."""
+        self._say_and_close(replies.SHUTTING_DOWN)
+
+    @property
+    def closing(self) -> bool:
+        """True once the connection is being closed (a TLS close can wait for the client)."""
+        return self.transport is None or self.transport.is_closing()
+
+    def abort(self) -> None:
+        """Drop the connection now, TLS close handshake or not."""
+        for transport in (self.transport, self._original_transport):
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.abort()
