@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from common import keys
+from common import binding, keys
 from common.addressing import wait_for_secret
 from common.queue import Consumer, Queues, QueueSettings, connect, consumer_name
 from common.service import Context
@@ -55,7 +55,7 @@ class TransformerService:
                 return 0
             names = config.global_.reliable_queue.queue_names
             self.handler = TransformHandler(
-                MessageTransformer(self.settings, addresses),
+                MessageTransformer(self.settings, addresses, binding_ttl_s=binding.retention_s(config)),
                 primary_queue=names.primary_queue,
                 outgoing_queue=config.global_.postfix.incoming_queue_name,
                 event_queue=config.global_.backdata.queue_name,

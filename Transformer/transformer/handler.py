@@ -2,8 +2,9 @@
 
 Consumes ``reliable-queue.queue-names.primary-queue`` before ``default-queue`` (the common
 :class:`~common.queue.Consumer` reads P0 first and lets P1 lead every Nth batch, so P1 never
-starves); produces one :class:`~common.payloads.OutboundMail` per message on
-``postfix.incoming-queue-name``, written in the same MULTI/EXEC that acknowledges the input.
+starves); produces one :class:`~common.payloads.OutboundMail` per recipient on
+``postfix.incoming-queue-name`` and the record of who the message went to (``IB:sent:<uuid>``,
+:mod:`common.binding`), written in the same MULTI/EXEC that acknowledges the input.
 
 A message that can never be sent (unparsable, no or invalid X-Uuid, unknown From domain, no
 recipient) is dead-lettered on ``<queue>:dead`` together with an ``error`` event on
@@ -83,16 +84,17 @@ class TransformHandler:
             self.metrics.warnings.inc()
             log.warning("uuid %s (%s %s): %s", mail.uuid, entry.queue, entry.id, warning, extra=where)
         log.info(
-            "signed uuid %s from %s for %d recipient(s), %d bytes (%s %s)",
+            "signed uuid %s from %s: %d copies (one per recipient), %d bytes each (%s %s)",
             mail.uuid,
             mail.from_domain,
-            len(mail.recipients),
+            len(result.mails),
             len(mail.raw),
             entry.queue,
             entry.id,
             extra=where,
         )
-        return Done([Output(self.outgoing_queue, mail.to_fields())])
+        copies = [Output(self.outgoing_queue, copy.to_fields()) for copy in result.mails]
+        return Done([*copies, result.record])
 
     def _fail(self, entry: Entry, reason: str, uuid: str | None, stream_id: str | None) -> Fail:
         self.metrics.failed.inc()

@@ -150,6 +150,10 @@ class RawMessage:
             body += CRLF
         return cls(parse_fields(block), body)
 
+    def copy(self) -> RawMessage:
+        """A copy whose header list can be edited on its own (fields and body are immutable)."""
+        return RawMessage(list(self.fields), self.body)
+
     def __iter__(self) -> Iterator[Field]:
         return iter(self.fields)
 

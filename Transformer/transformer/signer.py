@@ -120,9 +120,17 @@ class DkimSigner:
         self.clock = clock
         self.headers = tuple(h.lower() for h in headers)
 
-    def sign(self, message: RawMessage) -> None:
-        """Prepend a DKIM-Signature for each key (ed25519 first, RSA on top)."""
-        bh = body_hash(message.body)
+    @staticmethod
+    def body_hash(body: bytes) -> str:
+        """The ``bh=`` of ``body`` (compute once for several copies with the same body)."""
+        return body_hash(body)
+
+    def sign(self, message: RawMessage, *, body_hash: str | None = None) -> None:
+        """Prepend a DKIM-Signature for each key (ed25519 first, RSA on top).
+
+        ``body_hash``: the body's ``bh=`` when already known (copies of one message).
+        """
+        bh = body_hash or self.body_hash(message.body)
         names = self._header_list(message)
         selected = self._selected(message, names)
         timestamp = int(self.clock())

@@ -6,16 +6,20 @@ Per message (DESIGN §4), parsing it once:
 2. routing and internal headers are removed: ``X-Uuid``, ``X-Stream-Id``, ``X-Priority``,
    ``X-ReturnPathIb``, ``X-RecipientIb`` (the original's), ``Bcc`` (never delivered, must not
    be shown to the other recipients) and ``Return-Path`` (written by the final MTA);
-3. ``Date`` is added when absent (a client's Date is kept); ``Message-ID``
-   (``<uuid@return-path-domain>``), ``X-Mailer``, ``Feedback-ID``, ``List-Unsubscribe``
-   (https one-click URL when configured, plus the tagged mailto) and, with the https URL,
-   ``List-Unsubscribe-Post`` replace any the client sent; ``email-headers.inject`` headers are
-   added;
+3. ``Date`` is added when absent (a client's Date is kept); ``X-Mailer``, ``Feedback-ID`` and
+   ``email-headers.inject`` headers are added, replacing any the client sent;
 4. the beacon goes into every text/html part (when the domain has a ``beacon-url``);
-5. DKIM signatures are added last.
+5. then, for each recipient of To/Cc, one copy: its own ``Message-ID`` (``<uuid.tag.suffix@
+   return-path-domain>``), ``List-Unsubscribe`` (https one-click URL when configured, plus the
+   tagged mailto) and, with the https URL, ``List-Unsubscribe-Post``, its own return path, and
+   its DKIM signatures (the body hash is computed once).  Every tag is bound to (uuid,
+   recipient) (:mod:`common.addressing`), so a report about one copy names exactly one
+   recipient.
 
-The envelope -- tagged return path, recipients from To/Cc, uuid, stream id, priority --
-travels in the :class:`~common.payloads.OutboundMail` fields, never in headers.
+The envelope -- tagged return path, the recipient, uuid, stream id, priority -- travels in the
+:class:`~common.payloads.OutboundMail` fields, never in headers.  With the copies goes the
+record of who the message was sent to (:func:`common.binding.record_write`), in the same
+MULTI/EXEC.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from email.header import Header
 from email.utils import format_datetime, getaddresses
 from typing import Final
 
+from common import binding
 from common.addressing import AddressSigner, valid_uuid
 from common.errors import PermanentError
 from common.payloads import OutboundMail, SubmittedMail
+from common.queue import HashWrite
 from common.submission import recipients
 from transformer import beacon
 from transformer.message import CRLF, MAX_LINE, MessageError, RawMessage
@@ -72,21 +78,35 @@ class Unprocessable(PermanentError):
 
 @dataclass(frozen=True)
 class Transformed:
-    """A transformed message and what happened on the way."""
+    """The signed copies of a message (one per recipient) and what happened on the way."""
 
-    mail: OutboundMail
+    mails: tuple[OutboundMail, ...]
+    record: HashWrite
     warnings: tuple[str, ...]
     beacons: int
     sign_seconds: float
+
+    @property
+    def mail(self) -> OutboundMail:
+        """The first recipient's copy."""
+        return self.mails[0]
 
 
 class MessageTransformer:
     """Applies :mod:`transformer.transform`'s steps with one configuration."""
 
-    def __init__(self, settings: Settings, addresses: AddressSigner, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: Settings,
+        addresses: AddressSigner,
+        clock: Callable[[], float] = time.time,
+        *,
+        binding_ttl_s: int = 30 * 86400,
+    ):
         self.settings = settings
         self.addresses = addresses
         self.clock = clock
+        self.binding_ttl_s = binding_ttl_s
         removed = [*INTERNAL_HEADERS, *STRIPPED_HEADERS, *REPLACED_HEADERS]
         removed.extend(name.lower() for name, _ in settings.inject)
         if settings.x_mailer is not None:
@@ -126,19 +146,44 @@ class MessageTransformer:
         if len(msg.body) > MAX_LINE and max(map(len, msg.body.split(CRLF))) > MAX_LINE:
             warnings.append("a body line is longer than 998 octets; MTAs may break it (and the signature)")
         started = time.perf_counter()
-        profile.signer.sign(msg)
+        body_hash = profile.signer.body_hash(msg.body)
+        mails = tuple(self._copy(msg, profile, uuid, stream_id, rcpt, body_hash, submitted) for rcpt in rcpts)
         sign_seconds = time.perf_counter() - started
-        mail = OutboundMail(
-            raw=msg.to_bytes(),
+        record = binding.record_write(uuid, rcpts, stream_id, profile.domain, self.binding_ttl_s)
+        return Transformed(mails, record, tuple(warnings), beacons, sign_seconds)
+
+    def _copy(
+        self,
+        msg: RawMessage,
+        profile: DomainProfile,
+        uuid: str,
+        stream_id: str | None,
+        rcpt: str,
+        body_hash: str,
+        submitted: SubmittedMail,
+    ) -> OutboundMail:
+        """The copy for one recipient: its tagged headers, its signatures, its return path."""
+        rp_domain = profile.return_path_domain
+        copy = msg.copy()
+        copy.append("Message-ID", self.addresses.message_id(uuid, rcpt, rp_domain, now=self.clock()))
+        unsubscribe = [f"<mailto:{self.addresses.unsubscribe_address(uuid, rcpt, rp_domain)}>"]
+        if profile.unsubscribe_url is not None:
+            token = self.addresses.unsubscribe_token(uuid, rcpt)
+            unsubscribe.insert(0, "<" + _TOKEN.sub(token, profile.unsubscribe_url) + ">")
+        copy.append("List-Unsubscribe", ", ".join(unsubscribe))
+        if profile.unsubscribe_url is not None:
+            copy.append("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+        profile.signer.sign(copy, body_hash=body_hash)
+        return OutboundMail(
+            raw=copy.to_bytes(),
             uuid=uuid,
-            mail_from=self.addresses.return_path(uuid, profile.return_path_domain),
-            recipients=rcpts,
+            mail_from=self.addresses.return_path(uuid, rcpt, rp_domain),
+            recipients=(rcpt,),
             from_domain=profile.domain,
             stream_id=stream_id,
             submitted_at=submitted.submitted_at,
             meta={"priority": str(submitted.priority)},
         )
-        return Transformed(mail, tuple(warnings), beacons, sign_seconds)
 
     def _profile(self, msg: RawMessage, uuid: str, stream_id: str | None) -> DomainProfile:
         addresses = [a for _, a in getaddresses(msg.get_all("From")) if "@" in a]
@@ -162,19 +207,11 @@ class MessageTransformer:
         rp_domain = profile.return_path_domain
         if not msg.has("Date"):
             msg.append("Date", format_datetime(datetime.fromtimestamp(self.clock(), UTC)))
-        msg.append("Message-ID", f"<{uuid}@{rp_domain}>")
         if self.settings.x_mailer is not None:
             msg.append("X-Mailer", self.settings.x_mailer)
         fb = self.settings.feedback
         campaign = stream_id or fb.campaign_id or ""
         msg.append("Feedback-ID", f"{campaign}:{uuid}:{fb.mail_type or ''}:{fb.sender_id or ''}")
-        unsubscribe = [f"<mailto:{self.addresses.unsubscribe_address(uuid, rp_domain)}>"]
-        if profile.unsubscribe_url is not None:
-            token = self.addresses.unsubscribe_token(uuid)
-            unsubscribe.insert(0, "<" + _TOKEN.sub(token, profile.unsubscribe_url) + ">")
-        msg.append("List-Unsubscribe", ", ".join(unsubscribe))
-        if profile.unsubscribe_url is not None:
-            msg.append("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
         values = {"uuid": uuid, "stream-id": stream_id or "", "from-domain": rp_domain, "return-path-domain": rp_domain}
         for name, template in self.settings.inject:
             value = _INJECT_PLACEHOLDER.sub(lambda m: values[m.group(1)], template)

@@ -1,17 +1,21 @@
-"""Per-message return-path and unsubscribe addresses, tagged so forgeries can be told apart.
+"""Per-recipient return paths, unsubscribe addresses, one-click tokens and Message-IDs, tagged.
 
-The Transformer writes, for a message with uuid ``U`` and return-path domain ``D``:
+Every recipient copy of a message gets its own tagged values, bound by HMAC to (uuid, recipient)
+so that nobody can make the platform report a bounce, spam report or unsubscribe for a message
+they did not receive, nor for another recipient of it.  For uuid ``U``, recipient ``R`` and
+return-path domain ``D`` the Transformer writes:
 
-* envelope sender (bounce address): ``bounce-U-T@D``
-* unsubscribe address (``List-Unsubscribe`` mailto): ``unsub-U-T@D``
-* one-click unsubscribe token (https ``List-Unsubscribe``): ``U-T``
+* envelope sender (bounce address): ``bounce-U-T@D`` with ``T = tag("bounce", U, R)``;
+* unsubscribe address (``List-Unsubscribe`` mailto): ``unsub-U-T@D`` with ``T = tag("unsub", U, R)``;
+* one-click unsubscribe token (https ``List-Unsubscribe``): ``U-T``, the same unsub tag;
+* ``Message-ID: <U.T.S@D>`` with ``T = tag("msgid", U, R)`` and ``S`` a time-and-random suffix
+  (unique, and never short whatever the uuid).
 
-where ``T`` is a 10-character tag: the first 50 bits of HMAC-SHA256(secret, kind + uuid) in
-lower-case base32.  MxServer and HttpReceiver recompute the tag and refuse anything that does
-not match, so nobody can bounce, unsubscribe or report a message they did not receive.
-
-The uuid is ``[a-z0-9]+``; keeping it at most :data:`MAX_UUID_LENGTH` characters keeps the
-local part within RFC 5321's 64 octets.
+``T`` is 10 characters: the first 50 bits of HMAC-SHA256(secret, kind, U, lower-case R) in
+lower-case base32.  The recipient is not in the address; :mod:`common.binding` finds it from
+the platform's record of what it sent (or from an address the report names, when its HMAC
+matches).  The uuid is ``[a-z0-9]+`` of at most :data:`MAX_UUID_LENGTH` characters, so the
+longest local part, ``bounce-`` + 46 + ``-`` + 10, is RFC 5321's 64 octets.
 
 The secret is ``common-config.address-secret``; when unset, :func:`load_secret` creates one
 in Redis (``IB:address-secret``) on first use, so every service of an installation agrees.
@@ -26,6 +30,7 @@ import hmac
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -38,14 +43,19 @@ from common.retry import DEPENDENCY, Waiter
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["bounce", "unsub"]
+#: What a tag protects: the return path, the unsubscribe address and token, the Message-ID.
+Kind = Literal["bounce", "unsub", "msgid"]
+KINDS: Final[tuple[Kind, ...]] = ("bounce", "unsub", "msgid")
 
 TAG_LENGTH: Final = 10
 MAX_UUID_LENGTH: Final = 46  # 64 - len("bounce-") - len("-") - TAG_LENGTH
 UUID_RE: Final = re.compile(r"[a-z0-9]+")
+#: Length of the Message-ID's unique suffix (time and randomness, base32).
+SUFFIX_LENGTH: Final = 13
 
-_LOCAL_RE: Final = re.compile(r"^(bounce|unsub)-([a-z0-9]+)-([a-z2-7]{10})$")
-_TOKEN_RE: Final = re.compile(r"^([a-z0-9]+)-([a-z2-7]{10})$")
+_LOCAL_RE: Final = re.compile(r"^(bounce|unsub)-([a-z0-9]{1,46})-([a-z2-7]{10})$")
+_TOKEN_RE: Final = re.compile(r"^([a-z0-9]{1,46})-([a-z2-7]{10})$")
+_MSGID_RE: Final = re.compile(r"^<?\s*([a-z0-9]{1,46})\.([a-z2-7]{10})\.([a-z2-7]{6,32})@([^<>@\s]+?)\s*>?$")
 
 
 def valid_uuid(uuid: str) -> bool:
@@ -53,60 +63,89 @@ def valid_uuid(uuid: str) -> bool:
     return len(uuid) <= MAX_UUID_LENGTH and UUID_RE.fullmatch(uuid) is not None
 
 
+def _canonical(recipient: str) -> bytes:
+    return recipient.strip().strip("<>").lower().encode("utf-8", "surrogateescape")
+
+
 @dataclass(frozen=True)
-class AddressSigner:
-    """Makes and checks tagged addresses with one secret."""
+class Tagged:
+    """A tagged value found somewhere (an address, a token, a Message-ID): its shape only.
 
-    secret: bytes
+    Whether the tag is genuine, and for which recipient, is :func:`common.binding.resolve`'s
+    question.  ``domain`` is the address' or Message-ID's domain (None for a token).
+    """
 
-    def tag(self, kind: Kind, uuid: str) -> str:
-        """The tag of ``uuid`` for addresses of ``kind``."""
-        digest = hmac.new(self.secret, f"{kind}\x00{uuid}".encode(), hashlib.sha256).digest()
-        return base64.b32encode(digest[:7]).decode().lower()[:TAG_LENGTH]
+    kind: Kind
+    uuid: str
+    tag: str
+    domain: str | None = None
 
-    def return_path(self, uuid: str, domain: str) -> str:
-        """Envelope sender of the message ``uuid``."""
-        return f"bounce-{uuid}-{self.tag('bounce', uuid)}@{domain}"
 
-    def unsubscribe_address(self, uuid: str, domain: str) -> str:
-        """``mailto:`` unsubscribe address of the message ``uuid``."""
-        return f"unsub-{uuid}-{self.tag('unsub', uuid)}@{domain}"
+def parse_address(address: str) -> Tagged | None:
+    """The tagged parts of ``bounce-U-T@D`` / ``unsub-U-T@D`` (any case), else None."""
+    local, _, domain = address.strip().strip("<>").rpartition("@")
+    match = _LOCAL_RE.match(local.lower())
+    if match is None:
+        return None
+    kind: Kind = "bounce" if match.group(1) == "bounce" else "unsub"
+    return Tagged(kind, match.group(2), match.group(3), domain.lower().rstrip(".") or None)
 
-    def unsubscribe_token(self, uuid: str) -> str:
-        """Token of the https one-click unsubscribe URL."""
-        return f"{uuid}-{self.tag('unsub', uuid)}"
 
-    def parse_address(self, address: str) -> tuple[Kind, str] | None:
-        """(kind, uuid) of a genuine tagged address, else None (forged, foreign or malformed).
+def parse_token(token: str) -> Tagged | None:
+    """The tagged parts of a one-click token ``U-T``, else None."""
+    match = _TOKEN_RE.match(token.strip().lower())
+    if match is None:
+        return None
+    return Tagged("unsub", match.group(1), match.group(2))
 
-        The domain is not checked here; callers check it against the configured
-        return-path domains.
-        """
-        local = address.strip().strip("<>").rpartition("@")[0].lower()
-        match = _LOCAL_RE.match(local)
-        if match is None:
-            return None
-        kind: Kind = "bounce" if match.group(1) == "bounce" else "unsub"
-        uuid, tag = match.group(2), match.group(3)
-        if not hmac.compare_digest(tag, self.tag(kind, uuid)):
-            return None
-        return kind, uuid
 
-    def parse_token(self, token: str) -> str | None:
-        """The uuid of a genuine one-click unsubscribe token, else None."""
-        match = _TOKEN_RE.match(token.strip().lower())
-        if match is None:
-            return None
-        uuid, tag = match.group(1), match.group(2)
-        if not hmac.compare_digest(tag, self.tag("unsub", uuid)):
-            return None
-        return uuid
+def parse_message_id(value: str) -> Tagged | None:
+    """The tagged parts of one of our Message-IDs ``<U.T.S@D>``, else None."""
+    match = _MSGID_RE.match(value.strip().lower())
+    if match is None:
+        return None
+    return Tagged("msgid", match.group(1), match.group(2), match.group(4).rstrip("."))
 
 
 def looks_tagged(address: str) -> bool:
     """True when ``address`` has the shape of a tagged address (genuine or not)."""
-    local = address.strip().strip("<>").rpartition("@")[0].lower()
-    return _LOCAL_RE.match(local) is not None
+    return parse_address(address) is not None
+
+
+@dataclass(frozen=True)
+class AddressSigner:
+    """Makes and checks tags with one secret."""
+
+    secret: bytes
+
+    def tag(self, kind: Kind, uuid: str, recipient: str) -> str:
+        """The tag of the copy of ``uuid`` sent to ``recipient``, for values of ``kind``."""
+        message = kind.encode() + b"\x00" + uuid.encode() + b"\x00" + _canonical(recipient)
+        digest = hmac.new(self.secret, message, hashlib.sha256).digest()
+        return base64.b32encode(digest[:7]).decode().lower()[:TAG_LENGTH]
+
+    def verify(self, kind: Kind, uuid: str, tag: str, recipient: str) -> bool:
+        """True when ``tag`` is the tag of (``kind``, ``uuid``, ``recipient``) (constant time)."""
+        return hmac.compare_digest(tag.lower().encode(), self.tag(kind, uuid, recipient).encode())
+
+    def return_path(self, uuid: str, recipient: str, domain: str) -> str:
+        """Envelope sender of the copy of ``uuid`` sent to ``recipient``."""
+        return f"bounce-{uuid}-{self.tag('bounce', uuid, recipient)}@{domain}"
+
+    def unsubscribe_address(self, uuid: str, recipient: str, domain: str) -> str:
+        """``mailto:`` unsubscribe address of that copy."""
+        return f"unsub-{uuid}-{self.tag('unsub', uuid, recipient)}@{domain}"
+
+    def unsubscribe_token(self, uuid: str, recipient: str) -> str:
+        """Token of that copy's https one-click unsubscribe URL."""
+        return f"{uuid}-{self.tag('unsub', uuid, recipient)}"
+
+    def message_id(self, uuid: str, recipient: str, domain: str, *, now: float | None = None) -> str:
+        """``<U.T.S@D>``: unique (time and randomness in ``S``), tagged, never short."""
+        millis = int((time.time() if now is None else now) * 1000)
+        raw = millis.to_bytes(6, "big") + secrets.token_bytes(3)
+        suffix = base64.b32encode(raw).decode().lower().rstrip("=")[:SUFFIX_LENGTH]
+        return f"<{uuid}.{self.tag('msgid', uuid, recipient)}.{suffix}@{domain}>"
 
 
 def load_secret(config: Config, client: redis.Redis) -> AddressSigner:

@@ -16,6 +16,8 @@ number of entries not yet completed (waiting + pending).
 Other keys::
 
   IB:address-secret                          STRING  generated address-tag secret (if not configured)
+  IB:sent:<uuid>                             HASH    Transformer: recipient -> stream id, From domain (TTL:
+                                                     common-config.binding-retention-days; common.binding)
   IB:postfixlog:qid:<queue id>               HASH    PostfixLog: queue id -> uuid, recipient, stream… (TTL)
   IB:postfixlog:tx:<token>                   HASH    PostfixLog: one injection (XFORWARD IDENT) -> same (TTL)
   IB:postfixlog:progress:<entry id>          HASH    PostfixLog: recipient -> sent/queued/refused (TTL)
@@ -54,6 +56,13 @@ def service_key(service: str, *parts: str) -> str:
 
 
 ADDRESS_SECRET: Final = f"{PREFIX}:address-secret"
+
+
+def sent_record(uuid: str) -> str:
+    """Who the message ``uuid`` was sent to (:mod:`common.binding`)."""
+    return f"{PREFIX}:sent:{uuid}"
+
+
 #: BackData's feed of the customer's bounce manager (a stream with group ``backdata``).
 BOUNCE_MANAGER_STREAM: Final = service_key("backdata", "bounce-manager")
 

@@ -106,6 +106,33 @@ class Output:
     queue: str
     fields: Fields
 
+    def write(self, pipe: Any) -> None:
+        """Queue the XADD on a MULTI/EXEC pipeline."""
+        pipe.xadd(self.queue, dict(self.fields))
+
+
+@dataclass(frozen=True)
+class HashWrite:
+    """Fields to set in a hash (with an expiry) when an input is completed.
+
+    A record that goes with the hand-off, in the same MULTI/EXEC (e.g. the Transformer's record
+    of what it sent).
+    """
+
+    key: str
+    mapping: Mapping[str, str]
+    ttl_s: int
+
+    def write(self, pipe: Any) -> None:
+        """Queue the HSET and EXPIRE on a MULTI/EXEC pipeline."""
+        if self.mapping:
+            pipe.hset(self.key, mapping=dict(self.mapping))
+            pipe.expire(self.key, self.ttl_s)
+
+
+#: What a completed (or dead-lettered) entry writes, atomically with its acknowledgement.
+Write = Output | HashWrite
+
 
 @dataclass(frozen=True)
 class QueueStats:
@@ -401,7 +428,7 @@ class Consumer:
         self._next_reclaim = 0.0
         self._claim_cursor = dict.fromkeys(self.streams, "0-0")
         #: Outputs to write with an entry dead-lettered during :meth:`read` (set by the worker).
-        self.on_dead_letter: Callable[[Entry, str], Sequence[Output]] | None = None
+        self.on_dead_letter: Callable[[Entry, str], Sequence[Write]] | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -554,7 +581,7 @@ class Consumer:
 
     # -- completing ------------------------------------------------------------------------
 
-    def complete(self, done: Sequence[tuple[Entry, Sequence[Output]]]) -> None:
+    def complete(self, done: Sequence[tuple[Entry, Sequence[Write]]]) -> None:
         """Hand off: add every output and ack+delete every input, in one MULTI/EXEC.
 
         Raises:
@@ -565,12 +592,12 @@ class Consumer:
         pipe = self.client.pipeline(transaction=True)
         for _, outputs in done:
             for out in outputs:
-                pipe.xadd(out.queue, dict(out.fields))
+                out.write(pipe)
         self._ack_into(pipe, [(e.queue, e.id) for e, _ in done])
         with redis_errors("complete batch"):
             pipe.execute()
 
-    def dead_letter(self, failed: Sequence[tuple[Entry, str, Sequence[Output]]]) -> None:
+    def dead_letter(self, failed: Sequence[tuple[Entry, str, Sequence[Write]]]) -> None:
         """Move entries to their dead-letter streams with the reason, atomically with the ack.
 
         Each entry's outputs (e.g. an ``error`` event) are written in the same transaction.
@@ -584,7 +611,7 @@ class Consumer:
         now = repr(time.time())
         for entry, reason, outputs in failed:
             for out in outputs:
-                pipe.xadd(out.queue, dict(out.fields))
+                out.write(pipe)
             fields: dict[Any, Any] = dict(entry.fields)
             fields.update(
                 {

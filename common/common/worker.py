@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from common.errors import PermanentError, TemporaryError
 from common.lifecycle import Stopper
-from common.queue import Consumer, Entry, Output
+from common.queue import Consumer, Entry, Write
 from common.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class Done:
     """Completed: write ``outputs`` and acknowledge the input."""
 
-    outputs: Sequence[Output] = ()
+    outputs: Sequence[Write] = ()
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Fail:
     """Dead-letter now with ``reason``; ``outputs`` are written in the same transaction."""
 
     reason: str
-    outputs: Sequence[Output] = ()
+    outputs: Sequence[Write] = ()
 
 
 Outcome = Done | Retry | Fail
@@ -67,7 +67,7 @@ class BatchHandler(Protocol):
         """Process a batch."""
         ...
 
-    def dead_letter_outputs(self, entry: Entry, reason: str) -> Sequence[Output]:
+    def dead_letter_outputs(self, entry: Entry, reason: str) -> Sequence[Write]:
         """Outputs to write when ``entry`` is dead-lettered (e.g. an error event)."""
         ...
 
@@ -76,7 +76,7 @@ class EntryHandler(abc.ABC):
     """Adapter for handlers that process one entry at a time."""
 
     @abc.abstractmethod
-    def handle(self, entry: Entry) -> Sequence[Output]:
+    def handle(self, entry: Entry) -> Sequence[Write]:
         """Process one entry and return its outputs.
 
         Raises:
@@ -84,7 +84,7 @@ class EntryHandler(abc.ABC):
             PermanentError: the entry can never succeed; dead-letter it.
         """
 
-    def dead_letter_outputs(self, entry: Entry, reason: str) -> Sequence[Output]:
+    def dead_letter_outputs(self, entry: Entry, reason: str) -> Sequence[Write]:
         """Outputs written with a dead-lettered entry; none by default."""
         return ()
 
@@ -198,8 +198,8 @@ class Worker:
         outcomes = self.handler.handle_batch(batch)
         if len(outcomes) != len(batch):
             raise RuntimeError(f"handler returned {len(outcomes)} outcomes for {len(batch)} entries")
-        done: list[tuple[Entry, Sequence[Output]]] = []
-        failed: list[tuple[Entry, str, Sequence[Output]]] = []
+        done: list[tuple[Entry, Sequence[Write]]] = []
+        failed: list[tuple[Entry, str, Sequence[Write]]] = []
         temporary: list[Entry] = []
         counted: list[Entry] = []
         retry_after: float | None = None
@@ -240,8 +240,8 @@ class Worker:
 
     def _commit(
         self,
-        done: list[tuple[Entry, Sequence[Output]]],
-        failed: list[tuple[Entry, str, Sequence[Output]]],
+        done: list[tuple[Entry, Sequence[Write]]],
+        failed: list[tuple[Entry, str, Sequence[Write]]],
     ) -> None:
         """Complete and dead-letter; retry while Redis is down (side effects already happened)."""
         attempt = 0

@@ -48,3 +48,11 @@ class CommonConfig(StrictModel):
         None,
         description="HMAC secret of return-path/unsubscribe tags; generated and kept in Redis if unset.",
     )
+    binding_retention_days: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "How long the record of who a message went to is kept (IB:sent:<uuid>), so that bounces, "
+            "spam reports and unsubscribes -- also redacted ones -- resolve to the right recipient."
+        ),
+    )
