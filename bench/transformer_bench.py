@@ -7,6 +7,9 @@ One process = one core.  Prints, for 10 KB messages and an RSA-2048 key:
 * signed messages/s through :class:`transformer.signer.DkimSigner` (canonicalise, hash, sign,
   fold) and its ratio to raw OpenSSL (goal >= 0.5x and >= 600 msg/s per core);
 * full transforms/s (parse, header edits, beacon into a quoted-printable HTML part, sign);
+* per-recipient copies: messages/s and signed copies/s for messages of 1, 5 and 20 recipients
+  (one copy per recipient, each with its own tags and signatures), and the Redis memory of the
+  record of who a message went to (``IB:sent:<uuid>``), in bytes per recipient;
 * queue to queue through a private redis-server: P1 -> worker loop -> INCOMING-TO-POSTFIX
   (``appendfsync always``, the production default).
 """
@@ -29,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from prometheus_client import CollectorRegistry
 
-from common import keys
+from common import binding, keys
 from common.addressing import AddressSigner
 from common.config.transformer import FeedbackId
 from common.dkimkeys import load_private_key
@@ -135,12 +138,42 @@ def main() -> None:
             full = rate(functools.partial(transformer.transform, mail), args.messages, args.seconds)
             print(f"  full transform ({name:<27}) {full:8,.0f} msg/s")
 
+        for n in (1, 5, 20):
+            mail = SubmittedMail(with_recipients(raw_html, n), "bench1", 1, "smtp", time.time())
+            per_message = rate(functools.partial(transformer.transform, mail), args.messages, args.seconds)
+            print(f"  {n:2d} recipient(s): {per_message:8,.0f} msg/s = {per_message * n:8,.0f} signed copies/s")
+
         server = RedisProcess(Path(tmp) / "redis", appendfsync=args.fsync).start()
         try:
+            for n in (1, 5, 20):
+                cost = _record_bytes(server.port, n)
+                print(f"  record of who was sent to, {n:2d} recipient(s): {cost:6.1f} bytes per recipient")
             q2q = _queue_to_queue(server.port, transformer, raw_html, args.queue_messages)
         finally:
             server.stop()
         print(f"  queue to queue (P1 -> INCOMING-TO-POSTFIX, appendfsync {args.fsync}) {q2q:8,.0f} msg/s")
+
+
+def with_recipients(raw: bytes, n: int) -> bytes:
+    """``raw`` sent to ``n`` recipients (To: the first, Cc: the others)."""
+    cc = ", ".join(f"Reader {i} <reader{i}@dest{i % 7}.test>" for i in range(1, n))
+    return raw.replace(b"\r\nTo: Alice", (f"\r\nCc: {cc}" if cc else "").encode() + b"\r\nTo: Alice", 1)
+
+
+def _record_bytes(port: int, n: int, messages: int = 5000) -> float:
+    """Redis memory per recipient of the records of ``messages`` messages of ``n`` recipients."""
+    client = redis.Redis(port=port)
+    client.flushall()
+    before = int(client.info("memory")["used_memory"])
+    for first in range(0, messages, 500):
+        pipe = client.pipeline(transaction=False)
+        for i in range(first, min(first + 500, messages)):
+            rcpts = [f"reader{j}.{i}@dest{j % 7}.example.com" for j in range(n)]
+            binding.record_write(f"u{i:012d}", rcpts, "weekly-2024-17", "example.test", 30 * 86400).write(pipe)
+        pipe.execute()
+    used = int(client.info("memory")["used_memory"]) - before
+    client.flushall()
+    return used / (messages * n)
 
 
 def _transformer(key: rsa.RSAPrivateKey) -> MessageTransformer:

@@ -66,7 +66,7 @@ def create_app(
         idempotency,
         metrics,
     )
-    unsubscribe = OneClickUnsubscribe(config, queues, metrics, signer)
+    unsubscribe = OneClickUnsubscribe(config, queues, metrics, signer, rate_limit=section.unsubscribe_rate_limit)
 
     app = Flask(SERVICE)
     if section.trusted_proxy_hops:

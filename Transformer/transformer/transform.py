@@ -102,11 +102,14 @@ class MessageTransformer:
         clock: Callable[[], float] = time.time,
         *,
         binding_ttl_s: int = 30 * 86400,
+        nonce: Callable[[], bytes | None] = lambda: None,
     ):
         self.settings = settings
         self.addresses = addresses
         self.clock = clock
         self.binding_ttl_s = binding_ttl_s
+        #: Randomness of the Message-ID suffix (None: 3 fresh random bytes); tests fix it.
+        self.nonce = nonce
         removed = [*INTERNAL_HEADERS, *STRIPPED_HEADERS, *REPLACED_HEADERS]
         removed.extend(name.lower() for name, _ in settings.inject)
         if settings.x_mailer is not None:
@@ -165,7 +168,8 @@ class MessageTransformer:
         """The copy for one recipient: its tagged headers, its signatures, its return path."""
         rp_domain = profile.return_path_domain
         copy = msg.copy()
-        copy.append("Message-ID", self.addresses.message_id(uuid, rcpt, rp_domain, now=self.clock()))
+        message_id = self.addresses.message_id(uuid, rcpt, rp_domain, now=self.clock(), nonce=self.nonce())
+        copy.append("Message-ID", message_id)
         unsubscribe = [f"<mailto:{self.addresses.unsubscribe_address(uuid, rcpt, rp_domain)}>"]
         if profile.unsubscribe_url is not None:
             token = self.addresses.unsubscribe_token(uuid, rcpt)

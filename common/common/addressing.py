@@ -140,10 +140,12 @@ class AddressSigner:
         """Token of that copy's https one-click unsubscribe URL."""
         return f"{uuid}-{self.tag('unsub', uuid, recipient)}"
 
-    def message_id(self, uuid: str, recipient: str, domain: str, *, now: float | None = None) -> str:
-        """``<U.T.S@D>``: unique (time and randomness in ``S``), tagged, never short."""
+    def message_id(
+        self, uuid: str, recipient: str, domain: str, *, now: float | None = None, nonce: bytes | None = None
+    ) -> str:
+        """``<U.T.S@D>``: unique (time and 3 random bytes, or ``nonce``, in ``S``), tagged, never short."""
         millis = int((time.time() if now is None else now) * 1000)
-        raw = millis.to_bytes(6, "big") + secrets.token_bytes(3)
+        raw = millis.to_bytes(6, "big") + (secrets.token_bytes(3) if nonce is None else nonce[:3].ljust(3, b"\0"))
         suffix = base64.b32encode(raw).decode().lower().rstrip("=")[:SUFFIX_LENGTH]
         return f"<{uuid}.{self.tag('msgid', uuid, recipient)}.{suffix}@{domain}>"
 

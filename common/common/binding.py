@@ -61,7 +61,7 @@ def record_write(
     return HashWrite(keys.sent_record(uuid), {recipient: value for recipient in recipients}, ttl_s)
 
 
-def decode_record(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> list[Sent]:
+def decode_record(raw: Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]) -> list[Sent]:
     """The recipients of a record fetched with HGETALL."""
     out = []
     for name, value in raw.items():

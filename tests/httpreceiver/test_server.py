@@ -15,6 +15,7 @@ import redis
 import requests
 import yaml
 
+from common import binding
 from common.addressing import AddressSigner
 from devtools.servers import RedisProcess, wait_until
 from tests.httpreceiver.conftest import EVENTS, P0, P1, Gunicorn, basic, entries, headers, message
@@ -133,7 +134,10 @@ def test_redis_down_gives_503_then_accepts_after_restart(tmp_path: Path) -> None
 
 
 def test_one_click_unsubscribe_over_http(gunicorn: Gunicorn, redis_client: redis.Redis) -> None:
-    url = f"{gunicorn.url}/unsubscribe/{SIGNER.unsubscribe_token('unsub42')}"
+    pipe = redis_client.pipeline(transaction=True)
+    binding.record_write("unsub42", ["jo@dest.test"], None, "example.test", 3600).write(pipe)
+    pipe.execute()
+    url = f"{gunicorn.url}/unsubscribe/{SIGNER.unsubscribe_token('unsub42', 'jo@dest.test')}"
     page = requests.get(url, timeout=5)
     assert page.status_code == 200
     assert '<form method="post">' in page.text
@@ -142,7 +146,8 @@ def test_one_click_unsubscribe_over_http(gunicorn: Gunicorn, redis_client: redis
     [fields] = entries(redis_client, EVENTS)
     event = json.loads(fields[b"data"])
     assert (event["event"], event["uuid"], event["source"]) == ("unsubscribe", "unsub42", "one-click")
-    forged = f"{gunicorn.url}/unsubscribe/{AddressSigner(b'x').unsubscribe_token('unsub42')}"
+    assert event["recipient"] == "jo@dest.test"
+    forged = f"{gunicorn.url}/unsubscribe/{AddressSigner(b'x').unsubscribe_token('unsub42', 'jo@dest.test')}"
     assert requests.post(forged, data={"List-Unsubscribe": "One-Click"}, timeout=5).status_code == 404
     assert redis_client.xlen(EVENTS) == 1
 

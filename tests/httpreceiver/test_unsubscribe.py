@@ -1,4 +1,4 @@
-"""RFC 8058 one-click unsubscribe, in-process against the real test Redis."""
+"""RFC 8058 one-click unsubscribe, in-process against the real test Redis: per recipient, once, rate-limited."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 from collections.abc import Callable
 
 import pytest
+import redis
 
+from common import binding
 from common.addressing import AddressSigner
 from common.config.base import RedisServer
 from common.events import make_event_id
@@ -20,12 +22,20 @@ SIGNER = AddressSigner(b"test-address-secret")  # common-config.address-secret o
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 
 
+def sent(client: redis.Redis, uuid: str, *recipients: str, stream_id: str | None = "spring") -> list[str]:
+    """Record a message as the Transformer does; the one-click tokens of its recipients."""
+    pipe = client.pipeline(transaction=True)
+    binding.record_write(uuid, recipients, stream_id, "example.test", 3600).write(pipe)
+    pipe.execute()
+    return [SIGNER.unsubscribe_token(uuid, rcpt) for rcpt in recipients]
+
+
 def events(app: AppUnderTest) -> list[dict[str, object]]:
     return [json.loads(fields[b"data"]) for fields in entries(app.redis, EVENTS)]
 
 
-def test_one_click_post_queues_an_unsubscribe_event(hr: AppUnderTest) -> None:
-    token = SIGNER.unsubscribe_token("abc123")
+def test_one_click_post_queues_an_unsubscribe_event_for_that_recipient(hr: AppUnderTest) -> None:
+    [token] = sent(hr.redis, "abc123", "Alice@Dest.test")
     resp = hr.client.post(f"/unsubscribe/{token}", data=ONE_CLICK)  # application/x-www-form-urlencoded
     assert resp.status_code == 200
     assert resp.mimetype == "text/html"
@@ -34,19 +44,42 @@ def test_one_click_post_queues_an_unsubscribe_event(hr: AppUnderTest) -> None:
     [event] = events(hr)
     assert event["event"] == "unsubscribe"
     assert event["uuid"] == "abc123"
-    assert event["event_id"] == make_event_id("unsubscribe", "abc123")
+    assert event["recipient"] == "Alice@Dest.test"
+    assert event["stream_id"] == "spring"
+    assert event["event_id"] == make_event_id("unsubscribe", "abc123", "alice@dest.test")
     assert event["source"] == "one-click"
     assert isinstance(event["timestamp"], int)
     assert hr.metric("httpreceiver_unsubscribes_total", {"outcome": "accepted"}) == 1
 
 
-def test_repeated_clicks_carry_the_same_event_id(hr: AppUnderTest) -> None:
-    # The customer de-duplicates on event_id; a second click must not look like a new event.
-    token = SIGNER.unsubscribe_token("repeat1")
-    for _ in range(2):
-        assert hr.client.post(f"/unsubscribe/{token}", data=ONE_CLICK).status_code == 200
-    ids = {e["event_id"] for e in events(hr)}
-    assert ids == {make_event_id("unsubscribe", "repeat1")}
+def test_to_and_cc_recipients_unsubscribe_separately(hr: AppUnderTest) -> None:
+    # One message to To + Cc: each copy has its own token; one recipient never unsubscribes another.
+    to_token, cc_token = sent(hr.redis, "tocc1", "to@dest.test", "cc@dest.test")
+    assert to_token != cc_token
+    assert hr.client.post(f"/unsubscribe/{cc_token}", data=ONE_CLICK).status_code == 200
+    assert [e["recipient"] for e in events(hr)] == ["cc@dest.test"]
+    assert hr.client.post(f"/unsubscribe/{to_token}", data=ONE_CLICK).status_code == 200
+    assert [e["recipient"] for e in events(hr)] == ["cc@dest.test", "to@dest.test"]
+
+
+def test_a_token_posted_300_times_emits_one_event(hr: AppUnderTest) -> None:
+    [token] = sent(hr.redis, "repeat1", "bob@dest.test")
+    answers = {hr.client.post(f"/unsubscribe/{token}", data=ONE_CLICK).status_code for _ in range(300)}
+    assert answers <= {200, 429}
+    [event] = events(hr)
+    assert event["event_id"] == make_event_id("unsubscribe", "repeat1", "bob@dest.test")
+    assert hr.metric("httpreceiver_unsubscribes_total", {"outcome": "accepted"}) == 1
+
+
+def test_floods_are_rate_limited_but_a_genuine_first_click_is_not(make_app: Callable[..., AppUnderTest]) -> None:
+    app = make_app({"unsubscribe-rate-limit": 5})
+    forged = AddressSigner(b"another secret").unsubscribe_token("flood", "x@dest.test")
+    codes = [app.client.post(f"/unsubscribe/{forged}", data=ONE_CLICK).status_code for _ in range(8)]
+    assert codes == [404] * 5 + [429] * 3
+    [token] = sent(app.redis, "other1", "carol@dest.test")
+    app.redis.delete("IB:httpreceiver:unsubscribe-rate:127.0.0.1")  # another minute
+    assert app.client.post(f"/unsubscribe/{token}", data=ONE_CLICK).status_code == 200
+    assert len(events(app)) == 1
 
 
 @pytest.mark.parametrize(
@@ -58,23 +91,42 @@ def test_repeated_clicks_carry_the_same_event_id(hr: AppUnderTest) -> None:
     ids=["multipart", "raw-body"],
 )
 def test_other_post_encodings_are_accepted(hr: AppUnderTest, body: dict[str, object]) -> None:
-    token = SIGNER.unsubscribe_token("enc1")
+    [token] = sent(hr.redis, "enc1", "dan@dest.test")
     assert hr.client.post(f"/unsubscribe/{token}", **body).status_code == 200
     assert len(events(hr)) == 1
 
 
-@pytest.mark.parametrize(
-    "token",
-    [
-        SIGNER.unsubscribe_token("abc123")[:-1] + "a",  # tag changed
-        AddressSigner(b"another secret").unsubscribe_token("abc123"),
+def _forgeries() -> list[str]:
+    good = SIGNER.unsubscribe_token("abc123", "alice@dest.test")
+    return [
+        good[:-1] + ("a" if good[-1] != "a" else "b"),  # tag changed
+        AddressSigner(b"another secret").unsubscribe_token("abc123", "alice@dest.test"),
+        SIGNER.unsubscribe_token("abc123", "mallory@evil.test"),  # a recipient the message never had
+        SIGNER.unsubscribe_token("other9", "alice@dest.test"),  # tag of another uuid (no record)
+        good.replace("abc123", "abc124"),  # Alice's tag on another uuid
         "abc123",
         "abc123-" + "z" * 10,
         "../../etc/passwd",
+    ]
+
+
+@pytest.mark.parametrize(
+    "index",
+    range(8),
+    ids=[
+        "tampered-tag",
+        "other-secret",
+        "other-recipient",
+        "other-uuid",
+        "moved-tag",
+        "no-tag",
+        "bad-alphabet",
+        "path",
     ],
-    ids=["tampered-tag", "other-secret", "no-tag", "bad-alphabet", "path"],
 )
-def test_forged_token_is_404_and_queues_nothing(hr: AppUnderTest, token: str) -> None:
+def test_forged_token_is_404_and_queues_nothing(hr: AppUnderTest, index: int) -> None:
+    sent(hr.redis, "abc123", "alice@dest.test")
+    token = _forgeries()[index]
     assert hr.client.post(f"/unsubscribe/{token}", data=ONE_CLICK).status_code == 404
     assert hr.client.get(f"/unsubscribe/{token}").status_code == 404
     assert hr.redis.xlen(EVENTS) == 0
@@ -82,7 +134,7 @@ def test_forged_token_is_404_and_queues_nothing(hr: AppUnderTest, token: str) ->
 
 def test_get_shows_a_form_that_posts_one_click_and_does_not_unsubscribe(hr: AppUnderTest) -> None:
     # Link scanners fetch URLs: GET must never unsubscribe.
-    token = SIGNER.unsubscribe_token("page1")
+    [token] = sent(hr.redis, "page1", "erin@dest.test")
     resp = hr.client.get(f"/unsubscribe/{token}")
     assert resp.status_code == 200
     html = resp.get_data(as_text=True)
@@ -94,7 +146,7 @@ def test_get_shows_a_form_that_posts_one_click_and_does_not_unsubscribe(hr: AppU
 
 
 def test_post_without_one_click_field_is_400(hr: AppUnderTest) -> None:
-    token = SIGNER.unsubscribe_token("nofield")
+    [token] = sent(hr.redis, "nofield", "fay@dest.test")
     assert hr.client.post(f"/unsubscribe/{token}", data={"other": "x"}).status_code == 400
     assert hr.client.post(f"/unsubscribe/{token}").status_code == 400
     assert hr.redis.xlen(EVENTS) == 0
@@ -103,7 +155,7 @@ def test_post_without_one_click_field_is_400(hr: AppUnderTest) -> None:
 def test_event_queue_unavailable_gives_503_so_the_click_is_not_lost(make_app: Callable[..., AppUnderTest]) -> None:
     down = Queues(connect(RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1)), QueueSettings())
     app = make_app(queues=down)
-    resp = app.client.post(f"/unsubscribe/{SIGNER.unsubscribe_token('down1')}", data=ONE_CLICK)
+    resp = app.client.post(f"/unsubscribe/{SIGNER.unsubscribe_token('down1', 'gus@dest.test')}", data=ONE_CLICK)
     assert resp.status_code == 503
     assert resp.headers["Retry-After"]
     assert app.metric("httpreceiver_unsubscribes_total", {"outcome": "unavailable"}) == 1
@@ -113,8 +165,8 @@ def test_event_queue_limit_does_not_refuse_unsubscribes(make_app: Callable[..., 
     # Unsubscribes are a legal duty: the back-pressure limit (meant for bulk mail) does not apply.
     app = make_app(global_override={"reliable-queue": {"max-queue-length": 1}})
     for i in range(3):
-        resp = app.client.post(f"/unsubscribe/{SIGNER.unsubscribe_token(f'lim{i}')}", data=ONE_CLICK)
-        assert resp.status_code == 200
+        [token] = sent(app.redis, f"lim{i}", "hal@dest.test")
+        assert app.client.post(f"/unsubscribe/{token}", data=ONE_CLICK).status_code == 200
     assert app.redis.xlen(EVENTS) == 3
 
 
@@ -122,6 +174,10 @@ def test_secret_kept_in_redis_is_used_when_not_configured(make_app: Callable[...
     # Without common-config.address-secret every service shares the secret stored in Redis.
     app = make_app(customer_override={"common-config": {"address-secret": None}})
     app.redis.set("IB:address-secret", "stored-secret")
-    good = AddressSigner(b"stored-secret").unsubscribe_token("s1")
+    sent(app.redis, "s1", "ivy@dest.test")
+    good = AddressSigner(b"stored-secret").unsubscribe_token("s1", "ivy@dest.test")
     assert app.client.post(f"/unsubscribe/{good}", data=ONE_CLICK).status_code == 200
-    assert app.client.post(f"/unsubscribe/{SIGNER.unsubscribe_token('s1')}", data=ONE_CLICK).status_code == 404
+    assert (
+        app.client.post(f"/unsubscribe/{SIGNER.unsubscribe_token('s1', 'ivy@dest.test')}", data=ONE_CLICK).status_code
+        == 404
+    )

@@ -100,7 +100,8 @@ def make_transformer(
         feedback=feedback,
         inject=tuple((inject or {}).items()),
     )
-    return MessageTransformer(settings, AddressSigner(secret), clock=clock), records_for(keys)
+    transformer = MessageTransformer(settings, AddressSigner(secret), clock=clock, nonce=lambda: b"\x00\x01\x02")
+    return transformer, records_for(keys)
 
 
 @pytest.fixture

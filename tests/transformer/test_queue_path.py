@@ -4,28 +4,21 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
-from prometheus_client import CollectorRegistry
 
 from common import keys
-from common.addressing import load_secret
 from common.config import Config
 from common.events import decode_event
-from common.lifecycle import Stopper
 from common.payloads import OutboundMail, SubmittedMail
-from common.queue import Consumer, Queues
-from common.worker import Worker
+from common.queue import Queues
+from common.service import Context
 from devtools.servers import wait_until
+from transformer.app import TransformerService
 from transformer.handler import TransformHandler
 from transformer.message import RawMessage
-from transformer.metrics import TransformerMetrics
-from transformer.settings import Settings
-from transformer.transform import MessageTransformer
 
 pytestmark = pytest.mark.redis
 
@@ -41,20 +34,19 @@ def _mail(uuid: str, priority: int, domain: str = "example.test") -> SubmittedMa
 
 
 class Running:
-    def __init__(self, config: Config, queues: Queues, client: redis.Redis) -> None:
-        self.registry = CollectorRegistry()
-        transformer = MessageTransformer(Settings.from_config(config, time.time), load_secret(config, client))
-        handler = TransformHandler(
-            transformer,
-            primary_queue=P0,
-            outgoing_queue=OUT,
-            event_queue=EVENTS,
-            metrics=TransformerMetrics(self.registry),
-        )
-        consumer = Consumer(queues, [P0, P1], keys.GROUP_TRANSFORMER, "transformer-test-0", block_ms=100)
-        self.stopper = Stopper()
-        self.worker = Worker(consumer, handler, self.stopper)
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+    """The Transformer service as `transformer` builds it (common.service), run in a thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.context = Context.create(config)
+        self.registry, self.stopper = self.context.registry, self.context.stopper
+        self.service = TransformerService(self.context, block_ms=100)
+        self.thread = threading.Thread(target=self.service.run, daemon=True)
+
+    @property
+    def handler(self) -> TransformHandler:
+        wait_until(lambda: self.service.handler is not None, timeout_s=10, what="handler built")
+        assert self.service.handler is not None
+        return self.service.handler
 
     def metric(self, name: str) -> float:
         return self.registry.get_sample_value(name) or 0.0
@@ -66,9 +58,9 @@ class Running:
 
 
 @pytest.fixture
-def running(make_config, queues: Queues, redis_client: redis.Redis) -> Iterator[Running]:
+def running(make_config) -> Iterator[Running]:
     config = make_config(service="transformer")
-    r = Running(config, queues, redis_client)
+    r = Running(config)
     yield r
     r.stop()
 
@@ -82,25 +74,36 @@ def test_priority_queue_is_served_first_and_handed_off(running: Running, queues:
     queues.enqueue_many(P1, [_mail(f"low{i}", 1).to_fields() for i in range(5)])
     queues.enqueue_many(P0, [_mail(f"high{i}", 0).to_fields() for i in range(5)])
     running.thread.start()
-    wait_until(lambda: redis_client.xlen(OUT) == 10, timeout_s=10, what="10 outputs")
+    wait_until(lambda: redis_client.xlen(OUT) == 20, timeout_s=10, what="20 copies (two recipients each)")
     uuids = [m.uuid for m in _outputs(redis_client)]
-    assert uuids[:5] == [f"high{i}" for i in range(5)]
-    assert sorted(uuids[5:]) == [f"low{i}" for i in range(5)]
+    assert uuids[:10:2] == [f"high{i}" for i in range(5)] and uuids[:10] == [u for u in uuids[:10:2] for _ in (0, 1)]
+    assert sorted(set(uuids[10:])) == [f"low{i}" for i in range(5)]
     wait_until(lambda: redis_client.xlen(P0) + redis_client.xlen(P1) == 0, what="inputs acknowledged and deleted")
     assert running.metric("transformer_polled_primary_total") == 5
     assert running.metric("transformer_polled_default_total") == 5
     assert running.metric("transformer_pushed_total") == 10
     assert running.metric("transformer_signing_seconds_count") == 10
 
-    mail = _outputs(redis_client)[0]
-    out = RawMessage.parse(mail.raw)
+    to_copy, cc_copy = _outputs(redis_client)[:2]
+    out = RawMessage.parse(to_copy.raw)
     for name in ("X-Uuid", "X-Stream-Id", "X-Priority", "X-ReturnPathIb", "X-RecipientIb"):
         assert not out.has(name), name
-    assert mail.recipients == ("a@dest.test", "b@dest.test")
-    assert mail.mail_from.startswith("bounce-high0-") and mail.mail_from.endswith("@bounces.example.test")
-    assert (mail.stream_id, mail.from_domain, mail.submitted_at) == ("stream-high0", "example.test", 1700000000.5)
-    assert out.get("Message-ID") == "<high0@bounces.example.test>"
+    assert (to_copy.recipients, cc_copy.recipients) == (("a@dest.test",), ("b@dest.test",))
+    assert to_copy.mail_from.startswith("bounce-high0-") and to_copy.mail_from.endswith("@bounces.example.test")
+    assert to_copy.mail_from != cc_copy.mail_from
+    assert (to_copy.stream_id, to_copy.from_domain, to_copy.submitted_at) == (
+        "stream-high0",
+        "example.test",
+        1700000000.5,
+    )
+    assert (out.get("Message-ID") or "").startswith("<high0.")
     assert redis_client.xlen(EVENTS) == 0
+    # The record of who each message went to was written with the copies (same transaction).
+    assert redis_client.hgetall("IB:sent:high0") == {
+        b"a@dest.test": b"stream-high0\x1fexample.test",
+        b"b@dest.test": b"stream-high0\x1fexample.test",
+    }
+    assert 0 < redis_client.ttl("IB:sent:high0") <= 30 * 86400
 
 
 def test_unknown_domain_gives_error_event_and_dead_letter(running: Running, queues: Queues, redis_client) -> None:
@@ -109,7 +112,7 @@ def test_unknown_domain_gives_error_event_and_dead_letter(running: Running, queu
     queues.enqueue(P1, {"uuid": "noraw1", "priority": "1", "ts": "1"})  # malformed entry
     queues.enqueue(P1, _mail("fine1", 1).to_fields())
     running.thread.start()
-    wait_until(lambda: redis_client.xlen(keys.dead_letter(P1)) == 2 and redis_client.xlen(OUT) == 1, timeout_s=10)
+    wait_until(lambda: redis_client.xlen(keys.dead_letter(P1)) == 2 and redis_client.xlen(OUT) == 2, timeout_s=10)
     events = [decode_event(fields) for _, fields in redis_client.xrange(EVENTS)]
     assert [(e["event"], e["service"], e["uuid"]) for e in events] == [
         ("error", "transformer", "stray1"),
@@ -121,7 +124,7 @@ def test_unknown_domain_gives_error_event_and_dead_letter(running: Running, queu
     dead = queues.dead_letters(P1)
     assert [d.fields[b"uuid"] for d in dead] == [b"stray1", b"noraw1"]
     assert b"not configured" in dead[0].fields[b"dl-reason"]
-    assert [m.uuid for m in _outputs(redis_client)] == ["fine1"]
+    assert [m.uuid for m in _outputs(redis_client)] == ["fine1", "fine1"]
     assert running.metric("transformer_failed_total") == 2
     assert redis_client.xlen(P1) == 0
 
@@ -144,10 +147,10 @@ def test_undecodable_bytes_never_stop_the_worker(running: Running, queues: Queue
     queues.enqueue(P1, SubmittedMail(bad_domain, "lat1", 1, "smtp", 1.0).to_fields())
     queues.enqueue(P1, SubmittedMail(bad_stream, "lat2", 1, "smtp", 1.0).to_fields())
     running.thread.start()
-    wait_until(lambda: redis_client.xlen(EVENTS) == 1 and redis_client.xlen(OUT) == 1, timeout_s=10)
+    wait_until(lambda: redis_client.xlen(EVENTS) == 1 and redis_client.xlen(OUT) == 2, timeout_s=10)
     (event,) = [decode_event(fields) for _, fields in redis_client.xrange(EVENTS)]
     assert event["uuid"] == "lat1" and "exampl\ufffd.test" in event["msg"]
-    (mail,) = _outputs(redis_client)
+    mail = _outputs(redis_client)[0]
     assert mail.stream_id == "caf\ufffd"
     assert "Feedback-ID: caf\ufffd:lat2:".encode() in mail.raw
     assert running.thread.is_alive()
@@ -158,8 +161,8 @@ def test_a_crashing_message_is_retried_then_dead_lettered_with_an_event(
 ) -> None:
     # An unexpected error (a bug) uses up deliveries; at the cap the entry is dead-lettered
     # with an error event, and the worker keeps serving the others.
-    handler = running.worker.handler
-    assert isinstance(handler, TransformHandler)
+    running.thread.start()
+    handler = running.handler
     original = handler.transformer.transform
 
     def flaky(mail: SubmittedMail):
@@ -169,9 +172,8 @@ def test_a_crashing_message_is_retried_then_dead_lettered_with_an_event(
 
     monkeypatch.setattr(handler.transformer, "transform", flaky)
     queues.enqueue(P1, _mail("boom1", 1).to_fields())
-    running.thread.start()
     wait_until(lambda: redis_client.xlen(keys.dead_letter(P1)) == 1, timeout_s=20, what="dead letter")
     (event,) = [decode_event(fields) for _, fields in redis_client.xrange(EVENTS)]
     assert event["uuid"] == "boom1" and "simulated bug" in event["msg"]
     queues.enqueue(P1, _mail("after1", 1).to_fields())
-    wait_until(lambda: redis_client.xlen(OUT) == 1, timeout_s=10)
+    wait_until(lambda: redis_client.xlen(OUT) == 2, timeout_s=10)

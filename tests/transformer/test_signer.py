@@ -75,7 +75,7 @@ def test_every_key_size_verifies_with_both_verifiers(transformer_factory, verifi
             lambda m: m.replace(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n", b""),
         ),
         ("Feedback-ID changed", lambda m: m.replace(b"Feedback-ID: newsletter", b"Feedback-ID: other")),
-        ("Message-ID changed", lambda m: m.replace(b"Message-ID: <abc@", b"Message-ID: <abd@")),
+        ("Message-ID changed", lambda m: m.replace(b"Message-ID: <abc.", b"Message-ID: <abd.")),
         ("Date changed", lambda m: m.replace(b"2023 22:13:20", b"2023 22:13:21")),
     ],
 )

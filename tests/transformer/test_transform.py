@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from common.addressing import AddressSigner
-from common.payloads import SubmittedMail
+from common.addressing import AddressSigner, parse_address, parse_message_id, parse_token
+from common.payloads import OutboundMail, SubmittedMail
 from transformer.message import RawMessage
 from transformer.transform import Unprocessable
 
@@ -74,31 +74,79 @@ def test_envelope_travels_in_fields_and_nothing_internal_leaks(transformer_facto
     assert set(fields) >= {"raw", "uuid", "mail_from", "rcpts", "from_domain", "ts", "stream_id"}
 
 
-def test_return_path_and_unsubscribe_addresses_are_tagged(transformer_factory) -> None:
-    # Genuine addresses parse back to the uuid; tampered or foreign ones are recognised as forged.
-    transformer, _ = transformer_factory(unsubscribe_url="https://u.example.test/unsub/{{token}}")
-    mail = transformer.transform(_submit(GOOD)).mail
-    unsub_header = RawMessage.parse(mail.raw).get("List-Unsubscribe") or ""
+def _tagged_values(mail: OutboundMail) -> dict[str, str]:
+    msg = RawMessage.parse(mail.raw)
+    unsub_header = msg.get("List-Unsubscribe") or ""
     mailto = re.search(r"<mailto:([^>]+)>", unsub_header)
     token = re.search(r"/unsub/([^>]+)>", unsub_header)
     assert mailto is not None and token is not None
-    assert SIGNER.parse_address(mail.mail_from) == ("bounce", "u1")
-    assert SIGNER.parse_address(mailto.group(1)) == ("unsub", "u1")
-    assert SIGNER.parse_token(token.group(1)) == "u1"
+    return {
+        "bounce": mail.mail_from,
+        "unsub": mailto.group(1),
+        "token": token.group(1),
+        "msgid": msg.get("Message-ID") or "",
+    }
 
-    local, _, domain = mail.mail_from.partition("@")
-    tag = local.rsplit("-", 1)[1]
-    forged = [
-        mail.mail_from.replace("bounce-u1-", "bounce-u2-"),  # another message's uuid, same tag
-        mail.mail_from.replace(tag, tag[::-1]),  # tampered tag
-        mail.mail_from.replace(tag, "a" * 10),
-        f"bounce-u1@{domain}",  # the original's untagged format
-        mailto.group(1).replace("unsub-", "bounce-"),  # an unsubscribe tag used as a bounce tag
-        AddressSigner(b"another installation").return_path("u1", domain),  # foreign secret
-    ]
-    for address in forged:
-        assert SIGNER.parse_address(address) is None, address
-    assert SIGNER.parse_token(token.group(1).replace("u1-", "u2-")) is None
+
+def test_each_recipient_gets_a_copy_with_its_own_bound_tags(transformer_factory) -> None:
+    # To + Cc: one signed copy per recipient; every tag verifies for that recipient only.
+    transformer, _ = transformer_factory(unsubscribe_url="https://u.example.test/unsub/{{token}}")
+    raw = GOOD.replace(b"To: a@dest.test\r\n", b'To: "Doe, Jane" <Jane@dest.test>\r\nCc: b@dest.test, a@dest.test\r\n')
+    result = transformer.transform(_submit(raw))
+    assert [m.recipients for m in result.mails] == [("Jane@dest.test",), ("b@dest.test",), ("a@dest.test",)]
+    seen: set[str] = set()
+    for mail in result.mails:
+        (rcpt,) = mail.recipients
+        values = _tagged_values(mail)
+        found = {
+            "bounce": parse_address(values["bounce"]),
+            "unsub": parse_address(values["unsub"]),
+            "token": parse_token(values["token"]),
+            "msgid": parse_message_id(values["msgid"]),
+        }
+        for name, tagged in found.items():
+            assert tagged is not None and tagged.uuid == "u1", name
+            assert SIGNER.verify(tagged.kind, "u1", tagged.tag, rcpt), name
+            assert SIGNER.verify(tagged.kind, "u1", tagged.tag, rcpt.upper()), name  # case does not matter
+            for other in result.mails:
+                if other is not mail:
+                    assert not SIGNER.verify(tagged.kind, "u1", tagged.tag, other.recipients[0]), name
+        assert len(values["bounce"].partition("@")[0]) <= 64
+        seen.update(values.values())
+    assert len(seen) == 4 * len(result.mails)  # nothing shared between copies
+    # The record of who the message went to goes with the copies.
+    assert result.record.key == "IB:sent:u1"
+    assert set(result.record.mapping) == {"Jane@dest.test", "b@dest.test", "a@dest.test"}
+
+
+def test_forged_tags_do_not_verify(transformer_factory) -> None:
+    transformer, _ = transformer_factory(unsubscribe_url="https://u.example.test/unsub/{{token}}")
+    mail = transformer.transform(_submit(GOOD)).mail
+    bounce = parse_address(mail.mail_from)
+    assert bounce is not None
+    unsub = parse_address(_tagged_values(mail)["unsub"])
+    assert unsub is not None
+    assert not SIGNER.verify("bounce", "u2", bounce.tag, "a@dest.test")  # another message's uuid
+    assert not SIGNER.verify("bounce", "u1", bounce.tag[::-1], "a@dest.test")  # tampered tag
+    assert not SIGNER.verify("bounce", "u1", unsub.tag, "a@dest.test")  # an unsubscribe tag used as a bounce tag
+    assert not AddressSigner(b"another installation").verify("bounce", "u1", bounce.tag, "a@dest.test")
+    assert parse_address(f"bounce-u1@{mail.mail_from.partition('@')[2]}") is None  # the original's untagged format
+
+
+def test_longest_uuid_keeps_local_parts_within_64_octets(transformer_factory) -> None:
+    uuid = "z" * 46
+    transformer, _ = transformer_factory()
+    mail = transformer.transform(_submit(GOOD.replace(b"X-Uuid: u1", f"X-Uuid: {uuid}".encode()), uuid)).mail
+    for address in (mail.mail_from, _tagged_values_no_token(mail)):
+        assert len(address.partition("@")[0]) <= 64
+    assert len(mail.mail_from.partition("@")[0]) == 64  # the longest: bounce- + 46 + - + 10
+
+
+def _tagged_values_no_token(mail: OutboundMail) -> str:
+    header = RawMessage.parse(mail.raw).get("List-Unsubscribe") or ""
+    found = re.search(r"<mailto:([^>]+)>", header)
+    assert found is not None
+    return found.group(1)
 
 
 def test_x_mailer_null_keeps_the_clients_and_configured_replaces_it(transformer_factory) -> None:

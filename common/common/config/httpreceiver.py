@@ -47,3 +47,11 @@ class HttpReceiverSection(StrictModel):
     workers: int = Field(
         0, ge=0, le=256, description="gunicorn worker processes, each with 4 threads (0 = one per core)."
     )
+    unsubscribe_rate_limit: int = Field(
+        30,
+        ge=1,
+        description=(
+            "One-click unsubscribe requests per client address and minute that do nothing (forged tokens, "
+            "repeats, malformed forms) before the address gets 429; a genuine first click never counts."
+        ),
+    )
