@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,23 @@ def pod_of(module: Module) -> dict[str, Any]:
     """The module's pod.yaml."""
     (pod,) = load_yaml(module.path / "pod.yaml")
     return pod
+
+
+# -- the image build (docker-bake.hcl) ----------------------------------------------------------
+
+BAKE = ROOT / "docker-bake.hcl"
+BASE_DOCKERFILE = ROOT / "Dockerfile.base"
+
+
+def bake_variable(name: str) -> str:
+    """The default of a string variable of docker-bake.hcl."""
+    match = re.search(rf'variable "{name}" {{\s*default = "([^"]*)"\s*}}', BAKE.read_text())
+    assert match, f"docker-bake.hcl has no string variable {name}"
+    return match.group(1)
+
+
+def bake_modules() -> list[dict[str, str]]:
+    """The MODULES list of docker-bake.hcl: folder, image and workspace package of each image."""
+    block = re.search(r'variable "MODULES" \{\s*default = \[(.*?)\]\s*\}', BAKE.read_text(), re.S)
+    assert block, "docker-bake.hcl has no MODULES list"
+    return [dict(re.findall(r'(\w+) = "([^"]*)"', item)) for item in re.findall(r"\{([^{}]*)\}", block.group(1))]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from common.config.customer import CustomerConfig
-from tests.infra.repo import BY_POD, MODULES, ROOT, Module, load_yaml, pod_of
+from tests.infra.repo import BY_POD, MODULES, ROOT, Module, bake_modules, bake_variable, load_yaml, pod_of
 from tests.infra.test_images import parse_dockerfile
 
 EXAMPLE = CustomerConfig.model_validate(
@@ -150,11 +150,13 @@ def test_compose_runs_the_same_containers(module: Module) -> None:
     main = pod["spec"]["containers"][0]
     assert service["image"] == main["image"]
     assert service.get("command") == main.get("args")
-    assert service["build"] == {"context": ".", "dockerfile": f"{module.folder}/Dockerfile"}
+    # Images come from docker-bake.hcl (shared base); compose only runs them.
+    assert "build" not in service
+    (bake,) = [m for m in bake_modules() if m["folder"] == module.folder]
+    assert service["image"] == f"{bake_variable('REGISTRY')}/{bake['image']}:{bake_variable('VERSION')}"
     assert _seconds(service["stop_grace_period"]) == pod["spec"]["terminationGracePeriodSeconds"]
     published = {int(str(p).rsplit(":", 1)[-1]) for p in service.get("ports", [])}
     assert published == PUBLIC.get(module.pod, set())
-    assert f"{module.folder}" in COMPOSE["services"][COMPOSE_NAME[module.pod]]["build"]["dockerfile"]
 
 
 def test_compose_postfix_has_the_pods_privileges() -> None:
