@@ -183,6 +183,7 @@ def _cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_cli_check_config_and_check(pod_config: PodConfig) -> None:
     config = pod_config()
     assert _cli(config, "--check-config").returncode == 0
@@ -196,12 +197,14 @@ def test_cli_check_config_and_check(pod_config: PodConfig) -> None:
     assert _cli(config).returncode == 2  # a COMMAND is required
 
 
+@pytest.mark.slow
 def test_cli_backup_without_object_storage_is_a_clear_error(pod_config: PodConfig) -> None:
     result = _cli(pod_config(), "backup")
     assert result.returncode == 2
     assert result.stderr.strip().endswith("common-config.object-storage is not configured")
 
 
+@pytest.mark.slow
 def test_cli_server_refuses_public_redis_without_password(pod_config: PodConfig) -> None:
     result = _cli(pod_config(password=None, bind={"inet-interface": "0.0.0.0", "inet-port": free_port()}), "server")
     assert result.returncode == 2
