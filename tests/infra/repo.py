@@ -44,18 +44,20 @@ MODULES = (
     Module("HttpReceiver", "httpreceiver", "httpreceiver", "httpreceiver", "httpreceiver"),
 )
 BY_POD = {m.pod: m for m in MODULES}
+#: The standard Redis exporter beside Redis (pod, deploy/scaled, compose): one pinned version.
+REDIS_EXPORTER_IMAGE = "oliver006/redis_exporter:v1.67.0"
 
 #: Kustomize directories and the kinds each must produce (kind -> count).
 VARIANTS = {
-    ".": {"Pod": 7, "Service": 9, "ServiceMonitor": 7, "PrometheusRule": 1, "NetworkPolicy": 7},
-    "deploy/without-monitoring": {"Pod": 7, "Service": 9, "NetworkPolicy": 7},
+    ".": {"Pod": 7, "Service": 9, "ServiceMonitor": 7, "PrometheusRule": 1, "NetworkPolicy": 8},
+    "deploy/without-monitoring": {"Pod": 7, "Service": 9, "NetworkPolicy": 8},
     "deploy/scaled": {
         "Deployment": 5,
         "StatefulSet": 2,
         "Service": 9,
         "ServiceMonitor": 7,
         "PrometheusRule": 1,
-        "NetworkPolicy": 7,
+        "NetworkPolicy": 8,
     },
 }
 
