@@ -1,12 +1,14 @@
-"""The local stack on other ports: ``MAILER_PORT_OFFSET`` shifts every port of ``./mailer up``."""
+"""The local stack: ``MAILER_PORT_OFFSET`` shifts every port of ``./mailer up``; Ctrl-C stops it in order."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from devtools.servers import RedisProcess
 from devtools.stack import DEFAULT_PORTS, Stack, default_ports
 
 
@@ -37,3 +39,15 @@ def test_a_bad_offset_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) ->
     monkeypatch.setenv("MAILER_PORT_OFFSET", value)
     with pytest.raises(RuntimeError, match="MAILER_PORT_OFFSET"):
         default_ports()
+
+
+@pytest.mark.redis
+def test_ctrl_c_does_not_reach_redis_first(tmp_path: Path) -> None:
+    # Ctrl-C signals the terminal's whole process group; Redis must not be in it, or it dies
+    # before PostfixLog can hand Postfix' queue back to it (the stack stops Redis last itself).
+    redis = RedisProcess(tmp_path / "redis").start()
+    try:
+        assert redis.proc is not None
+        assert os.getpgid(redis.proc.pid) != os.getpgid(0)
+    finally:
+        redis.stop()
