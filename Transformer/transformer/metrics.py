@@ -26,21 +26,23 @@ class TransformerMetrics:
         self.pushed = Counter("transformer_pushed", "Signed messages handed to the Postfix queue", registry=registry)
         self.warnings = Counter("transformer_warnings", "Recoverable problems (see the log)", registry=registry)
         self.failed = Counter(
-            "transformer_failed",
+            "mailer_transformer_failed",
             "Unprocessable messages dead-lettered with an error event",
             registry=registry,
         )
         self.beacons = Counter(
-            "transformer_beacons_inserted", "Open-tracking beacons inserted (one per HTML part)", registry=registry
+            "mailer_transformer_beacons_inserted",
+            "Open-tracking beacons inserted (one per HTML part)",
+            registry=registry,
         )
         self.signing_seconds = Histogram(
-            "transformer_signing_seconds",
+            "mailer_transformer_signing_seconds",
             "Time to DKIM-sign one message (all its signatures)",
             buckets=_SECONDS,
             registry=registry,
         )
         self.transform_seconds = Histogram(
-            "transformer_transform_seconds",
+            "mailer_transformer_transform_seconds",
             "Time to transform one message (parse, headers, beacon, signing)",
             buckets=_SECONDS,
             registry=registry,

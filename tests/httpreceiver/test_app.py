@@ -54,7 +54,7 @@ def test_message_corpus(case: dict[str, Any], hr: AppUnderTest) -> None:
         assert body["message"]
         assert hr.redis.xlen(P0) + hr.redis.xlen(P1) == 0
         assert hr.metric("nbr_dropped_emails_total") == 1
-        assert hr.metric("httpreceiver_rejections_total", {"rule": case["error"]}) == 1
+        assert hr.metric("mailer_httpreceiver_rejections_total", {"rule": case["error"]}) == 1
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,8 @@ def test_bad_credentials_get_401_with_challenge(hr: AppUnderTest, authorization:
     assert hr.redis.xlen(P1) == 0
     assert (
         hr.metric(
-            "httpreceiver_auth_failures_total", {"reason": "bad-credentials" if authorization else "no-credentials"}
+            "mailer_httpreceiver_auth_failures_total",
+            {"reason": "bad-credentials" if authorization else "no-credentials"},
         )
         == 1
     )
@@ -109,7 +110,7 @@ def test_brute_force_lockout(make_app: Callable[..., AppUnderTest]) -> None:
     assert resp.get_json()["error"] == "too-many-failed-logins"
     assert 1 <= int(resp.headers["Retry-After"]) <= 2
     assert app.redis.xlen(P1) == 0
-    assert app.metric("httpreceiver_auth_failures_total", {"reason": "locked-out"}) == 1
+    assert app.metric("mailer_httpreceiver_auth_failures_total", {"reason": "locked-out"}) == 1
     assert app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=other).status_code == 200
     wait_until(
         lambda: (
@@ -253,7 +254,7 @@ def test_idempotency_key_repeat_answers_first_and_queues_once(hr: AppUnderTest) 
     assert again.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
     assert hr.redis.xlen(P1) == 1
-    assert hr.metric("httpreceiver_idempotent_replays_total") == 1
+    assert hr.metric("mailer_httpreceiver_idempotent_replays_total") == 1
     ttl = hr.redis.ttl("IB:httpreceiver:idem:app:k-1")
     assert 86_000 < ttl <= 86_400
 
@@ -325,7 +326,7 @@ def test_unknown_route_and_method_are_json(hr: AppUnderTest) -> None:
     resp = hr.client.get("/metrics")
     assert resp.status_code == 404
     assert json.loads(resp.get_data())["error"] == "not-found"
-    assert hr.metric("httpreceiver_requests_total", {"endpoint": "other", "status": "404"}) == 1
+    assert hr.metric("mailer_httpreceiver_requests_total", {"endpoint": "other", "status": "404"}) == 1
 
 
 def test_unexpected_error_is_500_json_and_an_error_event(hr: AppUnderTest) -> None:

@@ -156,7 +156,7 @@ def test_metrics_and_health_only_on_the_metrics_port(gunicorn: Gunicorn, redis_c
     assert _metric(gunicorn, "nbr_recipients_total") >= 6
     assert _metric(gunicorn, "nbr_dropped_emails_total") >= 1
     text = requests.get(gunicorn.metrics_url + "/metrics", timeout=5).text
-    assert 'httpreceiver_requests_total{endpoint="send",status="200"}' in text
+    assert 'mailer_httpreceiver_requests_total{endpoint="send",status="200"}' in text
     assert requests.get(gunicorn.metrics_url + "/healthz", timeout=5).status_code == 200
     assert requests.get(gunicorn.metrics_url + "/readyz", timeout=5).status_code == 200
     for path in ("/metrics", "/healthz", "/readyz"):

@@ -37,7 +37,7 @@ def test_one_click_post_queues_an_unsubscribe_event(hr: AppUnderTest) -> None:
     assert event["event_id"] == make_event_id("unsubscribe", "abc123")
     assert event["source"] == "one-click"
     assert isinstance(event["timestamp"], int)
-    assert hr.metric("httpreceiver_unsubscribes_total", {"outcome": "accepted"}) == 1
+    assert hr.metric("mailer_httpreceiver_unsubscribes_total", {"outcome": "accepted"}) == 1
 
 
 def test_repeated_clicks_carry_the_same_event_id(hr: AppUnderTest) -> None:
@@ -106,7 +106,7 @@ def test_event_queue_unavailable_gives_503_so_the_click_is_not_lost(make_app: Ca
     resp = app.client.post(f"/unsubscribe/{SIGNER.unsubscribe_token('down1')}", data=ONE_CLICK)
     assert resp.status_code == 503
     assert resp.headers["Retry-After"]
-    assert app.metric("httpreceiver_unsubscribes_total", {"outcome": "unavailable"}) == 1
+    assert app.metric("mailer_httpreceiver_unsubscribes_total", {"outcome": "unavailable"}) == 1
 
 
 def test_event_queue_limit_does_not_refuse_unsubscribes(make_app: Callable[..., AppUnderTest]) -> None:

@@ -90,7 +90,7 @@ def test_priority_queue_is_served_first_and_handed_off(running: Running, queues:
     assert running.metric("transformer_polled_primary_total") == 5
     assert running.metric("transformer_polled_default_total") == 5
     assert running.metric("transformer_pushed_total") == 10
-    assert running.metric("transformer_signing_seconds_count") == 10
+    assert running.metric("mailer_transformer_signing_seconds_count") == 10
 
     mail = _outputs(redis_client)[0]
     out = RawMessage.parse(mail.raw)
@@ -122,7 +122,7 @@ def test_unknown_domain_gives_error_event_and_dead_letter(running: Running, queu
     assert [d.fields[b"uuid"] for d in dead] == [b"stray1", b"noraw1"]
     assert b"not configured" in dead[0].fields[b"dl-reason"]
     assert [m.uuid for m in _outputs(redis_client)] == ["fine1"]
-    assert running.metric("transformer_failed_total") == 2
+    assert running.metric("mailer_transformer_failed_total") == 2
     assert redis_client.xlen(P1) == 0
 
 
