@@ -165,16 +165,16 @@ def test_an_existing_policy_is_kept(sandbox: dict[str, str]) -> None:
 
 
 def test_deptry_finds_an_undeclared_import(tmp_path: Path) -> None:
-    # BackData imports redis; a copy whose pyproject forgets it fails the check ./mailer test runs.
-    member = tmp_path / "BackData"
-    shutil.copytree(ROOT / "BackData", member, ignore=shutil.ignore_patterns("__pycache__"))
+    # PostfixLog imports redis; a copy whose pyproject forgets it fails the check ./mailer test runs.
+    member = tmp_path / "PostfixLog"
+    shutil.copytree(ROOT / "PostfixLog", member, ignore=shutil.ignore_patterns("__pycache__"))
     pyproject = member / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace('    "redis>=5.0,<9",\n', ""))
     deptry = [sys.executable, "-m", "deptry", ".", "--no-ansi"]
     broken = subprocess.run(deptry, cwd=member, capture_output=True, text=True, timeout=60, check=False)
     assert broken.returncode != 0
     assert "DEP003 'redis' imported but it is a transitive dependency" in broken.stdout + broken.stderr
-    intact = subprocess.run(deptry, cwd=ROOT / "BackData", capture_output=True, text=True, timeout=60, check=False)
+    intact = subprocess.run(deptry, cwd=ROOT / "PostfixLog", capture_output=True, text=True, timeout=60, check=False)
     assert intact.returncode == 0, intact.stdout + intact.stderr
 
 

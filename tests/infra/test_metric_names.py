@@ -23,6 +23,8 @@ SERVICES = ("receiver", "httpreceiver", "transformer", "postfixlog", "mxserver",
 ORIGINAL = frozenset(
     line.strip() for line in (DATA / "original-metrics.txt").read_text().splitlines() if line.strip()[:1].isalpha()
 )
+
+
 #: The worker loop's metrics (common/worker.py) are renamed to ``mailer_<service>_worker_…`` with
 #: the service bootstrap of issue 21; until then they are the one known exception.
 def exposed_name(family: Metric) -> str:
@@ -60,10 +62,7 @@ def test_the_rule() -> None:
 def test_every_registered_metric_is_original_or_under_its_service(registered: dict[str, set[str]]) -> None:
     assert set(registered) == set(SERVICES)
     wrong = sorted(
-        (service, name)
-        for service, names in registered.items()
-        for name in names
-        if not allowed(name, service)
+        (service, name) for service, names in registered.items() for name in names if not allowed(name, service)
     )
     assert wrong == []
     assert sum(len(names) for names in registered.values()) > 60

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from common import smtpreplies
 from devtools import stack
 from tests.infra.repo import MODULES, ROOT
 
@@ -40,9 +41,13 @@ def _full_queue_replies() -> list[str]:
     """The SMTP replies Receiver and MxServer give when a queue is over its limit."""
     receiver = (ROOT / "Receiver" / "receiver" / "handler.py").read_text()
     mxserver = (ROOT / "MxServer" / "mxserver" / "handler.py").read_text()
+    constants = {name: value[:9] for name, value in vars(smtpreplies).items() if isinstance(value, str)}
+    named = [constants[n] for n in re.findall(r"except QueueFullError.*?return replies\.([A-Z_]+)", receiver, re.S)[:1]]
     return [
+        *named,
         *re.findall(r'except QueueFullError.*?return "(\d{3} \d\.\d\.\d)', receiver, re.S)[:1],
         *re.findall(r'cause == "queue-full":\s*return f"(\d{3} \d\.\d\.\d)', mxserver),
+        *[constants[n] for n in re.findall(r"queue-full.*?replies\.([A-Z_]+)", mxserver, re.S)[:1]],
     ]
 
 
