@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TERMINATOR: Final = b"\r\n.\r\n"
-#: Longest line aiosmtpd accepts, without its CRLF (1000 octets with CRLF, plus a stuffed dot).
-MAX_LINE: Final = 999
 #: ``<local@domain> [params]`` with nothing unusual (no quotes, route, literal or comment).
 _SIMPLE_PATH: Final = re.compile(r"\s*<([^\s<>()\[\]\\,;:@\"]+@[^\s<>()\[\]\\,;:@\"]+)>(.*)\Z", re.DOTALL)
 SHUTDOWN_REPLY: Final = b"421 4.3.2 Service shutting down, try again later\r\n"
@@ -226,8 +224,6 @@ class SubmissionSMTP(SMTP):
             status: Any
             if wire is None:
                 status = f"552 5.3.4 Message too big for system (limit {self.data_size_limit} bytes)"
-            elif any(len(line) > MAX_LINE for line in wire.split(b"\r\n")):
-                status = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets including CRLF)"
             else:
                 content = unstuff(wire)
                 self.envelope.content = self.envelope.original_content = content
