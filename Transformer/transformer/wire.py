@@ -50,7 +50,6 @@ ADDRESS_FIELDS: Final = frozenset(("from", "to", "cc", "reply-to", "sender", "re
 #: Fields whose non-ASCII parameters are written the RFC 2231 way.
 PARAMETER_FIELDS: Final = frozenset(("content-type", "content-disposition"))
 _MAX_DEPTH: Final = 20
-_LONG_LINE: Final = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
 _PARAM: Final = re.compile(r';(\s*)([A-Za-z0-9!#$&+.^_`|~*\'-]+)(\s*=\s*)("(?:[^"\\]|\\.)*"|[^;]*)')
 _RFC2231_CHUNK: Final = 60
 #: Octets of UTF-8 per encoded-word: "=?utf-8?b?" + 60 base64 characters + "?=" is 72 <= 75.
@@ -75,7 +74,8 @@ def clean(data: bytes, *, allow_8bit: bool = False) -> bool:
     """True when ``data`` may travel as it is: 7-bit (or 8-bit when allowed), no NUL, no long line."""
     if not allow_8bit and not data.isascii():
         return False
-    return b"\0" not in data and (len(data) <= MAX_LINE or _LONG_LINE.search(data) is None)
+    # split, not a regular expression: [^\r\n]{999} backtracks at every position (100x slower).
+    return b"\0" not in data and (len(data) <= MAX_LINE or max(map(len, data.split(CRLF))) <= MAX_LINE)
 
 
 def make_wire_safe(msg: RawMessage) -> WireReport:
