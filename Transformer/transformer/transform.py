@@ -7,15 +7,20 @@ Per message (DESIGN §4), parsing it once:
    ``X-ReturnPathIb``, ``X-RecipientIb`` (the original's), ``Bcc`` (never delivered, must not
    be shown to the other recipients) and ``Return-Path`` (written by the final MTA);
 3. ``Date`` is added when absent (a client's Date is kept); ``Message-ID``
-   (``<uuid@return-path-domain>``), ``X-Mailer``, ``Feedback-ID``, ``List-Unsubscribe``
-   (https one-click URL when configured, plus the tagged mailto) and, with the https URL,
-   ``List-Unsubscribe-Post`` replace any the client sent; ``email-headers.inject`` headers are
-   added;
+   (``<uuid.suffix@return-path-domain>``, :func:`common.addressing.message_id`), ``X-Mailer``,
+   ``Feedback-ID``, ``List-Unsubscribe`` (https one-click URL when configured, plus the tagged
+   mailto) and, with the https URL, ``List-Unsubscribe-Post`` replace any the client sent;
+   ``email-headers.inject`` headers are added;
 4. the beacon goes into every text/html part (when the domain has a ``beacon-url``);
-5. DKIM signatures are added last.
+5. the wire form is decided (:mod:`transformer.wire`): 8-bit parts and long lines re-encoded,
+   raw UTF-8 headers encoded, so no MTA after us changes a byte;
+6. the customer's own DKIM-Signature stays only if our edits left what it covers unchanged
+   (:mod:`transformer.customersig`);
+7. our DKIM signatures are added last.
 
-The envelope -- tagged return path, recipients from To/Cc, uuid, stream id, priority --
-travels in the :class:`~common.payloads.OutboundMail` fields, never in headers.
+The envelope -- tagged return path, recipients from To/Cc, uuid, stream id, priority and
+whether the message needs SMTPUTF8 (``meta["smtputf8"] == "yes"``) -- travels in the
+:class:`~common.payloads.OutboundMail` fields, never in headers.
 """
 
 from __future__ import annotations
@@ -24,18 +29,18 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime, getaddresses
 from typing import Final
 
-from common.addressing import AddressSigner, valid_uuid
+from common.addressing import AddressSigner, message_id, valid_uuid
 from common.errors import PermanentError
 from common.payloads import OutboundMail, SubmittedMail
 from common.submission import recipients
-from transformer import beacon
-from transformer.message import CRLF, MAX_LINE, MessageError, RawMessage
+from transformer import beacon, customersig, wire
+from transformer.message import MessageError, RawMessage
 from transformer.settings import DomainProfile, Settings
 
 log = logging.getLogger(__name__)
@@ -78,15 +83,25 @@ class Transformed:
     warnings: tuple[str, ...]
     beacons: int
     sign_seconds: float
+    wire_form: wire.WireReport = field(default_factory=wire.WireReport)
+    customer_signatures: tuple[customersig.Verdict, ...] = ()
 
 
 class MessageTransformer:
     """Applies :mod:`transformer.transform`'s steps with one configuration."""
 
-    def __init__(self, settings: Settings, addresses: AddressSigner, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: Settings,
+        addresses: AddressSigner,
+        clock: Callable[[], float] = time.time,
+        nonce: Callable[[], bytes] | None = None,
+    ):
         self.settings = settings
         self.addresses = addresses
         self.clock = clock
+        #: Random part of each Message-ID (fixed by the golden tests).
+        self.nonce = nonce
         removed = [*INTERNAL_HEADERS, *STRIPPED_HEADERS, *REPLACED_HEADERS]
         removed.extend(name.lower() for name, _ in settings.inject)
         if settings.x_mailer is not None:
@@ -98,13 +113,14 @@ class MessageTransformer:
 
         Raises:
             Unprocessable: the message cannot be parsed, has no usable X-Uuid, From address,
-                configured From domain or recipient.
+                configured From domain or recipient, or no wire form that survives every hop.
         """
         fallback_uuid = submitted.uuid if valid_uuid(submitted.uuid) else None
         try:
             msg = RawMessage.parse(submitted.raw)
         except MessageError as exc:
             raise Unprocessable(f"unparsable message: {exc}", uuid=fallback_uuid) from None
+        as_sent = customersig.Snapshot.of(msg)
         uuid = msg.get("X-Uuid")
         stream_id = printable(msg.get("X-Stream-Id") or "") or None
         if uuid is None:
@@ -114,8 +130,10 @@ class MessageTransformer:
                 "X-Uuid is not [a-z0-9]+ of at most 46 characters", uuid=fallback_uuid, stream_id=stream_id
             )
         profile = self._profile(msg, uuid, stream_id)
-        # An address with bytes that are not UTF-8 cannot be delivered (nor encoded for Redis).
-        rcpts = tuple(r for r in recipients(msg.header_message(("To", "Cc"))) if printable(r) == r)
+        # An address with bytes that are not UTF-8 cannot be delivered (nor encoded for Redis);
+        # a non-ASCII domain travels as its A-label (wire.py writes the headers the same way).
+        found = recipients(msg.header_message(("To", "Cc")))
+        rcpts = tuple(dict.fromkeys(wire.ascii_domain(r) for r in found if printable(r) == r))
         if not rcpts:
             raise Unprocessable("To and Cc hold no valid recipient address", uuid=uuid, stream_id=stream_id)
 
@@ -123,8 +141,11 @@ class MessageTransformer:
         beacons = 0
         if profile.beacon_url is not None:
             beacons = self._insert_beacon(msg, profile.beacon_url, uuid, stream_id, warnings)
-        if len(msg.body) > MAX_LINE and max(map(len, msg.body.split(CRLF))) > MAX_LINE:
-            warnings.append("a body line is longer than 998 octets; MTAs may break it (and the signature)")
+        try:
+            report = wire.make_wire_safe(msg)
+        except wire.WireError as exc:
+            raise Unprocessable(str(exc), uuid=uuid, stream_id=stream_id) from None
+        verdicts = tuple(customersig.review(as_sent, msg))
         started = time.perf_counter()
         profile.signer.sign(msg)
         sign_seconds = time.perf_counter() - started
@@ -136,9 +157,9 @@ class MessageTransformer:
             from_domain=profile.domain,
             stream_id=stream_id,
             submitted_at=submitted.submitted_at,
-            meta={"priority": str(submitted.priority)},
+            meta={"priority": str(submitted.priority), **({"smtputf8": "yes"} if report.smtputf8 else {})},
         )
-        return Transformed(mail, tuple(warnings), beacons, sign_seconds)
+        return Transformed(mail, tuple(warnings), beacons, sign_seconds, report, verdicts)
 
     def _profile(self, msg: RawMessage, uuid: str, stream_id: str | None) -> DomainProfile:
         addresses = [a for _, a in getaddresses(msg.get_all("From")) if "@" in a]
@@ -162,7 +183,8 @@ class MessageTransformer:
         rp_domain = profile.return_path_domain
         if not msg.has("Date"):
             msg.append("Date", format_datetime(datetime.fromtimestamp(self.clock(), UTC)))
-        msg.append("Message-ID", f"<{uuid}@{rp_domain}>")
+        nonce = None if self.nonce is None else self.nonce()
+        msg.append("Message-ID", message_id(uuid, rp_domain, now=self.clock(), nonce=nonce))
         if self.settings.x_mailer is not None:
             msg.append("X-Mailer", self.settings.x_mailer)
         fb = self.settings.feedback

@@ -13,6 +13,11 @@ not match, so nobody can bounce, unsubscribe or report a message they did not re
 The uuid is ``[a-z0-9]+``; keeping it at most :data:`MAX_UUID_LENGTH` characters keeps the
 local part within RFC 5321's 64 octets.
 
+The Message-ID of a sent message is built and parsed here too (:func:`message_id`,
+:func:`message_id_uuid`): ``<U.S@D>``, where ``S`` is at least 16 characters of time and
+randomness, so the id is unique and never short (SpamAssassin's ``MSGID_SHORT``) whatever the
+uuid, and MxServer still finds ``U`` in a report that quotes it.
+
 The secret is ``common-config.address-secret``; when unset, :func:`load_secret` creates one
 in Redis (``IB:address-secret``) on first use, so every service of an installation agrees.
 """
@@ -26,7 +31,8 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -46,6 +52,13 @@ UUID_RE: Final = re.compile(r"[a-z0-9]+")
 
 _LOCAL_RE: Final = re.compile(r"^(bounce|unsub)-([a-z0-9]+)-([a-z2-7]{10})$")
 _TOKEN_RE: Final = re.compile(r"^([a-z0-9]+)-([a-z2-7]{10})$")
+#: ``<uuid[.suffix]@domain>``: the uuid, then anything dotted (suffix, later tags), then the domain.
+#: Ids without a suffix are the ones sent before the suffix existed.
+_MESSAGE_ID_RE: Final = re.compile(r"<\s*([a-z0-9]{1,46})((?:\.[a-z0-9-]+)*)@([a-z0-9.-]{1,253})\s*>", re.I)
+_B36: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
+#: Characters of time (milliseconds, base 36) and of randomness (base 32) in the suffix.
+MESSAGE_ID_TIME_CHARS: Final = 8
+MESSAGE_ID_RANDOM_BYTES: Final = 5
 
 
 def valid_uuid(uuid: str) -> bool:
@@ -101,6 +114,37 @@ class AddressSigner:
         if not hmac.compare_digest(tag, self.tag("unsub", uuid)):
             return None
         return uuid
+
+
+def message_id(uuid: str, domain: str, *, now: float | None = None, nonce: bytes | None = None) -> str:
+    """The Message-ID of message ``uuid``: ``<uuid.suffix@domain>``.
+
+    The suffix is the time in milliseconds (base 36, 8 characters) followed by 40 random bits
+    (base 32, 8 characters): unique across retries and processes, and 16 characters however
+    short the uuid.  ``now`` and ``nonce`` fix both parts (tests, golden files).
+    """
+    millis = int((time.time() if now is None else now) * 1000)
+    digits = ""
+    while millis:
+        millis, rest = divmod(millis, 36)
+        digits = _B36[rest] + digits
+    stamp = digits.rjust(MESSAGE_ID_TIME_CHARS, "0")
+    random_part = nonce if nonce is not None else secrets.token_bytes(MESSAGE_ID_RANDOM_BYTES)
+    suffix = stamp + base64.b32encode(random_part).decode("ascii").rstrip("=").lower()
+    return f"<{uuid}.{suffix}@{domain}>"
+
+
+def message_id_uuid(value: str, domains: Collection[str] | None = None) -> str | None:
+    """The uuid of the first of our Message-IDs in ``value`` (one id or a References list), else None.
+
+    With ``domains``, only ids on one of those (return-path) domains count.  The uuid is not
+    authenticated: anyone who saw the message can quote its Message-ID.
+    """
+    for match in _MESSAGE_ID_RE.finditer(value):
+        uuid, domain = match.group(1).lower(), match.group(3).lower().rstrip(".")
+        if valid_uuid(uuid) and (domains is None or domain in domains):
+            return uuid
+    return None
 
 
 def looks_tagged(address: str) -> bool:

@@ -255,8 +255,13 @@ class Stack:
         from devtools.sink import Sink
         from devtools.webhook import WebhookReceiver
 
-        self.sink = Sink("127.0.0.1", self.ports["sink"], maildir=self.sink_dir).start()
+        # With a "sink-7bit" port the sink also plays an old receiver there (no 8BITMIME, no
+        # SMTPUTF8); point postfixlog.sandbox.nexthop at it to send everything that way.
+        seven_bit = self.ports.get("sink-7bit")
+        self.sink = Sink("127.0.0.1", self.ports["sink"], maildir=self.sink_dir, seven_bit_port=seven_bit).start()
         self.echo(f"SMTP sink (the internet) on 127.0.0.1:{self.ports['sink']}, mail in {self.sink_dir}")
+        if seven_bit is not None:
+            self.echo(f"SMTP sink without 8BITMIME/SMTPUTF8 on 127.0.0.1:{seven_bit}")
         self.webhook = WebhookReceiver("127.0.0.1", self.ports["webhook"], out=self.events_file).start()
         self.echo(f"webhook receiver on {self.webhook.url}, events in {self.events_file}")
 

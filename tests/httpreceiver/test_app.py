@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ CASES: list[dict[str, Any]] = yaml.safe_load((DATA / "cases.yaml").read_text())
 
 @pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
 def test_message_corpus(case: dict[str, Any], hr: AppUnderTest) -> None:
-    # Each file is accepted into its queue byte for byte, or refused naming the rule it broke.
+    # Each file is accepted into its queue byte for byte (line endings made CRLF), or refused
+    # naming the rule it broke and what the SMTP door answers for it.
     raw = (DATA / "messages" / case["file"]).read_bytes()
     resp = hr.client.post("/v1/mail/send", data=raw, headers=headers())
     assert resp.status_code == case["status"], resp.get_data(as_text=True)
@@ -43,7 +45,7 @@ def test_message_corpus(case: dict[str, Any], hr: AppUnderTest) -> None:
     if case["status"] == 200:
         assert body == {"uuid": case["uuid"], "queue": case["queue"]}
         [fields] = entries(hr.redis, case["queue"])
-        assert fields[b"raw"] == raw
+        assert fields[b"raw"] == raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         assert fields[b"uuid"] == case["uuid"].encode()
         assert fields[b"via"] == b"http"
         assert fields[b"priority"] == (b"0" if case["queue"] == P0 else b"1")
@@ -52,6 +54,9 @@ def test_message_corpus(case: dict[str, Any], hr: AppUnderTest) -> None:
     else:
         assert body["error"] == case["error"]
         assert body["message"]
+        assert isinstance(body["smtp_code"], int) and re.fullmatch(r"5\.\d\.\d", body["enhanced_status"])
+        if "smtp_code" in case:
+            assert (body["smtp_code"], body["enhanced_status"]) == (case["smtp_code"], case["enhanced_status"])
         assert hr.redis.xlen(P0) + hr.redis.xlen(P1) == 0
         assert hr.metric("nbr_dropped_emails_total") == 1
         assert hr.metric("mailer_httpreceiver_rejections_total", {"rule": case["error"]}) == 1

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 KEYS = REPO / "tests/data/dkim/keys"
 PERL_VERIFIER = Path(__file__).with_name("verify_dkim.pl")
 SECRET = b"golden-secret"
+NONCE = b"\x00" * 5
 FEEDBACK = FeedbackId(campaign_id="newsletter", mail_type="marketing", sender_id="example-sender")
 
 
@@ -100,7 +101,9 @@ def make_transformer(
         feedback=feedback,
         inject=tuple((inject or {}).items()),
     )
-    return MessageTransformer(settings, AddressSigner(secret), clock=clock), records_for(keys)
+    # A fixed Message-ID nonce: with the fixed clock, every output is reproducible.
+    transformer = MessageTransformer(settings, AddressSigner(secret), clock=clock, nonce=lambda: NONCE)
+    return transformer, records_for(keys)
 
 
 @pytest.fixture
