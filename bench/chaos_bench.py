@@ -38,6 +38,7 @@ from typing import Any
 import loadgen
 import redis
 
+from common.addressing import message_id_uuid
 from devtools import testing
 from devtools.servers import wait_until
 from devtools.sink import Received
@@ -135,7 +136,7 @@ def drained(client: redis.Redis, stack: Stack) -> bool:
 
 def uuid_of(received: Received, parser: email.parser.BytesHeaderParser) -> str:
     message_id = str(parser.parsebytes(received.data).get("Message-ID", ""))
-    return message_id.strip("<>").split("@")[0]
+    return message_id_uuid(message_id) or ""
 
 
 def account(stack: Stack, plan: list[tuple[str, str, bytes]], accepted: set[str]) -> dict[str, Any]:

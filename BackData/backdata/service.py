@@ -62,7 +62,7 @@ class BackData:
         queues = Queues(client, settings)
         metrics = BackDataMetrics(registry)
         registry.register(BacklogCollector(queues, self.queue, keys.GROUP_BACKDATA))
-        worker_metrics = WorkerMetrics(registry)
+        worker_metrics = WorkerMetrics("backdata", registry)
         policy = RetryPolicy(base_s=min(1.0, section.max_backoff_seconds), cap_s=section.max_backoff_seconds)
         parking = Parking(queues, self.queue, policy=policy)
         consumer = BatchingConsumer(

@@ -1,16 +1,18 @@
 """``POST /v1/mail/send``: one raw RFC 822 message in, one entry on the P0 or P1 stream out.
 
 Produces ``reliable-queue.queue-names.primary-queue`` (``X-Priority: 0``) or ``default-queue``
-entries (:class:`common.payloads.SubmittedMail`, the body byte for byte).  The client gets
-``200 {"uuid", "queue"}`` only after Redis has the entry (AOF, DESIGN §2); every refusal
-names its rule:
+entries (:class:`common.payloads.SubmittedMail`: the body as the intake rule both doors share,
+:func:`common.submission.accept`, returns it -- byte for byte but for CRLF line endings).  The
+client gets ``200 {"uuid", "queue"}`` only after Redis has the entry (AOF, DESIGN §2); every
+refusal names its rule:
 
 =====  =================================================================================
 401    no or wrong credentials (HTTP Basic or a bearer API key)
 429    too many wrong credentials from this address (``httpreceiver.auth-lockout``; ``Retry-After``)
 415    Content-Type is not application/octet-stream or message/rfc822
 413    larger than ``max-message-size`` (refused from Content-Length, before reading)
-400    a validation rule of :mod:`common.submission` failed, or a bad Idempotency-Key
+400    a rule of :mod:`common.submission` failed (the body adds ``smtp_code`` and
+       ``enhanced_status``: what Receiver answers the same message), or a bad Idempotency-Key
 409    the same Idempotency-Key is being processed right now
 422    the Idempotency-Key was used before with a different message
 503    Redis is unavailable or the queue is over its limit (``Retry-After`` says when to retry)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from typing import Final
 
 from flask import Response, request
@@ -32,7 +35,7 @@ from common.config.httpreceiver import HttpReceiverSection
 from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
 from common.payloads import SubmittedMail
 from common.queue import Queues
-from common.submission import Rejection, Submission, validate
+from common.submission import Rejection, Submission, accept
 from httpreceiver.auth import Authenticator
 from httpreceiver.idempotency import IdempotencyStore, Record, Reservation, fingerprint, valid_key
 from httpreceiver.metrics import HttpMetrics
@@ -85,11 +88,11 @@ class MailIntake:
         if len(raw) > self.max_size:
             return self.too_large()
         try:
-            submission = validate(raw, self._configured)
+            accepted = accept(raw, self._configured)
         except Rejection as exc:
-            return self.refuse(400, exc.rule, exc.message)
+            return self.refuse(exc.http_status, exc.rule, exc.message, details=exc.details())
         key = request.headers.get("Idempotency-Key") if self.idempotency is not None else None
-        return self._queue(user, raw, submission, key)
+        return self._queue(user, accepted.raw, accepted.submission, key)
 
     def _authenticate(self) -> str | Response:
         """The caller's name, or the 401/429 answer (with the lockout of :mod:`common.authguard`)."""
@@ -178,12 +181,20 @@ class MailIntake:
         )
         return json_answer(200, answer)
 
-    def refuse(self, status: int, rule: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    def refuse(
+        self,
+        status: int,
+        rule: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        details: Mapping[str, str | int] | None = None,
+    ) -> Response:
         """A refused submission: counted as dropped, logged with its rule."""
         self.metrics.dropped.inc()
         self.metrics.rejections.labels(rule).inc()
         log.info("refused submission (%d %s): %s", status, rule, message)
-        return error_answer(status, rule, message, headers)
+        return error_answer(status, rule, message, headers, details=details)
 
     def too_large(self) -> Response:
         """413 for a body over ``max-message-size``."""

@@ -21,36 +21,36 @@ class HttpMetrics:
             "nbr_dropped_emails", "Submissions refused (invalid, too large, queue unavailable)", registry=registry
         )
         self.requests = Counter(
-            "httpreceiver_requests",
+            "mailer_httpreceiver_requests",
             "HTTP requests by endpoint and status code",
             ["endpoint", "status"],
             registry=registry,
         )
         self.rejections = Counter(
-            "httpreceiver_rejections",
+            "mailer_httpreceiver_rejections",
             "Submissions refused, by rule (x-uuid-missing, too-large, queue-full…)",
             ["rule"],
             registry=registry,
         )
         self.auth_failures = Counter(
-            "httpreceiver_auth_failures",
+            "mailer_httpreceiver_auth_failures",
             "Submissions refused for credentials, by reason (no-credentials, bad-credentials, locked-out)",
             ["reason"],
             registry=registry,
         )
         self.idempotent_replays = Counter(
-            "httpreceiver_idempotent_replays",
+            "mailer_httpreceiver_idempotent_replays",
             "Repeated submissions answered from the Idempotency-Key record (nothing queued)",
             registry=registry,
         )
         self.unsubscribes = Counter(
-            "httpreceiver_unsubscribes",
+            "mailer_httpreceiver_unsubscribes",
             "One-click unsubscribe requests by outcome (accepted, forged, unavailable)",
             ["outcome"],
             registry=registry,
         )
         self.latency = Histogram(
-            "httpreceiver_request_seconds",
+            "mailer_httpreceiver_request_seconds",
             "Time to answer a request, by endpoint",
             ["endpoint"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),

@@ -19,6 +19,13 @@ def json_answer(status: int, body: Mapping[str, Any], headers: Mapping[str, str]
     )
 
 
-def error_answer(status: int, rule: str, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    """``{"error": <rule>, "message": <what is wrong>}`` with ``status``."""
-    return json_answer(status, {"error": rule, "message": message}, headers)
+def error_answer(
+    status: int,
+    rule: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    details: Mapping[str, Any] | None = None,
+) -> Response:
+    """``{"error": <rule>, "message": <what is wrong>, **details}`` with ``status``."""
+    return json_answer(status, {"error": rule, "message": message, **(details or {})}, headers)

@@ -6,7 +6,8 @@ Strongest first:
 2. ``return-path``    -- a genuine tagged address inside the report (ARF ``Original-Mail-From``,
    the original's ``Return-Path`` or any of its headers, or the report text);
 3. ``list-unsubscribe`` -- a genuine one-click token in the original's ``List-Unsubscribe``;
-4. ``message-id``     -- the original's ``Message-ID`` is ``<uuid@return-path-domain>``.  The
+4. ``message-id``     -- the original's ``Message-ID`` is ours (``<uuid.suffix@return-path-domain>``,
+   parsed by :func:`common.addressing.message_id_uuid`).  The
    uuid is in every sent message, so this one can be forged; it is only used for spam reports
    (the event says ``attribution: message-id``).
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import Final, Literal
 
-from common.addressing import AddressSigner, Kind, valid_uuid
+from common.addressing import AddressSigner, Kind, message_id_uuid
 from mxserver import mime
 
 Source = Literal["envelope", "return-path", "list-unsubscribe", "message-id"]
@@ -30,7 +31,6 @@ VERIFIED: Final[frozenset[str]] = frozenset(("envelope", "return-path", "list-un
 
 _TAGGED_RE: Final = re.compile(r"(?:bounce|unsub)-[a-z0-9]{1,46}-[a-z2-7]{10}@[a-z0-9.-]{1,253}", re.I)
 _TOKEN_RE: Final = re.compile(r"(?<![a-z0-9])[a-z0-9]{1,46}-[a-z2-7]{10}(?![a-z0-9])", re.I)
-_MSGID_RE: Final = re.compile(r"<\s*([a-z0-9]{1,46})@([a-z0-9.-]{1,253})\s*>", re.I)
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,13 @@ class Attributor:
         return None
 
     def from_message_id(self, *messages: Message | None, names: Sequence[str] = ("Message-ID",)) -> Attribution | None:
-        """The uuid of a ``<uuid@return-path-domain>`` id in the named headers (unverified)."""
+        """The uuid of one of our Message-IDs in the named headers (unverified)."""
         for msg in messages:
             if msg is None:
                 continue
             for name in names:
                 for value in mime.header_values(msg, name):
-                    for match in _MSGID_RE.finditer(value):
-                        uuid, domain = match.group(1).lower(), match.group(2).lower().rstrip(".")
-                        if domain in self.return_path_domains and valid_uuid(uuid):
-                            return Attribution(uuid, "message-id")
+                    uuid = message_id_uuid(value, self.return_path_domains)
+                    if uuid is not None:
+                        return Attribution(uuid, "message-id")
         return None

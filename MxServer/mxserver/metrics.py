@@ -24,29 +24,34 @@ class MxMetrics:
             "mxserver_received_unclassified", "Mails kept in the eml directory (not classified)", registry=r
         )
         self.bounce = Counter(
-            "mxserver_received_bounce", "Bounce reports (DSN or text) received", ["report"], registry=r
+            "mailer_mxserver_received_bounce", "Bounce reports (DSN or text) received", ["report"], registry=r
         )
-        self.deferred = Counter("mxserver_received_deferred", "Delay notices received", ["report"], registry=r)
-        self.events = Counter("mxserver_events", "Events written to the event queue", ["event", "type"], registry=r)
+        self.deferred = Counter("mailer_mxserver_received_deferred", "Delay notices received", ["report"], registry=r)
+        self.events = Counter(
+            "mailer_mxserver_events", "Events written to the event queue", ["event", "type"], registry=r
+        )
         self.rejected = Counter(
-            "mxserver_rejected_recipients", "RCPT TO refused (relay, forged tag, unknown)", ["reason"], registry=r
+            "mailer_mxserver_rejected_recipients",
+            "RCPT TO refused (relay, forged tag, unknown)",
+            ["reason"],
+            registry=r,
         )
         self.temporary_failures = Counter(
-            "mxserver_temporary_failures",
+            "mailer_mxserver_temporary_failures",
             "Mails answered with a 4xx (Redis or disk unavailable)",
             ["cause"],
             registry=r,
         )
         self.warnings = Counter("mxserver_warnings", "Unexpected problems (see the log)", registry=r)
-        self.sessions = Gauge("mxserver_sessions", "Open SMTP sessions", registry=r)
+        self.sessions = Gauge("mailer_mxserver_sessions", "Open SMTP sessions", registry=r)
         self.connections_refused = Counter(
             "mailer_mxserver_connections_refused",
             "Connections refused at connect with 421, by reason (busy, per-ip)",
             ["reason"],
             registry=r,
         )
-        self.eml_files = Gauge("mxserver_eml_directory_files", "Files in the eml directory", registry=r)
-        self.eml_bytes = Gauge("mxserver_eml_directory_bytes", "Bytes in the eml directory", registry=r)
+        self.eml_files = Gauge("mailer_mxserver_eml_directory_files", "Files in the eml directory", registry=r)
+        self.eml_bytes = Gauge("mailer_mxserver_eml_directory_bytes", "Bytes in the eml directory", registry=r)
 
     def count(self, result: Classification) -> None:
         """Count one received mail by its classification and the events it produced."""

@@ -262,7 +262,9 @@ class Injector:
                 elif value is not None and value.kind == "r":
                     state.refused[rcpt] = value.value
                 else:
-                    message = message or Message.prepare(state.mail.raw)
+                    message = message or Message.prepare(
+                        state.mail.raw, smtputf8=state.mail.meta.get("smtputf8") == "yes"
+                    )
                     state.jobs.append(_Job(state.entry, state.mail, rcpt, message))
         return found_queued
 

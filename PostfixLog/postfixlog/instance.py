@@ -59,6 +59,7 @@ SANDBOX_PARAMETERS: Final = (
     "sender_dependent_default_transport_maps",
     "smtp_fallback_relay",
     "smtp_dns_support_level",
+    "default_filter_nexthop",
 )
 
 #: Postfix queues as named by ``postqueue -j`` and the queue directory.
@@ -230,6 +231,8 @@ class PostfixInstance:
                 "sender_dependent_default_transport_maps": "",
                 "smtp_fallback_relay": "",
                 "smtp_dns_support_level": "disabled",
+                # Where the SMTPUTF8 transport (header_checks FILTER in main.cf.in) delivers.
+                "default_filter_nexthop": str(self.nexthop),
             }
             for key, value in forced.items():
                 _set_parameter(lines, key, value)

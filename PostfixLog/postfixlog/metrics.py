@@ -8,9 +8,9 @@ Original names (dashboards and alert rules depend on them):
 * ``postfix_emails_to_postfix_total`` -- entries completely handed to Postfix;
 * ``postfix_poller_warnings_total`` -- log lines PostfixLog could not parse.
 
-Added: ``postfixlog_events_total{event,type}``, ``postfixlog_log_lines_total{kind}``,
-``postfixlog_recipients_total{outcome}``, ``postfixlog_log_unread_bytes``,
-``postfixlog_postfix_up`` and ``postfixlog_postfix_restarts_total``.
+Added: ``mailer_postfixlog_events_total{event,type}``, ``mailer_postfixlog_log_lines_total{kind}``,
+``mailer_postfixlog_recipients_total{outcome}``, ``mailer_postfixlog_log_unread_bytes``,
+``mailer_postfixlog_postfix_up`` and ``mailer_postfixlog_postfix_restarts_total``.
 """
 
 from __future__ import annotations
@@ -56,23 +56,23 @@ class PostfixLogMetrics:
             "postfix_poller_warnings", "Postfix log lines that could not be parsed", registry=registry
         )
         self.events_total = Counter(
-            "postfixlog_events", "Events produced from Postfix' log", ["event", "type"], registry=registry
+            "mailer_postfixlog_events", "Events produced from Postfix' log", ["event", "type"], registry=registry
         )
         self.lines_total = Counter(
-            "postfixlog_log_lines", "Postfix log lines read, by kind", ["kind"], registry=registry
+            "mailer_postfixlog_log_lines", "Postfix log lines read, by kind", ["kind"], registry=registry
         )
         self.recipients_total = Counter(
-            "postfixlog_recipients",
+            "mailer_postfixlog_recipients",
             "Recipients handed to Postfix, by Postfix' answer",
             ["outcome"],
             registry=registry,
         )
         self.unread_bytes = Gauge(
-            "postfixlog_log_unread_bytes", "Bytes of Postfix' log not read yet", registry=registry
+            "mailer_postfixlog_log_unread_bytes", "Bytes of Postfix' log not read yet", registry=registry
         )
-        self.postfix_up = Gauge("postfixlog_postfix_up", "1 while Postfix answers", registry=registry)
+        self.postfix_up = Gauge("mailer_postfixlog_postfix_up", "1 while Postfix answers", registry=registry)
         self.postfix_restarts = Counter(
-            "postfixlog_postfix_restarts", "Times Postfix was restarted after dying", registry=registry
+            "mailer_postfixlog_postfix_restarts", "Times Postfix was restarted after dying", registry=registry
         )
         if queue_counts is not None:
             registry.register(QueueCollector(queue_counts))

@@ -170,7 +170,7 @@ class PostfixLogService:
             consumer,
             self.injector,
             stopper,
-            metrics=WorkerMetrics(registry),
+            metrics=WorkerMetrics("postfixlog", registry),
             heartbeat=health.beat,
         )
         self._postfix_answers = False

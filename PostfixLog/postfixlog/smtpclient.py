@@ -1,7 +1,10 @@
 """A small pipelining SMTP client for handing messages to the local Postfix.
 
 A transaction sends ``XFORWARD IDENT=<token>``, ``MAIL FROM`` (with ``ENVID`` and, when needed,
-``BODY=8BITMIME`` / ``SMTPUTF8``), one ``RCPT TO`` with ``NOTIFY=NEVER`` and ``DATA`` in one
+``BODY=8BITMIME`` -- the body has 8-bit bytes -- and ``SMTPUTF8`` -- the Transformer says the
+message needs it, ``meta["smtputf8"]``, or the envelope is not ASCII; Postfix then refuses to
+hand it to a receiver without SMTPUTF8 instead of sending it broken), one ``RCPT TO`` with
+``NOTIFY=NEVER`` and ``DATA`` in one
 write (RFC 2920 pipelining), then the message: two round trips per message.  The protocol
 logic (:class:`Exchange`) does no I/O; it is driven either by :class:`SmtpSession` (one
 blocking connection) or by :class:`SmtpPool` (several connections multiplexed in the calling
@@ -89,10 +92,11 @@ class Message:
     wire: bytes
     eight_bit: bool
     size: int
+    smtputf8: bool = False
 
     @classmethod
-    def prepare(cls, raw: bytes) -> Message:
-        """Normalise line ends to CRLF and dot-stuff ``raw``."""
+    def prepare(cls, raw: bytes, *, smtputf8: bool = False) -> Message:
+        """Normalise line ends to CRLF and dot-stuff ``raw`` (``smtputf8``: it needs SMTPUTF8)."""
         crlf = raw.count(b"\r\n")
         # Fast path: the Transformer's output already has CRLF line ends only.
         body = raw if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf else _LINE_ENDS.sub(b"\r\n", raw)
@@ -101,7 +105,7 @@ class Message:
         size = len(body)
         if body.startswith(b".") or b"\n." in body:
             body = _LEADING_DOT.sub(b"..", body)
-        return cls(wire=body + b".\r\n", eight_bit=not body.isascii(), size=size)
+        return cls(wire=body + b".\r\n", eight_bit=not body.isascii(), size=size, smtputf8=smtputf8)
 
 
 def xtext(value: str) -> str:
@@ -134,7 +138,7 @@ class Exchange:
         params = [f"SIZE={message.size}"]
         if message.eight_bit and "8BITMIME" in extensions:
             params.append("BODY=8BITMIME")
-        if not (mail_from + rcpt).isascii() and "SMTPUTF8" in extensions:
+        if (message.smtputf8 or not (mail_from + rcpt).isascii()) and "SMTPUTF8" in extensions:
             params.append("SMTPUTF8")
         dsn = "DSN" in extensions
         if dsn:

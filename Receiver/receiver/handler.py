@@ -4,9 +4,11 @@ Produces ``IB-MAIL-QUEUE-P0`` (``X-Priority: 0``) and ``IB-MAIL-QUEUE-P1`` (the 
 global file) entries of type :class:`~common.payloads.SubmittedMail`; consumes nothing.
 
 A message gets ``250`` only after Redis has acknowledged the entry (with AOF
-``appendfsync always`` that means it is on disk).  The raw bytes are queued exactly as
-received after dot-unstuffing.  The SMTP envelope decides nothing: recipients come from the
-``To``/``Cc`` headers (DESIGN §2), so MAIL/RCPT are only syntax-checked.
+``appendfsync always`` that means it is on disk).  The bytes queued are the ones received
+(after dot-unstuffing) passed through the intake rule both doors share,
+:func:`common.submission.accept` (line endings normalised, header fields checked).  The SMTP
+envelope decides nothing: recipients come from the ``To``/``Cc`` headers (DESIGN §2), so
+MAIL/RCPT are only syntax-checked.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from common.errors import QueueFullError, QueueUnavailableError
 from common.payloads import SubmittedMail
 from common.queue import AsyncQueues
 from common.smtpserver import hook_names
-from common.submission import Rejection, validate
+from common.submission import Rejection, accept
 from receiver.accounts import Accounts
 from receiver.metrics import ReceiverMetrics
 from receiver.protocol import SubmissionSession, SubmissionSMTP
@@ -180,14 +182,14 @@ class SubmissionHandler:
 
     async def handle_DATA(self, server: SubmissionSMTP, session: SubmissionSession, envelope: Envelope) -> str:
         """Validate, enqueue durably, then (and only then) say 250."""
-        raw: bytes = envelope.original_content or b""
         try:
-            submission = validate(raw, self.is_configured_domain)
+            accepted = accept(envelope.original_content or b"", self.is_configured_domain)
         except Rejection as rejection:
             self.metrics.rejections.labels(rejection.rule).inc()
             self.metrics.dropped.inc()
             log.info("rejected a message from %s: %s", session.peer_ip, rejection.rule)
             return rejection.smtp_reply
+        raw, submission = accepted.raw, accepted.submission
         queue = self.queue_names.for_priority(submission.priority)
         mail = SubmittedMail(
             raw=raw, uuid=submission.uuid, priority=submission.priority, via="smtp", submitted_at=time.time()

@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TERMINATOR: Final = b"\r\n.\r\n"
-#: Longest line aiosmtpd accepts, without its CRLF (1000 octets with CRLF, plus a stuffed dot).
-MAX_LINE: Final = 999
 
 
 class SubmissionSession(Session):
@@ -132,8 +130,6 @@ class SubmissionSMTP(BaseSMTP):
             status: Any
             if wire is None:
                 status = replies.message_too_big(self.data_size_limit)
-            elif any(len(line) > MAX_LINE for line in wire.split(b"\r\n")):
-                status = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets including CRLF)"
             else:
                 content = unstuff(wire)
                 self.envelope.content = self.envelope.original_content = content

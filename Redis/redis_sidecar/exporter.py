@@ -1,12 +1,15 @@
-"""``redis-sidecar exporter``: queue depths and Redis health for Prometheus.
+"""``redis-sidecar exporter``: queue depths for Prometheus.
 
 Reads (never consumes) the four queue streams at scrape time and exports the original metric
 names -- ``primary_queue_messages``, ``default_queue_messages``, ``event_queue_messages``,
 ``queue_to_postfix_messages`` (entries not yet completed: waiting plus being processed) -- plus,
-per queue (label ``queue``): the same length, the entries pending on a consumer, the
-dead-lettered entries and the age of the oldest entry.  When Redis does not answer, ``redis_up``
-is 0 and no stale queue value is exported (the original reported 0, which looks like an empty
-queue).
+per queue (label ``queue``): ``mailer_redis_queue_messages`` (the same length),
+``mailer_redis_queue_pending_messages`` (on a consumer), ``mailer_redis_queue_dead_letter_messages``
+and ``mailer_redis_queue_oldest_message_age_seconds``; and ``mailer_redis_last_backup_timestamp_seconds``.
+
+Redis itself (``redis_up``, memory, clients, persistence) is the standard Redis exporter's job,
+a container of its own in the pod.  When Redis does not answer, this collector exports no queue
+value at all rather than a stale one (the original reported 0, which looks like an empty queue).
 """
 
 from __future__ import annotations
@@ -76,61 +79,44 @@ class QueueCollector(Collector):
             for w in self.watched
         }
         labelled = {
-            "queue_messages": "Entries not yet completed (waiting plus in progress), per queue",
-            "queue_pending_messages": "Entries delivered to a consumer and not yet acknowledged",
-            "queue_dead_letter_messages": "Entries in the queue's dead-letter stream (<queue>:dead)",
-            "queue_oldest_message_age_seconds": "Age of the oldest entry not yet completed (0 when empty)",
+            "mailer_redis_queue_messages": "Entries not yet completed (waiting plus in progress), per queue",
+            "mailer_redis_queue_pending_messages": "Entries delivered to a consumer and not yet acknowledged",
+            "mailer_redis_queue_dead_letter_messages": "Entries in the queue's dead-letter stream (<queue>:dead)",
+            "mailer_redis_queue_oldest_message_age_seconds": "Age of the oldest entry not yet completed (0 when empty)",
         }
         for name, text in labelled.items():
             fams[name] = GaugeMetricFamily(name, text, labels=["queue"])
-        fams["redis_up"] = GaugeMetricFamily("redis_up", "1 when Redis answered this scrape")
-        fams["redis_memory_used_bytes"] = GaugeMetricFamily("redis_memory_used_bytes", "Redis used_memory")
-        fams["redis_memory_max_bytes"] = GaugeMetricFamily(
-            "redis_memory_max_bytes", "Redis maxmemory (0 = no limit); writes fail beyond it"
-        )
-        fams["redis_connected_clients"] = GaugeMetricFamily("redis_connected_clients", "Client connections")
-        fams["redis_aof_last_write_ok"] = GaugeMetricFamily(
-            "redis_aof_last_write_ok", "1 when the last AOF write succeeded (0: Redis refuses writes)"
-        )
-        fams["redis_last_backup_timestamp_seconds"] = GaugeMetricFamily(
-            "redis_last_backup_timestamp_seconds", "Time of the last periodic or manual backup upload"
+        fams["mailer_redis_last_backup_timestamp_seconds"] = GaugeMetricFamily(
+            "mailer_redis_last_backup_timestamp_seconds", "Time of the last periodic or manual backup upload"
         )
         return fams
 
     def collect(self) -> Iterator[Metric]:
-        """Read every queue and Redis' INFO; on failure only ``redis_up 0``."""
+        """Read every queue; nothing at all when Redis does not answer."""
         fams = self._families()
         try:
             stats = [self.queues.stats(w.queue, w.group) for w in self.watched]
             pipe = self.redis.pipeline(transaction=False)
             for w in self.watched:
                 pipe.xrange(w.queue, count=1)
-            pipe.info()
             pipe.get(LAST_BACKUP_KEY)
-            *oldest, info, last_backup = pipe.execute()
+            *oldest, last_backup = pipe.execute()
         except (TemporaryError, redis.exceptions.RedisError):
-            fams["redis_up"].add_metric([], 0)
-            yield fams["redis_up"]
             return
         now = time.time()
         for w, s, first in zip(self.watched, stats, oldest, strict=True):
             self._add_queue(fams, w, s, _entry_age(first[0][0], now) if first else 0.0)
-        fams["redis_up"].add_metric([], 1)
-        fams["redis_memory_used_bytes"].add_metric([], float(info.get("used_memory", 0)))
-        fams["redis_memory_max_bytes"].add_metric([], float(info.get("maxmemory", 0)))
-        fams["redis_connected_clients"].add_metric([], float(info.get("connected_clients", 0)))
-        fams["redis_aof_last_write_ok"].add_metric([], 1.0 if info.get("aof_last_write_status") == "ok" else 0.0)
         if last_backup is not None:
-            fams["redis_last_backup_timestamp_seconds"].add_metric([], float(last_backup))
+            fams["mailer_redis_last_backup_timestamp_seconds"].add_metric([], float(last_backup))
         yield from (f for f in fams.values() if f.samples)
 
     @staticmethod
     def _add_queue(fams: dict[str, GaugeMetricFamily], w: WatchedQueue, s: QueueStats, age: float) -> None:
         fams[w.metric].add_metric([], s.length)
-        fams["queue_messages"].add_metric([w.queue], s.length)
-        fams["queue_pending_messages"].add_metric([w.queue], s.pending)
-        fams["queue_dead_letter_messages"].add_metric([w.queue], s.dead)
-        fams["queue_oldest_message_age_seconds"].add_metric([w.queue], age)
+        fams["mailer_redis_queue_messages"].add_metric([w.queue], s.length)
+        fams["mailer_redis_queue_pending_messages"].add_metric([w.queue], s.pending)
+        fams["mailer_redis_queue_dead_letter_messages"].add_metric([w.queue], s.dead)
+        fams["mailer_redis_queue_oldest_message_age_seconds"].add_metric([w.queue], age)
 
 
 class RedisMetrics:

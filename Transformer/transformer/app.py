@@ -72,7 +72,7 @@ class TransformerService:
                 self.consumer,
                 self.handler,
                 context.stopper,
-                metrics=WorkerMetrics(context.registry),
+                metrics=WorkerMetrics("transformer", context.registry),
                 heartbeat=context.health.beat,
             )
             worker.run()

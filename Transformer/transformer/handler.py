@@ -26,7 +26,7 @@ from common.payloads import SubmittedMail
 from common.queue import Entry, Output
 from common.worker import Done, Fail, Outcome, Retry
 from transformer.metrics import TransformerMetrics
-from transformer.transform import MessageTransformer, Unprocessable, printable
+from transformer.transform import MessageTransformer, Transformed, Unprocessable, printable
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class TransformHandler:
         self.metrics.pushed.inc()
         if result.beacons:
             self.metrics.beacons.inc(result.beacons)
+        self._count_wire_form(result, entry)
         for warning in result.warnings:
             self.metrics.warnings.inc()
             log.warning("uuid %s (%s %s): %s", mail.uuid, entry.queue, entry.id, warning, extra=where)
@@ -95,6 +96,27 @@ class TransformHandler:
         )
         copies = [Output(self.outgoing_queue, copy.to_fields()) for copy in result.mails]
         return Done([*copies, result.record])
+
+    def _count_wire_form(self, result: Transformed, entry: Entry) -> None:
+        """Metrics (and INFO lines) for re-encodings and the customer's own signatures."""
+        form = result.wire_form
+        if form.body_parts:
+            self.metrics.reencoded.labels("body-part").inc(form.body_parts)
+        if form.headers:
+            self.metrics.reencoded.labels("header").inc(form.headers)
+        if form.smtputf8:
+            self.metrics.smtputf8.inc()
+        for verdict in result.customer_signatures:
+            self.metrics.customer_signatures.labels("kept" if verdict.kept else "removed").inc()
+            if not verdict.kept:
+                log.info(
+                    "uuid %s (%s %s): removed the sender's DKIM-Signature of d=%s: %s",
+                    result.mail.uuid,
+                    entry.queue,
+                    entry.id,
+                    verdict.domain,
+                    verdict.reason,
+                )
 
     def _fail(self, entry: Entry, reason: str, uuid: str | None, stream_id: str | None) -> Fail:
         self.metrics.failed.inc()

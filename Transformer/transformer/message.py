@@ -6,8 +6,10 @@ folded here, byte for byte, so no library can re-encode them (Python's ``email``
 turn a long ``List-Unsubscribe`` into RFC 2047 encoded-words, which receivers cannot read).
 
 Line endings are normalised to CRLF (and a non-empty body ends with CRLF), as SMTP transmits
-them, so the DKIM signature is computed over exactly the bytes Postfix sends; apart from that
-the body is untouched.
+them, so the DKIM signature is computed over exactly the bytes Postfix sends: a bare LF or, in
+the body, a bare CR becomes CRLF; a bare CR in the header block makes the message unparsable
+(the intake rule, :mod:`common.submission`, already refuses it).  Apart from that the body is
+untouched here (:mod:`transformer.wire` decides its wire form).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ FOLD_AT: Final = 78
 MAX_LINE: Final = 998
 
 _FIELD_NAME: Final = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_LINE_END: Final = re.compile(rb"\r\n|\r|\n")
 
 
 class MessageError(PermanentError):
@@ -143,6 +146,10 @@ class RawMessage:
             block, body = data, b""
         else:
             block, body = data[: split + 2], data[split + 4 :]
+        if b"\r" in block.replace(CRLF, b""):
+            raise MessageError("the header block holds a bare CR")
+        if body.count(b"\r") != body.count(CRLF):
+            body = _LINE_END.sub(CRLF, body)
         if body and not body.endswith(CRLF):
             # SMTP clients end the data with CRLF anyway; adding it here keeps the signed body
             # and the delivered body the same (canonicalisers disagree about a last line

@@ -4,6 +4,12 @@
 from P0 / P1, ``transformer_pushed_total`` messages handed to Postfix's queue,
 ``transformer_warnings_total`` recoverable oddities (a client's List-Unsubscribe replaced, a
 part the beacon could not enter, an ignored config entry).
+
+``mailer_transformer_reencoded_total{what="body-part|header"}`` counts what the wire form
+(:mod:`transformer.wire`) had to re-encode so that no MTA after us changes a byte,
+``mailer_transformer_smtputf8_total`` the messages that need SMTPUTF8 (a non-ASCII local part),
+``mailer_transformer_customer_signatures_total{outcome="kept|removed"}`` the customers' own
+DKIM-Signatures (:mod:`transformer.customersig`).
 """
 
 from __future__ import annotations
@@ -26,21 +32,39 @@ class TransformerMetrics:
         self.pushed = Counter("transformer_pushed", "Signed messages handed to the Postfix queue", registry=registry)
         self.warnings = Counter("transformer_warnings", "Recoverable problems (see the log)", registry=registry)
         self.failed = Counter(
-            "transformer_failed",
+            "mailer_transformer_failed",
             "Unprocessable messages dead-lettered with an error event",
             registry=registry,
         )
         self.beacons = Counter(
-            "transformer_beacons_inserted", "Open-tracking beacons inserted (one per HTML part)", registry=registry
+            "mailer_transformer_beacons_inserted",
+            "Open-tracking beacons inserted (one per HTML part)",
+            registry=registry,
+        )
+        self.reencoded = Counter(
+            "mailer_transformer_reencoded",
+            "Body parts (quoted-printable/base64) and header fields (RFC 2047/2231, IDNA) re-encoded "
+            "for a wire form no MTA changes",
+            ["what"],
+            registry=registry,
+        )
+        self.smtputf8 = Counter(
+            "mailer_transformer_smtputf8", "Messages that need SMTPUTF8 (a non-ASCII local part)", registry=registry
+        )
+        self.customer_signatures = Counter(
+            "mailer_transformer_customer_signatures",
+            "The sender's own DKIM-Signatures: kept (nothing they cover changed) or removed",
+            ["outcome"],
+            registry=registry,
         )
         self.signing_seconds = Histogram(
-            "transformer_signing_seconds",
+            "mailer_transformer_signing_seconds",
             "Time to DKIM-sign one message (all its signatures)",
             buckets=_SECONDS,
             registry=registry,
         )
         self.transform_seconds = Histogram(
-            "transformer_transform_seconds",
+            "mailer_transformer_transform_seconds",
             "Time to transform one message (parse, headers, beacon, signing)",
             buckets=_SECONDS,
             registry=registry,

@@ -5,10 +5,11 @@ canonicalisation is a few byte-level regular expressions and the private-key ope
 OpenSSL's, through ``cryptography``, so signing costs little more than the RSA operation.
 
 Signed header fields (only those present, each instance): From, To, Cc, Subject, Date,
-Message-ID, MIME-Version, Content-Type, Content-Transfer-Encoding, List-Unsubscribe,
-List-Unsubscribe-Post, Feedback-ID.  From is over-signed (listed once more than it occurs) so
-nobody can add a second From without breaking the signature.  The signature header is folded
-by us and prepended to the header block.
+Message-ID, Reply-To, In-Reply-To, References, MIME-Version, Content-Type,
+Content-Transfer-Encoding, List-Unsubscribe, List-Unsubscribe-Post, Feedback-ID.  From is
+over-signed (listed once more than it occurs) so nobody can add a second From without breaking
+the signature.  The signature header is folded by us and prepended to the header block.  The
+message is already in its wire form (:mod:`transformer.wire`): what is signed is what arrives.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ SIGNED_HEADERS: Final = (
     "subject",
     "date",
     "message-id",
+    "reply-to",
+    "in-reply-to",
+    "references",
     "mime-version",
     "content-type",
     "content-transfer-encoding",

@@ -9,14 +9,18 @@ Per message (DESIGN §4), parsing it once:
 3. ``Date`` is added when absent (a client's Date is kept); ``X-Mailer``, ``Feedback-ID`` and
    ``email-headers.inject`` headers are added, replacing any the client sent;
 4. the beacon goes into every text/html part (when the domain has a ``beacon-url``);
-5. then, for each recipient of To/Cc, one copy: its own ``Message-ID`` (``<uuid.tag.suffix@
+5. the wire form is decided (:mod:`transformer.wire`): 8-bit parts and long lines re-encoded,
+   raw UTF-8 headers encoded, so no MTA after us changes a byte;
+6. then, for each recipient of To/Cc, one copy: its own ``Message-ID`` (``<uuid.tag.suffix@
    return-path-domain>``), ``List-Unsubscribe`` (https one-click URL when configured, plus the
-   tagged mailto) and, with the https URL, ``List-Unsubscribe-Post``, its own return path, and
-   its DKIM signatures (the body hash is computed once).  Every tag is bound to (uuid,
-   recipient) (:mod:`common.addressing`), so a report about one copy names exactly one
-   recipient.
+   tagged mailto) and, with the https URL, ``List-Unsubscribe-Post``, its own return path; the
+   customer's own DKIM-Signature stays only if our edits left what it covers unchanged
+   (:mod:`transformer.customersig`); our DKIM signatures are added last (the body hash is
+   computed once).  Every tag is bound to (uuid, recipient) (:mod:`common.addressing`), so a
+   report about one copy names exactly one recipient.
 
-The envelope -- tagged return path, the recipient, uuid, stream id, priority -- travels in the
+The envelope -- tagged return path, the recipient, uuid, stream id, priority and whether the
+message needs SMTPUTF8 (``meta["smtputf8"] == "yes"``) -- travels in the
 :class:`~common.payloads.OutboundMail` fields, never in headers.  With the copies goes the
 record of who the message was sent to (:func:`common.binding.record_write`), in the same
 MULTI/EXEC.
@@ -28,7 +32,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime, getaddresses
@@ -40,8 +44,8 @@ from common.errors import PermanentError
 from common.payloads import OutboundMail, SubmittedMail
 from common.queue import HashWrite
 from common.submission import recipients
-from transformer import beacon
-from transformer.message import CRLF, MAX_LINE, MessageError, RawMessage
+from transformer import beacon, customersig, wire
+from transformer.message import MessageError, RawMessage
 from transformer.settings import DomainProfile, Settings
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,8 @@ class Transformed:
     warnings: tuple[str, ...]
     beacons: int
     sign_seconds: float
+    wire_form: wire.WireReport = field(default_factory=wire.WireReport)
+    customer_signatures: tuple[customersig.Verdict, ...] = ()
 
     @property
     def mail(self) -> OutboundMail:
@@ -102,13 +108,13 @@ class MessageTransformer:
         clock: Callable[[], float] = time.time,
         *,
         binding_ttl_s: int = 30 * 86400,
-        nonce: Callable[[], bytes | None] = lambda: None,
+        nonce: Callable[[], bytes] | None = None,
     ):
         self.settings = settings
         self.addresses = addresses
         self.clock = clock
         self.binding_ttl_s = binding_ttl_s
-        #: Randomness of the Message-ID suffix (None: 3 fresh random bytes); tests fix it.
+        #: Random part of each Message-ID (None: fresh random bytes; fixed by the golden tests).
         self.nonce = nonce
         removed = [*INTERNAL_HEADERS, *STRIPPED_HEADERS, *REPLACED_HEADERS]
         removed.extend(name.lower() for name, _ in settings.inject)
@@ -121,13 +127,14 @@ class MessageTransformer:
 
         Raises:
             Unprocessable: the message cannot be parsed, has no usable X-Uuid, From address,
-                configured From domain or recipient.
+                configured From domain or recipient, or no wire form that survives every hop.
         """
         fallback_uuid = submitted.uuid if valid_uuid(submitted.uuid) else None
         try:
             msg = RawMessage.parse(submitted.raw)
         except MessageError as exc:
             raise Unprocessable(f"unparsable message: {exc}", uuid=fallback_uuid) from None
+        as_sent = customersig.Snapshot.of(msg)
         uuid = msg.get("X-Uuid")
         stream_id = printable(msg.get("X-Stream-Id") or "") or None
         if uuid is None:
@@ -137,8 +144,10 @@ class MessageTransformer:
                 "X-Uuid is not [a-z0-9]+ of at most 46 characters", uuid=fallback_uuid, stream_id=stream_id
             )
         profile = self._profile(msg, uuid, stream_id)
-        # An address with bytes that are not UTF-8 cannot be delivered (nor encoded for Redis).
-        rcpts = tuple(r for r in recipients(msg.header_message(("To", "Cc"))) if printable(r) == r)
+        # An address with bytes that are not UTF-8 cannot be delivered (nor encoded for Redis);
+        # a non-ASCII domain travels as its A-label (wire.py writes the headers the same way).
+        found = recipients(msg.header_message(("To", "Cc")))
+        rcpts = tuple(dict.fromkeys(wire.ascii_domain(r) for r in found if printable(r) == r))
         if not rcpts:
             raise Unprocessable("To and Cc hold no valid recipient address", uuid=uuid, stream_id=stream_id)
 
@@ -146,29 +155,39 @@ class MessageTransformer:
         beacons = 0
         if profile.beacon_url is not None:
             beacons = self._insert_beacon(msg, profile.beacon_url, uuid, stream_id, warnings)
-        if len(msg.body) > MAX_LINE and max(map(len, msg.body.split(CRLF))) > MAX_LINE:
-            warnings.append("a body line is longer than 998 octets; MTAs may break it (and the signature)")
+        try:
+            report = wire.make_wire_safe(msg)
+        except wire.WireError as exc:
+            raise Unprocessable(str(exc), uuid=uuid, stream_id=stream_id) from None
         started = time.perf_counter()
         body_hash = profile.signer.body_hash(msg.body)
-        mails = tuple(self._copy(msg, profile, uuid, stream_id, rcpt, body_hash, submitted) for rcpt in rcpts)
+        meta = {"priority": str(submitted.priority), **({"smtputf8": "yes"} if report.smtputf8 else {})}
+        copies = [
+            self._copy(msg, as_sent, profile, uuid, stream_id, rcpt, body_hash, submitted, meta) for rcpt in rcpts
+        ]
         sign_seconds = time.perf_counter() - started
         record = binding.record_write(uuid, rcpts, stream_id, profile.domain, self.binding_ttl_s)
-        return Transformed(mails, record, tuple(warnings), beacons, sign_seconds)
+        mails = tuple(mail for mail, _ in copies)
+        verdicts = copies[0][1]  # the same for every copy: they differ only in headers we write
+        return Transformed(mails, record, tuple(warnings), beacons, sign_seconds, report, verdicts)
 
     def _copy(
         self,
         msg: RawMessage,
+        as_sent: customersig.Snapshot,
         profile: DomainProfile,
         uuid: str,
         stream_id: str | None,
         rcpt: str,
         body_hash: str,
         submitted: SubmittedMail,
-    ) -> OutboundMail:
+        meta: dict[str, str],
+    ) -> tuple[OutboundMail, tuple[customersig.Verdict, ...]]:
         """The copy for one recipient: its tagged headers, its signatures, its return path."""
         rp_domain = profile.return_path_domain
         copy = msg.copy()
-        message_id = self.addresses.message_id(uuid, rcpt, rp_domain, now=self.clock(), nonce=self.nonce())
+        nonce = None if self.nonce is None else self.nonce()
+        message_id = self.addresses.message_id(uuid, rcpt, rp_domain, now=self.clock(), nonce=nonce)
         copy.append("Message-ID", message_id)
         unsubscribe = [f"<mailto:{self.addresses.unsubscribe_address(uuid, rcpt, rp_domain)}>"]
         if profile.unsubscribe_url is not None:
@@ -177,8 +196,9 @@ class MessageTransformer:
         copy.append("List-Unsubscribe", ", ".join(unsubscribe))
         if profile.unsubscribe_url is not None:
             copy.append("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+        verdicts = tuple(customersig.review(as_sent, copy))
         profile.signer.sign(copy, body_hash=body_hash)
-        return OutboundMail(
+        mail = OutboundMail(
             raw=copy.to_bytes(),
             uuid=uuid,
             mail_from=self.addresses.return_path(uuid, rcpt, rp_domain),
@@ -186,8 +206,9 @@ class MessageTransformer:
             from_domain=profile.domain,
             stream_id=stream_id,
             submitted_at=submitted.submitted_at,
-            meta={"priority": str(submitted.priority)},
+            meta=meta,
         )
+        return mail, verdicts
 
     def _profile(self, msg: RawMessage, uuid: str, stream_id: str | None) -> DomainProfile:
         addresses = [a for _, a in getaddresses(msg.get_all("From")) if "@" in a]

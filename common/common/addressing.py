@@ -17,6 +17,11 @@ the platform's record of what it sent (or from an address the report names, when
 matches).  The uuid is ``[a-z0-9]+`` of at most :data:`MAX_UUID_LENGTH` characters, so the
 longest local part, ``bounce-`` + 46 + ``-`` + 10, is RFC 5321's 64 octets.
 
+The Message-ID of a sent message is built and parsed here too (:func:`message_id`,
+:func:`message_id_uuid`): ``<U.S@D>``, where ``S`` is at least 16 characters of time and
+randomness, so the id is unique and never short (SpamAssassin's ``MSGID_SHORT``) whatever the
+uuid, and MxServer still finds ``U`` in a report that quotes it.
+
 The secret is ``common-config.address-secret``; when unset, :func:`load_secret` creates one
 in Redis (``IB:address-secret``) on first use, so every service of an installation agrees.
 """
@@ -31,7 +36,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -50,12 +55,14 @@ KINDS: Final[tuple[Kind, ...]] = ("bounce", "unsub", "msgid")
 TAG_LENGTH: Final = 10
 MAX_UUID_LENGTH: Final = 46  # 64 - len("bounce-") - len("-") - TAG_LENGTH
 UUID_RE: Final = re.compile(r"[a-z0-9]+")
-#: Length of the Message-ID's unique suffix (time and randomness, base32).
-SUFFIX_LENGTH: Final = 13
+#: The Message-ID's unique suffix: 6 bytes of time (ms) and 4 random bytes, in 16 base32 characters.
+SUFFIX_RANDOM_BYTES: Final = 4
 
 _LOCAL_RE: Final = re.compile(r"^(bounce|unsub)-([a-z0-9]{1,46})-([a-z2-7]{10})$")
 _TOKEN_RE: Final = re.compile(r"^([a-z0-9]{1,46})-([a-z2-7]{10})$")
 _MSGID_RE: Final = re.compile(r"^<?\s*([a-z0-9]{1,46})\.([a-z2-7]{10})\.([a-z2-7]{6,32})@([^<>@\s]+?)\s*>?$")
+#: ``<uuid[.anything]@domain>``: any of our Message-IDs, tagged or from before tags existed.
+_ANY_MESSAGE_ID_RE: Final = re.compile(r"<\s*([a-z0-9]{1,46})((?:\.[a-z0-9-]+)*)@([a-z0-9.-]{1,253})\s*>", re.I)
 
 
 def valid_uuid(uuid: str) -> bool:
@@ -107,6 +114,20 @@ def parse_message_id(value: str) -> Tagged | None:
     return Tagged("msgid", match.group(1), match.group(2), match.group(4).rstrip("."))
 
 
+def message_id_uuid(value: str, domains: Collection[str] | None = None) -> str | None:
+    """The uuid of the first of our Message-IDs in ``value`` (one id or a References list), else None.
+
+    With ``domains``, only ids on one of those (return-path) domains count.  The uuid is NOT
+    authenticated (anyone who saw the message can quote or invent a Message-ID): tools and
+    benchmarks use this; attributing a report needs :func:`parse_message_id` and the tag.
+    """
+    for match in _ANY_MESSAGE_ID_RE.finditer(value):
+        uuid, domain = match.group(1).lower(), match.group(3).lower().rstrip(".")
+        if valid_uuid(uuid) and (domains is None or domain in domains):
+            return uuid
+    return None
+
+
 def looks_tagged(address: str) -> bool:
     """True when ``address`` has the shape of a tagged address (genuine or not)."""
     return parse_address(address) is not None
@@ -143,10 +164,11 @@ class AddressSigner:
     def message_id(
         self, uuid: str, recipient: str, domain: str, *, now: float | None = None, nonce: bytes | None = None
     ) -> str:
-        """``<U.T.S@D>``: unique (time and 3 random bytes, or ``nonce``, in ``S``), tagged, never short."""
+        """``<U.T.S@D>``: unique (time and 32 random bits, or ``nonce``, in ``S``), tagged, never short."""
         millis = int((time.time() if now is None else now) * 1000)
-        raw = millis.to_bytes(6, "big") + (secrets.token_bytes(3) if nonce is None else nonce[:3].ljust(3, b"\0"))
-        suffix = base64.b32encode(raw).decode().lower().rstrip("=")[:SUFFIX_LENGTH]
+        random = secrets.token_bytes(SUFFIX_RANDOM_BYTES) if nonce is None else nonce[:SUFFIX_RANDOM_BYTES]
+        raw = millis.to_bytes(6, "big") + random.ljust(SUFFIX_RANDOM_BYTES, b"\0")
+        suffix = base64.b32encode(raw).decode().lower()  # 80 bits: 16 characters, no padding
         return f"<{uuid}.{self.tag('msgid', uuid, recipient)}.{suffix}@{domain}>"
 
 

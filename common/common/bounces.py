@@ -3,25 +3,28 @@
 One fixed taxonomy (DESIGN §5), the ``classification`` field of ``bounce`` and ``deferred``
 events:
 
-==================  ===========================================================  ========
-classification      meaning                                                      suppress
-==================  ===========================================================  ========
-user-unknown        the mailbox does not exist (5.1.1, 5.1.10, "no such user")   yes
-mailbox-disabled    the mailbox exists but is disabled or inactive (5.2.1)       yes
-moved               the address moved, no forwarding (5.1.6)                     yes
-host-unknown        the domain does not exist, has no MX or a null MX (5.1.2)    yes
-mailbox-full        over quota (4.2.2 / 5.2.2)                                   no
-message-too-large   over the receiver's size limit (5.3.4, 5.2.3)                no
-blocked             sender IP or domain blocked: blocklists, reputation          no
-spam-content        the content was judged spam, phishing or a virus             no
-auth-failure        SPF, DKIM or DMARC failed (5.7.20-5.7.27)                    no
-policy              other policy rejections (relaying denied, 5.7.x)             no
-rate-limited        too many messages or connections, try later (4.7.28)         no
-expired             undelivered within the queue lifetime (4.4.7)                no
-network             connection refused or timed out, TLS failure (4.4.1)         no
-autoreply           an out-of-office or other automatic reply (MxServer)         no
-other               anything else                                                no
-==================  ===========================================================  ========
+====================  ===========================================================  ========
+classification        meaning                                                      suppress
+====================  ===========================================================  ========
+user-unknown          the mailbox does not exist (5.1.1, 5.1.10, "no such user")   yes
+mailbox-disabled      the mailbox exists but is disabled or inactive (5.2.1)       yes
+moved                 the address moved, no forwarding (5.1.6)                     yes
+host-unknown          the domain does not exist, has no MX or a null MX (5.1.2)    yes
+mailbox-full          over quota (4.2.2 / 5.2.2)                                   no
+message-too-large     over the receiver's size limit (5.3.4, 5.2.3)                no
+blocked               sender IP or domain blocked: blocklists, reputation          no
+spam-content          the content was judged spam, phishing or a virus             no
+auth-failure          SPF, DKIM or DMARC failed (5.7.20-5.7.27)                    no
+policy                other policy rejections (relaying denied, 5.7.x)             no
+rate-limited          too many messages or connections, try later (4.7.28)         no
+expired               undelivered within the queue lifetime (4.4.7)                no
+network               connection refused or timed out, TLS failure (4.4.1)         no
+smtputf8-unsupported  the message needs SMTPUTF8 (a non-ASCII local part) and the  no
+                      receiver does not offer it (5.6.7; Postfix: "SMTPUTF8 is
+                      required, but was not offered by host")
+autoreply             an out-of-office or other automatic reply (MxServer)         no
+other                 anything else                                                no
+====================  ===========================================================  ========
 
 ``suppress`` is true only for a *permanent* failure (5xx, or no route at all) whose
 classification says the address itself is dead; blocks, policy and content rejections are
@@ -59,6 +62,7 @@ CLASSIFICATIONS: Final = (
     "rate-limited",
     "expired",
     "network",
+    "smtputf8-unsupported",
     "autoreply",
     "other",
 )
@@ -71,6 +75,17 @@ def _rx(*alternatives: str) -> re.Pattern[str]:
 
 #: (classification, pattern) -- first match wins, so specific patterns come first.
 TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+    (
+        # Before user-unknown ("non-ASCII address ... not permitted") and network.
+        "smtputf8-unsupported",
+        _rx(
+            r"SMTPUTF8 is required",
+            r"SMTPUTF8 (?:is )?not (?:supported|offered|enabled|available)",
+            r"does not support SMTPUTF8",
+            r"non-ASCII (?:addresses|address|characters) (?:are )?not (?:permitted|allowed|supported)",
+            r"UTF-?8 (?:addresses|address|headers?) (?:are )?not (?:permitted|allowed|supported)",
+        ),
+    ),
     (
         "host-unknown",
         _rx(
@@ -282,6 +297,9 @@ STATUS_RULES: Final[dict[str, str]] = {
     "4.1": "network",
     "4.2": "network",
     "4.7": "expired",
+    "6.7": "smtputf8-unsupported",
+    "6.8": "smtputf8-unsupported",
+    "6.9": "smtputf8-unsupported",
     "7.1": "policy",
     "7.28": "rate-limited",
 }

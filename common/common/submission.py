@@ -1,6 +1,20 @@
-"""Validation of submitted messages, shared by Receiver (SMTP) and HttpReceiver (HTTP).
+"""The intake rule of both doors: Receiver (SMTP ``handle_DATA``) and HttpReceiver (``POST``).
 
-A message is accepted only when (DESIGN §4):
+:func:`accept` runs before either door answers ``250``/``200`` and returns the bytes that are
+queued, so both doors accept, normalise and refuse every message the same way (DESIGN §8):
+
+* **line endings** (:func:`normalise`): CRLF is kept, a bare LF becomes CRLF, a bare CR in the
+  body becomes CRLF, and a bare CR in the header block is refused (``bare-cr``): some programs
+  read it as a line end, so ``X-Stream-Id: a<CR>X-Injected: yes`` would grow a header the
+  customer never wrote;
+* **header lines** longer than 998 octets are refused (``header-line-too-long``, RFC 5322
+  §2.1.1): folding them would change what the customer wrote.  Body lines of any length are
+  accepted: the Transformer re-encodes those parts (quoted-printable/base64) before signing;
+* **raw 8-bit header bytes** must be UTF-8 (``header-not-utf8``, RFC 6532);
+* the header fields we read -- ``X-Uuid``, ``X-Priority``, ``X-Stream-Id``, ``From``, ``To``,
+  ``Cc`` -- hold no control characters (``header-control-char``);
+
+then the message is accepted only when (DESIGN §4):
 
 * it has exactly one ``From`` address and its domain is in ``transformer.domain-settings``;
 * ``X-Uuid`` is present once and matches ``[a-z0-9]+`` (at most 46 characters, so the tagged
@@ -8,9 +22,10 @@ A message is accepted only when (DESIGN §4):
 * ``X-Priority`` is absent, ``0`` or ``1``;
 * ``To``/``Cc`` hold at least one syntactically valid address.
 
-Each failed rule is a :class:`Rejection` carrying the SMTP reply and the HTTP answer, so both
-receivers say exactly which rule failed.  Only the header block is parsed; the body is queued
-byte for byte.
+Each failed rule is a :class:`Rejection` carrying the SMTP reply and the HTTP answer (whose JSON
+body names the rule, the SMTP code and the enhanced status), so both doors say exactly which rule
+failed, in the same words.  Only the header block is parsed; apart from its line endings the
+body is queued byte for byte.
 """
 
 from __future__ import annotations
@@ -29,6 +44,13 @@ from common.addressing import MAX_UUID_LENGTH, valid_uuid
 _ADDRESS_RE: Final = re.compile(r"^[^@\s<>,;]+@(?:[^@\s<>,;.]+\.)+[^@\s<>,;.]+$")
 _PARSER: Final = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 _HEADER_END: Final = re.compile(rb"\n\r?\n")
+_LINE_END: Final = re.compile(rb"\r\n|\r|\n")
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_FIELD_NAME: Final = re.compile(rb"([!-9;-~]+)[ \t]*:")
+#: RFC 5322 §2.1.1: at most 998 octets per line, without its CRLF.
+MAX_LINE: Final = 998
+#: The header fields the platform reads: validated strictly.
+READ_FIELDS: Final = frozenset((b"x-uuid", b"x-priority", b"x-stream-id", b"from", b"to", b"cc"))
 
 
 class Rejection(Exception):
@@ -51,6 +73,10 @@ class Rejection(Exception):
         """HTTP status for the same problem."""
         return 400
 
+    def details(self) -> dict[str, str | int]:
+        """What the HTTP answer adds to ``error``/``message``: the SMTP door's code and status."""
+        return {"smtp_code": self.smtp_code, "enhanced_status": self.status}
+
 
 @dataclass(frozen=True)
 class Submission:
@@ -62,6 +88,107 @@ class Submission:
     from_domain: str
     recipients: tuple[str, ...]
     stream_id: str | None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A message that passed the intake rule: the bytes to queue and what its headers say."""
+
+    raw: bytes
+    submission: Submission
+
+
+def accept(raw: bytes, is_configured_domain: Callable[[str], bool]) -> Accepted:
+    """The intake rule of both doors: normalise ``raw``, check it, return what to queue.
+
+    Raises:
+        Rejection: the first rule the message breaks.
+    """
+    if not raw.strip():
+        raise Rejection("empty", "the message is empty")
+    data = normalise(raw)
+    head = data[: header_end(data)]
+    check_header_block(head)
+    return Accepted(data, validate(data, is_configured_domain))
+
+
+def header_end(data: bytes) -> int:
+    """Length of the header block of a CRLF message (up to and including the empty line)."""
+    if data.startswith(b"\r\n"):
+        return 0
+    end = data.find(b"\r\n\r\n")
+    return len(data) if end < 0 else end + 4
+
+
+def normalise(raw: bytes) -> bytes:
+    """``raw`` with CRLF line endings only, ending in CRLF.
+
+    Bare LF becomes CRLF everywhere; a bare CR becomes CRLF in the body and is refused in the
+    header block (which ends at the first empty line, however its lines end).
+
+    Raises:
+        Rejection: ``bare-cr``, a bare CR in the header block.
+    """
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") == crlf == raw.count(b"\n"):
+        return raw if raw.endswith(b"\r\n") else raw + b"\r\n"
+    if raw.startswith((b"\n", b"\r\n")):
+        head_len = 0
+    else:
+        end = _HEADER_END.search(raw)
+        head_len = len(raw) if end is None else end.end()
+    head = raw[:head_len]
+    if b"\r" in head.replace(b"\r\n", b""):
+        raise Rejection(
+            "bare-cr",
+            "the header block holds a CR that does not end a line (a bare CR): refused, "
+            "receivers would read it as a line end",
+        )
+    data = _LINE_END.sub(b"\r\n", raw)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def check_header_block(head: bytes) -> None:
+    """Rules on the raw header block of a normalised message (line length, UTF-8, controls).
+
+    Raises:
+        Rejection: ``header-line-too-long``, ``header-not-utf8`` or ``header-control-char``.
+    """
+    lines = head.split(b"\r\n")
+    if max(map(len, lines), default=0) > MAX_LINE:
+        number = next(i for i, line in enumerate(lines, 1) if len(line) > MAX_LINE)
+        raise Rejection(
+            "header-line-too-long",
+            f"header line {number} is longer than {MAX_LINE} octets (RFC 5322 2.1.1); fold it",
+            status="5.6.3",
+        )
+    if not head.isascii():
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Rejection(
+                "header-not-utf8", "the header block holds 8-bit bytes that are not UTF-8 (RFC 6532)"
+            ) from None
+    for name, value in _read_fields(head):
+        if _CONTROL.search(value):
+            raise Rejection("header-control-char", f"the {name} header holds a control character", status="5.6.0")
+
+
+def _read_fields(head: bytes) -> list[tuple[str, bytes]]:
+    """(name, unfolded value) of every field of :data:`READ_FIELDS` in a CRLF header block."""
+    found: list[tuple[str, bytes]] = []
+    name: bytes | None = None
+    value: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and name is not None:
+            value.append(line)
+            continue
+        if name is not None:
+            found.append((name.decode("ascii"), b"".join(value)))
+        match = _FIELD_NAME.match(line)
+        name = match.group(1) if match is not None and match.group(1).lower() in READ_FIELDS else None
+        value = [line[match.end() :]] if match is not None else []
+    return found
 
 
 def parse_headers(raw: bytes) -> Message:

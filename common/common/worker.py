@@ -107,8 +107,13 @@ class EntryHandler(abc.ABC):
 
 @dataclass
 class WorkerMetrics:
-    """Counters every worker exports (label ``outcome``: done, retried, dead)."""
+    """Counters every worker exports, named after its service (``mailer_<service>_worker_…``).
 
+    ``mailer_<service>_worker_entries_total{queue, outcome}`` (outcome: done, retried, dead) and
+    ``mailer_<service>_worker_batch_seconds``.
+    """
+
+    service: str
     registry: CollectorRegistry | None = None
     entries: Counter = field(init=False)
     batch_seconds: Histogram = field(init=False)
@@ -116,13 +121,13 @@ class WorkerMetrics:
     def __post_init__(self) -> None:
         kw = {"registry": self.registry} if self.registry is not None else {}
         self.entries = Counter(
-            "mailer_worker_entries",
+            f"mailer_{self.service}_worker_entries",
             "Queue entries processed, by queue and outcome",
             ["queue", "outcome"],
             **kw,  # type: ignore[arg-type]
         )
         self.batch_seconds = Histogram(
-            "mailer_worker_batch_seconds",
+            f"mailer_{self.service}_worker_batch_seconds",
             "Time to process and complete one batch",
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
             **kw,  # type: ignore[arg-type]

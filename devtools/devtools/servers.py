@@ -106,7 +106,11 @@ class RedisProcess:
     def start(self, timeout_s: float = 10.0) -> RedisProcess:
         """Start and wait until it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A session of its own: Ctrl-C in the terminal of `./mailer up` reaches only the stack,
+        # which stops Redis last (after PostfixLog has handed Postfix' queue back to it).
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         wait_until(self._answers, timeout_s, what=f"redis-server on port {self.port}")
         return self
 

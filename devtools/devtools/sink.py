@@ -15,6 +15,12 @@ Accepted messages are kept in memory (:attr:`Sink.messages`) and, with ``maildir
 one file per recipient to that directory (``<n>.eml`` with ``X-Sink-Rcpt``/``X-Sink-From``
 lines first) so another process can count them.
 
+The sink advertises 8BITMIME and SMTPUTF8, as most of today's receivers do.  With
+``seven_bit_port`` it listens on a second port as an old receiver: that port advertises
+neither, refuses ``BODY=8BITMIME`` and ``SMTPUTF8`` on MAIL (``555 5.5.4``) and any message
+with 8-bit bytes (``554 5.6.1``), so a test sees at once whether something arrived that such a
+receiver cannot take.  :attr:`Received.seven_bit` tells which port a message came through.
+
 Run it alone: ``python -m devtools.sink --listen 127.0.0.1:2526 --maildir run/sink``.
 """
 
@@ -58,6 +64,8 @@ class Received:
     rcpt: str
     data: bytes
     peer: str
+    seven_bit: bool = False
+    mail_options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,6 +78,35 @@ class SinkHandler:
     counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     on_message: Callable[[Received], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    seven_bit_ports: frozenset[int] = frozenset()
+
+    def _seven_bit(self, server: SMTP) -> bool:
+        """True when ``server`` is a connection to a port that plays an old, 7-bit-only receiver."""
+        if not self.seven_bit_ports or server.transport is None:
+            return False
+        sockname = server.transport.get_extra_info("sockname")
+        return isinstance(sockname, tuple) and sockname[1] in self.seven_bit_ports
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """The EHLO lines aiosmtpd made, without 8BITMIME and SMTPUTF8 on a 7-bit port."""
+        session.host_name = hostname  # aiosmtpd leaves this to a handler that has the hook
+        if not self._seven_bit(server):
+            return responses
+        return [line for line in responses if line[4:].upper() not in ("8BITMIME", "SMTPUTF8")]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        """Accept the sender; a 7-bit port refuses the extensions it does not offer."""
+        if self._seven_bit(server):
+            unsupported = [o for o in mail_options if o.upper() in ("BODY=8BITMIME", "SMTPUTF8")]
+            if unsupported:
+                return f"555 5.5.4 {' '.join(unsupported)} not supported (sink port without 8BITMIME/SMTPUTF8)"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -86,8 +123,12 @@ class SinkHandler:
         """Keep the message once per accepted recipient."""
         data = envelope.original_content or b""
         peer = str(session.peer[0]) if session.peer else ""
+        seven_bit = self._seven_bit(server)
+        if seven_bit and not data.isascii():
+            return "554 5.6.1 8-bit data without 8BITMIME (sink port without 8BITMIME)"
+        options = tuple(envelope.mail_options)
         for rcpt in envelope.rcpt_tos:
-            item = Received(str(envelope.mail_from), rcpt, data, peer)
+            item = Received(str(envelope.mail_from), rcpt, data, peer, seven_bit, options)
             with self.lock:
                 self.messages.append(item)
                 number = next(self.counter)
@@ -121,24 +162,30 @@ class Sink:
         rules: tuple[tuple[str, str], ...] | list[tuple[str, str]] = DEFAULT_RULES,
         maildir: Path | None = None,
         hostname: str = "sink.test",
+        seven_bit_port: int | None = None,
     ) -> None:
         if maildir is not None:
             maildir.mkdir(parents=True, exist_ok=True)
-        self.handler = SinkHandler(compile_rules(rules), maildir)
         if port == 0:
             from devtools.servers import free_port
 
             port = free_port(host)
+        ports = (port,) if seven_bit_port is None else (port, seven_bit_port)
+        self.handler = SinkHandler(compile_rules(rules), maildir, seven_bit_ports=frozenset(ports[1:]))
         self.host, self.port = host, port
-        self.controller = Controller(
-            self.handler,
-            hostname=host,
-            port=port,
-            server_hostname=hostname,
-            data_size_limit=64 * 1024 * 1024,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-        )
+        self.seven_bit_port = seven_bit_port
+        self.controllers = [
+            Controller(
+                self.handler,
+                hostname=host,
+                port=listen,
+                server_hostname=hostname,
+                data_size_limit=64 * 1024 * 1024,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+            )
+            for listen in ports
+        ]
 
     @property
     def messages(self) -> list[Received]:
@@ -147,13 +194,15 @@ class Sink:
             return list(self.handler.messages)
 
     def start(self) -> Sink:
-        """Start serving."""
-        self.controller.start()
+        """Start serving (every port)."""
+        for controller in self.controllers:
+            controller.start()
         return self
 
     def stop(self) -> None:
         """Stop serving."""
-        self.controller.stop()
+        for controller in self.controllers:
+            controller.stop()
 
     def __enter__(self) -> Sink:
         return self.start()
@@ -167,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="SMTP sink with scripted replies per recipient")
     parser.add_argument("--listen", default="127.0.0.1:2526", help="host:port (loopback)")
     parser.add_argument("--maildir", type=Path, default=None, help="store accepted messages here")
+    parser.add_argument("--seven-bit-port", type=int, default=None, help="also listen here without 8BITMIME/SMTPUTF8")
     args = parser.parse_args(argv)
     logs.setup("sink")
     host, _, port = args.listen.rpartition(":")
-    sink = Sink(host, int(port), maildir=args.maildir).start()
+    sink = Sink(host, int(port), maildir=args.maildir, seven_bit_port=args.seven_bit_port).start()
     log.info("sink listening on %s:%s", host, port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

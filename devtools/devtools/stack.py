@@ -67,6 +67,23 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "backdata-metrics": 9106,
 }
 
+#: Shifts every port of ``./mailer up`` by N (a second stack, or ports that are taken).
+PORT_OFFSET_VARIABLE = "MAILER_PORT_OFFSET"
+
+
+def default_ports() -> dict[str, int]:
+    """:data:`DEFAULT_PORTS`, each shifted by ``$MAILER_PORT_OFFSET`` (0 when unset)."""
+    text = os.environ.get(PORT_OFFSET_VARIABLE, "").strip() or "0"
+    try:
+        offset = int(text)
+    except ValueError:
+        raise RuntimeError(f"{PORT_OFFSET_VARIABLE}={text!r} is not a whole number") from None
+    ports = {name: port + offset for name, port in DEFAULT_PORTS.items()}
+    if not all(1024 <= port <= 65535 for port in ports.values()):
+        raise RuntimeError(f"{PORT_OFFSET_VARIABLE}={offset} puts ports outside 1024-65535")
+    return ports
+
+
 #: Start order (the original README's deployment order); stop order is STOP_ORDER.
 START_ORDER = (
     "redis-sidecar",
@@ -197,8 +214,13 @@ class Stack:
         ports_file = self.run_dir / "ports.json"
         if ports_file.exists():
             self.ports = {**json.loads(ports_file.read_text()), **self.ports}
+            if os.environ.get(PORT_OFFSET_VARIABLE) and self.ports != default_ports():
+                raise RuntimeError(
+                    f"{self.run_dir} was set up with other ports ({ports_file}); use another --run-dir, "
+                    f"or remove {ports_file.name} and configs/ there to set it up again"
+                )
         if not self.ports:
-            self.ports = dict(DEFAULT_PORTS)
+            self.ports = default_ports()
         ports_file.write_text(json.dumps(self.ports, indent=2) + "\n")
         if not self.customer_file.exists():
             customer = testing.merge(stack_customer_config(self.config_dir, self.ports), self.customer_override)
@@ -233,8 +255,13 @@ class Stack:
         from devtools.sink import Sink
         from devtools.webhook import WebhookReceiver
 
-        self.sink = Sink("127.0.0.1", self.ports["sink"], maildir=self.sink_dir).start()
+        # With a "sink-7bit" port the sink also plays an old receiver there (no 8BITMIME, no
+        # SMTPUTF8); point postfixlog.sandbox.nexthop at it to send everything that way.
+        seven_bit = self.ports.get("sink-7bit")
+        self.sink = Sink("127.0.0.1", self.ports["sink"], maildir=self.sink_dir, seven_bit_port=seven_bit).start()
         self.echo(f"SMTP sink (the internet) on 127.0.0.1:{self.ports['sink']}, mail in {self.sink_dir}")
+        if seven_bit is not None:
+            self.echo(f"SMTP sink without 8BITMIME/SMTPUTF8 on 127.0.0.1:{seven_bit}")
         self.webhook = WebhookReceiver("127.0.0.1", self.ports["webhook"], out=self.events_file).start()
         self.echo(f"webhook receiver on {self.webhook.url}, events in {self.events_file}")
 
@@ -388,7 +415,11 @@ Ctrl-C (or ./mailer down) stops everything in the termination order.
 
 def main(argv: list[str] | None = None) -> int:
     """``mailer-stack up|down|status``."""
-    parser = argparse.ArgumentParser(prog="mailer-stack", description="Run the whole platform locally")
+    parser = argparse.ArgumentParser(
+        prog="mailer-stack",
+        description="Run the whole platform locally",
+        epilog=f"{PORT_OFFSET_VARIABLE}=N shifts every port by N (for a new --run-dir).",
+    )
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--run-dir", type=Path, default=REPO / "run")
@@ -456,7 +487,7 @@ def _down(pid_file: Path, echo: Callable[[str], None]) -> int:
 
 def _status(run_dir: Path, pid_file: Path, echo: Callable[[str], None]) -> int:
     ports_file = run_dir / "ports.json"
-    ports = json.loads(ports_file.read_text()) if ports_file.exists() else dict(DEFAULT_PORTS)
+    ports = json.loads(ports_file.read_text()) if ports_file.exists() else default_ports()
     echo(f"stack pid file: {'present' if pid_file.exists() else 'absent'}")
     for name, port in ports.items():
         echo(f"{name:22s} 127.0.0.1:{port:<6d} {'listening' if port_open('127.0.0.1', port) else '-'}")

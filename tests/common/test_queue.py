@@ -60,6 +60,7 @@ def test_queue_limit_refuses_writes_once_reached(queues: Queues) -> None:
     assert small.enqueue("IN", {"payload": "d"})
 
 
+@pytest.mark.slow
 def test_redis_down_is_a_temporary_error() -> None:
     dead = Queues(redis.Redis(port=free_port(), socket_connect_timeout=0.5), QueueSettings())
     with pytest.raises(QueueUnavailableError, match="Redis unavailable"):

@@ -67,6 +67,7 @@ def test_sigkill_mid_batch_loses_nothing(queues: Queues, redis_server: RedisProc
     assert {e.deliveries for e in got} == {2}
 
 
+@pytest.mark.slow
 def test_handoff_is_atomic_under_repeated_sigkill(queues: Queues, redis_server: RedisProcess) -> None:
     # Kill the copying worker at random moments until IN is drained: every entry ends up in
     # OUT exactly once (never in both queues, never in neither).

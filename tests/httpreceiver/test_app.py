@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ CASES: list[dict[str, Any]] = yaml.safe_load((DATA / "cases.yaml").read_text())
 
 @pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
 def test_message_corpus(case: dict[str, Any], hr: AppUnderTest) -> None:
-    # Each file is accepted into its queue byte for byte, or refused naming the rule it broke.
+    # Each file is accepted into its queue byte for byte (line endings made CRLF), or refused
+    # naming the rule it broke and what the SMTP door answers for it.
     raw = (DATA / "messages" / case["file"]).read_bytes()
     resp = hr.client.post("/v1/mail/send", data=raw, headers=headers())
     assert resp.status_code == case["status"], resp.get_data(as_text=True)
@@ -43,7 +45,7 @@ def test_message_corpus(case: dict[str, Any], hr: AppUnderTest) -> None:
     if case["status"] == 200:
         assert body == {"uuid": case["uuid"], "queue": case["queue"]}
         [fields] = entries(hr.redis, case["queue"])
-        assert fields[b"raw"] == raw
+        assert fields[b"raw"] == raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         assert fields[b"uuid"] == case["uuid"].encode()
         assert fields[b"via"] == b"http"
         assert fields[b"priority"] == (b"0" if case["queue"] == P0 else b"1")
@@ -52,9 +54,12 @@ def test_message_corpus(case: dict[str, Any], hr: AppUnderTest) -> None:
     else:
         assert body["error"] == case["error"]
         assert body["message"]
+        assert isinstance(body["smtp_code"], int) and re.fullmatch(r"5\.\d\.\d", body["enhanced_status"])
+        if "smtp_code" in case:
+            assert (body["smtp_code"], body["enhanced_status"]) == (case["smtp_code"], case["enhanced_status"])
         assert hr.redis.xlen(P0) + hr.redis.xlen(P1) == 0
         assert hr.metric("nbr_dropped_emails_total") == 1
-        assert hr.metric("httpreceiver_rejections_total", {"rule": case["error"]}) == 1
+        assert hr.metric("mailer_httpreceiver_rejections_total", {"rule": case["error"]}) == 1
 
 
 @pytest.mark.parametrize(
@@ -82,7 +87,8 @@ def test_bad_credentials_get_401_with_challenge(hr: AppUnderTest, authorization:
     assert hr.redis.xlen(P1) == 0
     assert (
         hr.metric(
-            "httpreceiver_auth_failures_total", {"reason": "bad-credentials" if authorization else "no-credentials"}
+            "mailer_httpreceiver_auth_failures_total",
+            {"reason": "bad-credentials" if authorization else "no-credentials"},
         )
         == 1
     )
@@ -109,7 +115,7 @@ def test_brute_force_lockout(make_app: Callable[..., AppUnderTest]) -> None:
     assert resp.get_json()["error"] == "too-many-failed-logins"
     assert 1 <= int(resp.headers["Retry-After"]) <= 2
     assert app.redis.xlen(P1) == 0
-    assert app.metric("httpreceiver_auth_failures_total", {"reason": "locked-out"}) == 1
+    assert app.metric("mailer_httpreceiver_auth_failures_total", {"reason": "locked-out"}) == 1
     assert app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=other).status_code == 200
     wait_until(
         lambda: (
@@ -253,7 +259,7 @@ def test_idempotency_key_repeat_answers_first_and_queues_once(hr: AppUnderTest) 
     assert again.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
     assert hr.redis.xlen(P1) == 1
-    assert hr.metric("httpreceiver_idempotent_replays_total") == 1
+    assert hr.metric("mailer_httpreceiver_idempotent_replays_total") == 1
     ttl = hr.redis.ttl("IB:httpreceiver:idem:app:k-1")
     assert 86_000 < ttl <= 86_400
 
@@ -325,7 +331,7 @@ def test_unknown_route_and_method_are_json(hr: AppUnderTest) -> None:
     resp = hr.client.get("/metrics")
     assert resp.status_code == 404
     assert json.loads(resp.get_data())["error"] == "not-found"
-    assert hr.metric("httpreceiver_requests_total", {"endpoint": "other", "status": "404"}) == 1
+    assert hr.metric("mailer_httpreceiver_requests_total", {"endpoint": "other", "status": "404"}) == 1
 
 
 def test_unexpected_error_is_500_json_and_an_error_event(hr: AppUnderTest) -> None:

@@ -74,7 +74,7 @@ def test_over_the_size_limit_is_413(tmp_path: Path, redis_server: RedisProcess, 
         resp = server.post(iter([raw[:1000], raw[1000:]]))  # type: ignore[arg-type]
         assert resp.status_code == 200
         [fields] = entries(redis_client, P1)
-        assert fields[b"raw"] == raw
+        assert fields[b"raw"] == raw + b"\r\n"  # the intake rule ends every message with CRLF
     finally:
         assert server.stop() == 0
 
@@ -161,7 +161,7 @@ def test_metrics_and_health_only_on_the_metrics_port(gunicorn: Gunicorn, redis_c
     assert _metric(gunicorn, "nbr_recipients_total") >= 6
     assert _metric(gunicorn, "nbr_dropped_emails_total") >= 1
     text = requests.get(gunicorn.metrics_url + "/metrics", timeout=5).text
-    assert 'httpreceiver_requests_total{endpoint="send",status="200"}' in text
+    assert 'mailer_httpreceiver_requests_total{endpoint="send",status="200"}' in text
     assert requests.get(gunicorn.metrics_url + "/healthz", timeout=5).status_code == 200
     assert requests.get(gunicorn.metrics_url + "/readyz", timeout=5).status_code == 200
     for path in ("/metrics", "/healthz", "/readyz"):

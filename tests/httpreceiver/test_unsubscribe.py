@@ -49,7 +49,7 @@ def test_one_click_post_queues_an_unsubscribe_event_for_that_recipient(hr: AppUn
     assert event["event_id"] == make_event_id("unsubscribe", "abc123", "alice@dest.test")
     assert event["source"] == "one-click"
     assert isinstance(event["timestamp"], int)
-    assert hr.metric("httpreceiver_unsubscribes_total", {"outcome": "accepted"}) == 1
+    assert hr.metric("mailer_httpreceiver_unsubscribes_total", {"outcome": "accepted"}) == 1
 
 
 def test_to_and_cc_recipients_unsubscribe_separately(hr: AppUnderTest) -> None:
@@ -68,7 +68,7 @@ def test_a_token_posted_300_times_emits_one_event(hr: AppUnderTest) -> None:
     assert answers <= {200, 429}
     [event] = events(hr)
     assert event["event_id"] == make_event_id("unsubscribe", "repeat1", "bob@dest.test")
-    assert hr.metric("httpreceiver_unsubscribes_total", {"outcome": "accepted"}) == 1
+    assert hr.metric("mailer_httpreceiver_unsubscribes_total", {"outcome": "accepted"}) == 1
 
 
 def test_floods_are_rate_limited_but_a_genuine_first_click_is_not(make_app: Callable[..., AppUnderTest]) -> None:
@@ -158,7 +158,7 @@ def test_event_queue_unavailable_gives_503_so_the_click_is_not_lost(make_app: Ca
     resp = app.client.post(f"/unsubscribe/{SIGNER.unsubscribe_token('down1', 'gus@dest.test')}", data=ONE_CLICK)
     assert resp.status_code == 503
     assert resp.headers["Retry-After"]
-    assert app.metric("httpreceiver_unsubscribes_total", {"outcome": "unavailable"}) == 1
+    assert app.metric("mailer_httpreceiver_unsubscribes_total", {"outcome": "unavailable"}) == 1
 
 
 def test_event_queue_limit_does_not_refuse_unsubscribes(make_app: Callable[..., AppUnderTest]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,18 +44,20 @@ MODULES = (
     Module("HttpReceiver", "httpreceiver", "httpreceiver", "httpreceiver", "httpreceiver"),
 )
 BY_POD = {m.pod: m for m in MODULES}
+#: The standard Redis exporter beside Redis (pod, deploy/scaled, compose): one pinned version.
+REDIS_EXPORTER_IMAGE = "oliver006/redis_exporter:v1.67.0"
 
 #: Kustomize directories and the kinds each must produce (kind -> count).
 VARIANTS = {
-    ".": {"Pod": 7, "Service": 9, "ServiceMonitor": 7, "PrometheusRule": 1, "NetworkPolicy": 7},
-    "deploy/without-monitoring": {"Pod": 7, "Service": 9, "NetworkPolicy": 7},
+    ".": {"Pod": 7, "Service": 9, "ServiceMonitor": 7, "PrometheusRule": 1, "NetworkPolicy": 8},
+    "deploy/without-monitoring": {"Pod": 7, "Service": 9, "NetworkPolicy": 8},
     "deploy/scaled": {
         "Deployment": 5,
         "StatefulSet": 2,
         "Service": 9,
         "ServiceMonitor": 7,
         "PrometheusRule": 1,
-        "NetworkPolicy": 7,
+        "NetworkPolicy": 8,
     },
 }
 
@@ -106,3 +109,23 @@ def pod_of(module: Module) -> dict[str, Any]:
     """The module's pod.yaml."""
     (pod,) = load_yaml(module.path / "pod.yaml")
     return pod
+
+
+# -- the image build (docker-bake.hcl) ----------------------------------------------------------
+
+BAKE = ROOT / "docker-bake.hcl"
+BASE_DOCKERFILE = ROOT / "Dockerfile.base"
+
+
+def bake_variable(name: str) -> str:
+    """The default of a string variable of docker-bake.hcl."""
+    match = re.search(rf'variable "{name}" {{\s*default = "([^"]*)"\s*}}', BAKE.read_text())
+    assert match, f"docker-bake.hcl has no string variable {name}"
+    return match.group(1)
+
+
+def bake_modules() -> list[dict[str, str]]:
+    """The MODULES list of docker-bake.hcl: folder, image and workspace package of each image."""
+    block = re.search(r'variable "MODULES" \{\s*default = \[(.*?)\]\s*\}', BAKE.read_text(), re.S)
+    assert block, "docker-bake.hcl has no MODULES list"
+    return [dict(re.findall(r'(\w+) = "([^"]*)"', item)) for item in re.findall(r"\{([^{}]*)\}", block.group(1))]

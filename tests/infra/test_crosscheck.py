@@ -17,7 +17,17 @@ import pytest
 import yaml
 
 from common.config.customer import CustomerConfig
-from tests.infra.repo import BY_POD, MODULES, ROOT, Module, load_yaml, pod_of
+from tests.infra.repo import (
+    BY_POD,
+    MODULES,
+    REDIS_EXPORTER_IMAGE,
+    ROOT,
+    Module,
+    bake_modules,
+    bake_variable,
+    load_yaml,
+    pod_of,
+)
 from tests.infra.test_images import parse_dockerfile
 
 EXAMPLE = CustomerConfig.model_validate(
@@ -25,6 +35,8 @@ EXAMPLE = CustomerConfig.model_validate(
 )
 #: Ports reachable from outside the cluster (load balancer or reverse proxy).
 PUBLIC = {"mxserver": {25}, "receiver": {587}, "httpreceiver": {8080}}
+#: Ports of third-party containers in our pods (not in our configuration or our images).
+SIDECAR_PORTS = {"redis": {"redis-metrics": 9121}}  # the standard Redis exporter
 
 
 def config_ports(module: Module, cfg: CustomerConfig = EXAMPLE) -> dict[str, int]:
@@ -72,23 +84,25 @@ def test_example_config_uses_the_model_defaults() -> None:
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.folder)
 def test_ports_agree(module: Module) -> None:
-    expected = config_ports(module)
+    ours = config_ports(module)
+    sidecars = SIDECAR_PORTS.get(module.pod, {})
+    expected = ours | sidecars
     pod = pod_of(module)
     assert container_ports(pod) == expected
     exposed = {
         int(p) for s in parse_dockerfile(module.path / "Dockerfile") if s.keyword == "EXPOSE" for p in s.args.split()
     }
-    assert exposed == set(expected.values())
+    assert exposed == set(ours.values())
     (service,) = load_yaml(module.path / "service.yaml")
     assert service["metadata"]["name"] == module.pod
     assert service["spec"]["selector"] == {"app": module.pod} == {"app": pod["metadata"]["labels"]["app"]}
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == expected
     assert all(p["targetPort"] == p["name"] for p in service["spec"]["ports"])
     (monitor,) = load_yaml(module.path / "serviceMonitor.yml")
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] == "metrics"
+    endpoints = monitor["spec"]["endpoints"]
+    assert [e["port"] for e in endpoints] == ["metrics", *(n for n in sidecars if n.endswith("metrics"))]
     assert expected["metrics"] == 9090
-    assert endpoint["path"] == "/metrics"
+    assert all(e["path"] == "/metrics" for e in endpoints)
 
 
 def _services() -> list[dict[str, Any]]:
@@ -150,11 +164,13 @@ def test_compose_runs_the_same_containers(module: Module) -> None:
     main = pod["spec"]["containers"][0]
     assert service["image"] == main["image"]
     assert service.get("command") == main.get("args")
-    assert service["build"] == {"context": ".", "dockerfile": f"{module.folder}/Dockerfile"}
+    # Images come from docker-bake.hcl (shared base); compose only runs them.
+    assert "build" not in service
+    (bake,) = [m for m in bake_modules() if m["folder"] == module.folder]
+    assert service["image"] == f"{bake_variable('REGISTRY')}/{bake['image']}:{bake_variable('VERSION')}"
     assert _seconds(service["stop_grace_period"]) == pod["spec"]["terminationGracePeriodSeconds"]
     published = {int(str(p).rsplit(":", 1)[-1]) for p in service.get("ports", [])}
     assert published == PUBLIC.get(module.pod, set())
-    assert f"{module.folder}" in COMPOSE["services"][COMPOSE_NAME[module.pod]]["build"]["dockerfile"]
 
 
 def test_compose_postfix_has_the_pods_privileges() -> None:
@@ -165,11 +181,17 @@ def test_compose_postfix_has_the_pods_privileges() -> None:
     assert "ports" not in service  # Postfix is never published
 
 
-def test_compose_exporter_shares_the_redis_network_namespace() -> None:
-    # The exporter reads 127.0.0.1:6379, as in the pod.
-    exporter = COMPOSE["services"]["redis-exporter"]
-    assert exporter["network_mode"] == "service:redis"
-    assert exporter["command"] == pod_of(BY_POD["redis"])["spec"]["containers"][1]["args"]
+def test_compose_exporters_share_the_redis_network_namespace() -> None:
+    # Both exporters read 127.0.0.1:6379, as in the pod.
+    containers = pod_of(BY_POD["redis"])["spec"]["containers"]
+    ours, standard = COMPOSE["services"]["queue-exporter"], COMPOSE["services"]["redis-exporter"]
+    assert ours["network_mode"] == standard["network_mode"] == "service:redis"
+    assert ours["command"] == containers[1]["args"]
+    assert standard["image"] == containers[2]["image"] == REDIS_EXPORTER_IMAGE
+    assert standard["environment"]["REDIS_ADDR"] == "redis://127.0.0.1:6379"
+    env = {e["name"]: e for e in containers[2]["env"]}
+    assert env["REDIS_ADDR"]["value"] == "redis://127.0.0.1:6379"  # loopback: the same pod
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
 
 
 def test_compose_start_order_is_the_readme_order() -> None:
@@ -231,4 +253,5 @@ def test_pods_mount_configs_where_the_services_look() -> None:
     assert DEFAULT_CUSTOMER_FILE.parent == DEFAULT_GLOBAL_FILE.parent == Path("/configs")
     for module in MODULES:
         for container in pod_of(module)["spec"]["containers"]:
-            assert any(m["mountPath"] == "/configs" for m in container["volumeMounts"])
+            if container["image"].startswith("inboxbooster/"):  # not the standard Redis exporter
+                assert any(m["mountPath"] == "/configs" for m in container["volumeMounts"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from devtools import version
 from tests.infra.repo import (
     BY_POD,
     MODULES,
+    REDIS_EXPORTER_IMAGE,
     ROOT,
     VARIANTS,
     kustomize,
@@ -149,7 +152,8 @@ def test_kustomize_builds(variant: str) -> None:
         kinds[doc["kind"]] = kinds.get(doc["kind"], 0) + 1
     assert kinds == VARIANTS[variant]
     images = {c["image"] for d in docs for c in _pod_spec(d).get("containers", [])}
-    assert images == {f"inboxbooster/{m.folder.lower()}:2.0.0" for m in MODULES}
+    ours = {f"inboxbooster/{m.folder.lower()}:{version.current()}" for m in MODULES}
+    assert images == ours | {REDIS_EXPORTER_IMAGE}
 
 
 def _pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
@@ -252,14 +256,21 @@ def test_pod_conventions(module: Any) -> None:
         "defaultMode": 0o440,
     }
     for container in spec["containers"]:
-        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-        assert mounts["/configs"]["readOnly"] is True
-        assert mounts["/secrets"]["readOnly"] is True
-        assert "/tmp" in mounts
         security = container["securityContext"]
         assert security["allowPrivilegeEscalation"] is False
         assert security["capabilities"]["drop"] == ["ALL"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        if not container["image"].startswith("inboxbooster/"):
+            # A third-party sidecar (the standard Redis exporter): a pinned version, its own health
+            # endpoint, no access to the configuration.
+            assert re.fullmatch(r"[\w./-]+:v?\d+(\.\d+)+", container["image"]), container["image"]
+            assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+            assert not container.get("volumeMounts")
+            continue
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/configs"]["readOnly"] is True
+        assert mounts["/secrets"]["readOnly"] is True
+        assert "/tmp" in mounts
         if "metrics" in ports:
             assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
             assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}

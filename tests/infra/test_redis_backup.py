@@ -30,7 +30,8 @@ from redis_sidecar.storage import ObjectStore, StorageError
 
 PodConfig = Callable[..., Config]
 PASSWORD = 'pa ss"word\\with spaces'  # the conftest's; quoting must survive redis.conf parsing
-pytestmark = pytest.mark.redis
+# Each test starts real processes (the service, a Redis of its own): slow, not in ./mailer test --fast.
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 P0 = "IB-MAIL-QUEUE-P0"
 EVENTS = "EVENT_QUEUE"

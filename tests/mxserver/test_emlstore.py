@@ -75,7 +75,7 @@ def test_disk_failure_answers_451(
     mx.eml_dir.rmdir()
     code, text = mx.send(["postmaster@bounces.example.test"], b"Subject: hi\r\n\r\nhello\r\n", "a@b.example")
     assert (code, text[:5]) == (451, b"4.3.0")
-    assert mx.metric("mxserver_temporary_failures_total", cause="disk") == 1
+    assert mx.metric("mailer_mxserver_temporary_failures_total", cause="disk") == 1
 
 
 @pytest.mark.redis
@@ -89,4 +89,4 @@ def test_server_keeps_directory_bounded(
     assert len(kept) == 3
     assert b"hello 5" in kept[-1].read_bytes() and b"hello 3" in kept[0].read_bytes()
     assert mx.metric("mxserver_received_unclassified_total") == 6
-    assert mx.metric("mxserver_eml_directory_files") == 3
+    assert mx.metric("mailer_mxserver_eml_directory_files") == 3

@@ -14,7 +14,8 @@ import pytest
 from devtools import testing
 from devtools.servers import RedisProcess, free_port, port_open, wait_until
 
-pytestmark = pytest.mark.redis
+# Each test starts real processes (the service, a Redis of its own): slow, not in ./mailer test --fast.
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 def write(tmp_path: Path, redis_port: int, **mx: Any) -> tuple[Path, Path, dict[str, int]]:

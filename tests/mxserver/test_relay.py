@@ -95,9 +95,10 @@ def test_open_relay_attempts_are_refused_by_swaks(mx: RunningMx, redis_client: r
         assert " -> DATA" not in result.stdout
     assert redis_client.xlen("EVENT_QUEUE") == 0
     assert not list(mx.eml_dir.glob("*.eml"))
-    total = sum(mx.metric("mxserver_rejected_recipients_total", reason=r) for r in ("relay", "unknown", "forged"))
+    rejected = "mailer_mxserver_rejected_recipients_total"
+    total = sum(mx.metric(rejected, reason=r) for r in ("relay", "unknown", "forged"))
     assert total == len(REFUSED)
-    assert mx.metric("mxserver_rejected_recipients_total", reason="forged") == 4
+    assert mx.metric("mailer_mxserver_rejected_recipients_total", reason="forged") == 4
 
 
 @pytest.mark.redis

@@ -50,8 +50,8 @@ def test_dsn_to_tagged_address_is_a_bounce_event_in_redis(mx: RunningMx, redis_c
         "user-unknown",
         True,
     )
-    assert mx.metric("mxserver_received_bounce_total", report="dsn") == 1
-    assert mx.metric("mxserver_events_total", event="bounce", type="hard") == 1
+    assert mx.metric("mailer_mxserver_received_bounce_total", report="dsn") == 1
+    assert mx.metric("mailer_mxserver_events_total", event="bounce", type="hard") == 1
     assert not list(mx.eml_dir.iterdir())
 
 
@@ -87,7 +87,7 @@ def test_unclassified_mail_is_kept_with_trace_headers(mx: RunningMx) -> None:
     assert b"by mx.example.test (mxserver) with ESMTP;" in data
     assert data.endswith(crlf(raw))
     assert mx.metric("mxserver_received_unclassified_total") == 1
-    assert mx.metric("mxserver_eml_directory_files") == 1
+    assert mx.metric("mailer_mxserver_eml_directory_files") == 1
 
 
 def test_unsubscribe_and_spam_report_events(mx: RunningMx, redis_client: redis.Redis) -> None:
@@ -138,7 +138,7 @@ def test_redis_down_answers_451_and_recovers(
     code, text = mx.send(rcpts, raw)
     assert code == 451
     assert text.startswith(b"4.3.0")
-    assert mx.metric("mxserver_temporary_failures_total", cause="redis") == 1
+    assert mx.metric("mailer_mxserver_temporary_failures_total", cause="redis") == 1
     # Unclassified mail needs no Redis: it is kept on disk and accepted.
     rcpts_h, raw_h = corpus("other/human-reply-to-bounce-address.eml")
     assert mx.send(rcpts_h, raw_h)[0] == 250
@@ -226,7 +226,7 @@ def test_connection_limit(mx_config: Callable[..., Config], start_mx: Callable[[
     assert refused.value.smtp_code == 421
     assert mx.metric("mailer_mxserver_connections_refused_total", reason="busy") == 1
     first.quit()
-    wait_until(lambda: mx.metric("mxserver_sessions") == 1, 5, what="session closed")
+    wait_until(lambda: mx.metric("mailer_mxserver_sessions") == 1, 5, what="session closed")
     third = mx.smtp()
     assert third.noop()[0] == 250
     third.quit()

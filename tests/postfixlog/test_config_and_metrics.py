@@ -111,9 +111,9 @@ def test_metrics_and_health_endpoints(service_config, queues: Queues, redis_clie
             assert f"\n{name} " in text or text.startswith(f"{name} "), name
         assert "postfix_emails_polled_total 1.0" in text
         assert "postfix_emails_to_postfix_total 1.0" in text
-        assert 'postfixlog_events_total{event="delivered",type=""} 1.0' in text
-        assert 'postfixlog_events_total{event="bounce",type="hard"} 1.0' in text
-        assert 'postfixlog_recipients_total{outcome="accepted"} 2.0' in text
+        assert 'mailer_postfixlog_events_total{event="delivered",type=""} 1.0' in text
+        assert 'mailer_postfixlog_events_total{event="bounce",type="hard"} 1.0' in text
+        assert 'mailer_postfixlog_recipients_total{outcome="accepted"} 2.0' in text
         assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
         assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
     finally:

@@ -164,6 +164,7 @@ def test_size_rotation_when_fully_read(redis_client: Any, log_path: Path) -> Non
     assert _uuids(redis_client) == ["u1", "u2"]
 
 
+@pytest.mark.slow
 def test_commit_failure_leaves_position_and_events_unchanged(
     redis_client: Any, redis_server: Any, log_path: Path
 ) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from postfixlog.smtpclient import Job, Message, SmtpPool, SmtpSession, SmtpUnavailable, SmtpUncertain
+from postfixlog.smtpclient import Exchange, Job, Message, SmtpPool, SmtpSession, SmtpUnavailable, SmtpUncertain
 
 EHLO = b"250-peer.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-XFORWARD IDENT\r\n250-8BITMIME\r\n250 DSN\r\n"
 
@@ -155,3 +155,31 @@ def test_message_preparation() -> None:
     crlf = b"H: v\r\n\r\nline\r\n"
     assert Message.prepare(crlf).wire == crlf + b".\r\n"
     assert Message.prepare("é\r\n".encode()).eight_bit
+
+
+@pytest.mark.parametrize(
+    ("raw", "smtputf8", "extensions", "mail_from", "expected"),
+    [
+        (b"H: v\r\n\r\nascii\r\n", False, {"8BITMIME", "SMTPUTF8"}, "a@b.test", []),
+        ("H: v\r\n\r\né\r\n".encode(), False, {"8BITMIME", "SMTPUTF8"}, "a@b.test", ["BODY=8BITMIME"]),
+        (
+            "H: zoë@d.test\r\n\r\né\r\n".encode(),
+            True,
+            {"8BITMIME", "SMTPUTF8"},
+            "a@b.test",
+            ["BODY=8BITMIME", "SMTPUTF8"],
+        ),
+        (b"H: v\r\n\r\nascii\r\n", False, {"8BITMIME", "SMTPUTF8"}, "zoë@b.test", ["SMTPUTF8"]),
+        ("H: zoë@d.test\r\n\r\né\r\n".encode(), True, set(), "a@b.test", []),
+    ],
+)
+def test_mail_from_asks_for_8bitmime_and_smtputf8_when_needed(
+    raw: bytes, smtputf8: bool, extensions: set[str], mail_from: str, expected: list[str]
+) -> None:
+    # SMTPUTF8 when the Transformer says the message needs it (or the envelope is not ASCII),
+    # BODY=8BITMIME for 8-bit bytes; only what the server offers.
+    message = Message.prepare(raw, smtputf8=smtputf8)
+    exchange = Exchange(extensions, mail_from, "c@d.test", message, envid="u", ident=None)
+    mail = next(line for line in exchange.start().decode().split("\r\n") if line.startswith("MAIL FROM:"))
+    params = [p for p in mail.split()[2:] if not p.startswith("SIZE=")]
+    assert params == expected

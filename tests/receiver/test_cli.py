@@ -19,7 +19,8 @@ from devtools.servers import RedisProcess, free_port
 from receiver.tls import self_signed
 from tests.receiver.conftest import TRUSTED_SOURCE, USER, message, receiver_config, start_receiver
 
-pytestmark = pytest.mark.redis
+# Each test starts real processes (the service, a Redis of its own): slow, not in ./mailer test --fast.
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 def _check(directory: Path, customer: dict[str, Any]) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,8 @@ from devtools import testing
 from devtools.servers import RedisProcess, port_open, wait_until
 from tests.receiver.conftest import P1, message, start_receiver
 
-pytestmark = pytest.mark.redis
+# Each test starts real processes (the service, a Redis of its own): slow, not in ./mailer test --fast.
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 SENDER = f"app@{testing.SENDER_DOMAIN}"
 

@@ -77,9 +77,18 @@ def test_size_limit_is_announced_and_enforced(fresh: RunningReceiver) -> None:
     assert [e.uuid for e in fresh.queued(P1)] == ["small1"]
 
 
-def test_line_over_1000_octets_is_rejected(fresh: RunningReceiver) -> None:
-    reply = _data_reply(fresh, message(body=b"z" * 1200 + b"\r\n"))
-    assert reply.startswith("500 5.5.2 Line too long"), reply
+def test_long_body_line_is_accepted_and_normalised(fresh: RunningReceiver) -> None:
+    # Body lines over 998 octets are accepted (the Transformer re-encodes them, as over HTTP);
+    # a bare LF and a bare CR in the body are queued as CRLF.
+    body = b"z" * 5000 + b"\r\nbare LF\nbare CR\rend\r\n"
+    assert _data_reply(fresh, message(body=body)).startswith("250 2.0.0")
+    [entry] = fresh.queued(P1)
+    assert entry.raw == message(body=b"z" * 5000 + b"\r\nbare LF\r\nbare CR\r\nend\r\n")
+
+
+def test_long_header_line_is_refused(fresh: RunningReceiver) -> None:
+    reply = _data_reply(fresh, message(extra="X-Long: " + "h" * 1000 + "\r\n"))
+    assert reply.startswith("554 5.6.3 header line 5 is longer than 998 octets"), reply
     assert fresh.queued(P1) == []
 
 

@@ -3,6 +3,9 @@ against its expected headers and signature tags, and verified by dkimpy and by M
 
 ``GOLDEN_UPDATE=1`` rewrites the ``h``/``bh``/``b`` expectations from the current output (review
 the diff: both verifiers still have to accept the signatures).
+
+``headers`` expectations are compared decoded (RFC 2047), since the wire form encodes raw UTF-8;
+``wire`` says how many body parts and header fields it re-encoded (default none).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.header import decode_header, make_header
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +92,7 @@ def tags(text: str, rcpt: str) -> str:
     return re.sub(
         r"<(u[a-z0-9]+)\.TAG\.SUFFIX@",
         lambda mt: (
-            SIGNER.message_id(mt.group(1), rcpt, "x", now=1700000000.0, nonce=b"\x00\x01\x02")[:-2].rsplit("@", 1)[0]
-            + "@"
+            SIGNER.message_id(mt.group(1), rcpt, "x", now=1700000000.0, nonce=b"\x00" * 5)[:-2].rsplit("@", 1)[0] + "@"
         ),
         text,
     )
@@ -115,7 +118,7 @@ def test_golden_message(path: Path, transformer_factory, verifiers) -> None:
 
     rcpt = result.mail.recipients[0]
     for name, wanted in (expect.get("headers") or {}).items():
-        values = out.get_all(name)
+        values = [str(make_header(decode_header(v))) for v in out.get_all(name)]
         wanted_list = wanted if isinstance(wanted, list) else [wanted]
         assert values == [tags(str(w), rcpt) for w in wanted_list], name
     for name, wanted in (expect.get("raw") or {}).items():
@@ -128,6 +131,12 @@ def test_golden_message(path: Path, transformer_factory, verifiers) -> None:
     assert [copy.recipients[0] for copy in result.mails] == expect["recipients"]
     assert result.beacons == expect["beacons"]
     assert len(result.warnings) == expect["warnings"], result.warnings
+    wire = expect.get("wire") or {}
+    assert (result.wire_form.body_parts, result.wire_form.headers) == (
+        wire.get("body-parts", 0),
+        wire.get("headers", 0),
+    )
+    assert not result.wire_form.smtputf8 and result.mail.raw.isascii(), "the wire form is 7-bit"
 
     _check_untouched_headers(case, out)
     source = RawMessage.parse(case.message)
@@ -154,7 +163,8 @@ def test_golden_message(path: Path, transformer_factory, verifiers) -> None:
 
 
 def _check_untouched_headers(case: Case, out: RawMessage) -> None:
-    """Every input field the Transformer does not manage is in the output, byte for byte, in order."""
+    """Every input field the Transformer does not manage is in the output, in order: byte for byte,
+    or decoded to the same text when the wire form encoded it (raw UTF-8 in the input)."""
     managed = {
         "x-uuid", "x-stream-id", "x-priority", "bcc", "return-path", "message-id", "feedback-id",
         "list-unsubscribe", "list-unsubscribe-post", "dkim-signature",
@@ -162,12 +172,23 @@ def _check_untouched_headers(case: Case, out: RawMessage) -> None:
     if case.meta.get("x-mailer", "Inboxbooster-Mailer") is not None:
         managed.add("x-mailer")
     managed.update(k.lower() for k in (case.meta.get("inject") or {}))
-    kept = [f.raw for f in RawMessage.parse(case.message).fields if f.key not in managed]
-    assert [f.raw for f in out.fields if f.key not in managed][: len(kept)] == kept
+    if (case.expect.get("wire") or {}).get("body-parts"):
+        managed.add("content-transfer-encoding")
+    kept = [_shown(f) for f in RawMessage.parse(case.message).fields if f.key not in managed]
+    assert [_shown(f) for f in out.fields if f.key not in managed][: len(kept)] == kept
+
+
+def _shown(field: Any) -> bytes | str:
+    """The raw field when it is ASCII; otherwise its name and decoded value (what a reader sees)."""
+    text = f"{field.name}: {make_header(decode_header(field.value))}"
+    return field.raw if field.raw.isascii() and "=?" not in field.value else text
 
 
 def _check_mime(before: bytes, after: bytes, beacon_src: str | None) -> None:
-    """Same MIME tree; every non-HTML part decodes to the same bytes; inline HTML has the beacon."""
+    """Same MIME tree; every non-HTML part decodes to the same bytes; inline HTML has the beacon.
+
+    Line endings of decoded text are compared as CRLF (re-encoded parts decode to CRLF lines).
+    """
     old = email.message_from_bytes(before, policy=email.policy.compat32)
     new = email.message_from_bytes(after, policy=email.policy.compat32)
     old_parts, new_parts = list(old.walk()), list(new.walk())
@@ -178,7 +199,7 @@ def _check_mime(before: bytes, after: bytes, beacon_src: str | None) -> None:
     for o, n in zip(old_parts, new_parts, strict=True):
         if o.is_multipart():
             continue
-        old_data, new_data = o.get_payload(decode=True), n.get_payload(decode=True)
+        old_data, new_data = _crlf(o.get_payload(decode=True)), _crlf(n.get_payload(decode=True))
         is_inline_html = (
             o.get_content_type() == "text/html"
             and o.get_content_disposition() != "attachment"
@@ -196,7 +217,11 @@ def _check_mime(before: bytes, after: bytes, beacon_src: str | None) -> None:
         assert html.count(tag) == 1
         if pos >= 0:
             assert html[pos - len(tag) : pos] == tag
-    assert inline_html >= 1
+    assert inline_html >= (1 if beacon_src else 0)
+
+
+def _crlf(data: Any) -> Any:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") if isinstance(data, bytes) else data
 
 
 def _inside_rfc822(root: Any, part: Any) -> bool:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
+from email.header import decode_header, make_header
 from typing import Any
 
 import pytest
 
 from common import keys
+from common.addressing import message_id_uuid
 from common.config import Config
 from common.events import decode_event
 from common.payloads import OutboundMail, SubmittedMail
@@ -82,7 +85,7 @@ def test_priority_queue_is_served_first_and_handed_off(running: Running, queues:
     assert running.metric("transformer_polled_primary_total") == 5
     assert running.metric("transformer_polled_default_total") == 5
     assert running.metric("transformer_pushed_total") == 10
-    assert running.metric("transformer_signing_seconds_count") == 10
+    assert running.metric("mailer_transformer_signing_seconds_count") == 10
 
     to_copy, cc_copy = _outputs(redis_client)[:2]
     out = RawMessage.parse(to_copy.raw)
@@ -96,7 +99,9 @@ def test_priority_queue_is_served_first_and_handed_off(running: Running, queues:
         "example.test",
         1700000000.5,
     )
-    assert (out.get("Message-ID") or "").startswith("<high0.")
+    message_id = out.get("Message-ID") or ""
+    assert message_id_uuid(message_id, {"bounces.example.test"}) == "high0"
+    assert re.fullmatch(r"<high0\.[a-z2-7]{10}\.[a-z2-7]{16}@bounces\.example\.test>", message_id), message_id
     assert redis_client.xlen(EVENTS) == 0
     # The record of who each message went to was written with the copies (same transaction).
     assert redis_client.hgetall("IB:sent:high0") == {
@@ -125,7 +130,7 @@ def test_unknown_domain_gives_error_event_and_dead_letter(running: Running, queu
     assert [d.fields[b"uuid"] for d in dead] == [b"stray1", b"noraw1"]
     assert b"not configured" in dead[0].fields[b"dl-reason"]
     assert [m.uuid for m in _outputs(redis_client)] == ["fine1", "fine1"]
-    assert running.metric("transformer_failed_total") == 2
+    assert running.metric("mailer_transformer_failed_total") == 2
     assert redis_client.xlen(P1) == 0
 
 
@@ -152,7 +157,10 @@ def test_undecodable_bytes_never_stop_the_worker(running: Running, queues: Queue
     assert event["uuid"] == "lat1" and "exampl\ufffd.test" in event["msg"]
     mail = _outputs(redis_client)[0]
     assert mail.stream_id == "caf\ufffd"
-    assert "Feedback-ID: caf\ufffd:lat2:".encode() in mail.raw
+    # The wire form writes the non-ASCII Feedback-ID as RFC 2047 encoded-words.
+    feedback = RawMessage.parse(mail.raw).get("Feedback-ID") or ""
+    assert str(make_header(decode_header(feedback))).startswith("caf\ufffd:lat2:")
+    assert mail.raw.isascii()
     assert running.thread.is_alive()
 
 

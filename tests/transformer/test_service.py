@@ -71,7 +71,7 @@ def test_console_script_transforms_serves_metrics_and_stops_on_sigterm(
         assert "transformer_pushed_total 1.0" in metrics
         assert "transformer_polled_default_total 1.0" in metrics
         assert "transformer_warnings_total 1.0" in metrics  # the ignored inject List-Unsubscribe
-        assert "transformer_signing_seconds_bucket" in metrics
+        assert "mailer_transformer_signing_seconds_bucket" in metrics
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200
         proc.send_signal(signal.SIGTERM)

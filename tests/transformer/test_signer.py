@@ -13,7 +13,8 @@ from transformer.signer import DkimSigner, relaxed_body, relaxed_header
 
 MESSAGE = (
     b"From: news@example.test\r\nTo: a@dest.test\r\nSubject: hello\r\nX-Uuid: abc\r\n"
-    b"Reply-To: r@example.test\r\n\r\nbody\r\n"
+    b"Reply-To: r@example.test\r\nIn-Reply-To: <q1@client.test>\r\n"
+    b"References: <q0@client.test> <q1@client.test>\r\n\r\nbody\r\n"
 )
 
 _lines = st.lists(
@@ -76,6 +77,9 @@ def test_every_key_size_verifies_with_both_verifiers(transformer_factory, verifi
         ),
         ("Feedback-ID changed", lambda m: m.replace(b"Feedback-ID: newsletter", b"Feedback-ID: other")),
         ("Message-ID changed", lambda m: m.replace(b"Message-ID: <abc.", b"Message-ID: <abd.")),
+        ("Reply-To changed", lambda m: m.replace(b"Reply-To: r@", b"Reply-To: evil@")),
+        ("In-Reply-To changed", lambda m: m.replace(b"In-Reply-To: <q1@", b"In-Reply-To: <q2@")),
+        ("References changed", lambda m: m.replace(b"References: <q0@", b"References: <q9@")),
         ("Date changed", lambda m: m.replace(b"2023 22:13:20", b"2023 22:13:21")),
     ],
 )
@@ -91,7 +95,7 @@ def test_tampering_breaks_the_signature(transformer_factory, verifiers, descript
 
 
 def test_unsigned_headers_may_change(transformer_factory, verifiers) -> None:
-    # Reply-To is not in the signed list: a relay adding trace headers does not break anything.
+    # A relay adding trace headers (not in the signed list) does not break anything.
     raw, records = _signed(transformer_factory)
     relayed = b"Received: from relay by mx; Tue, 14 Nov 2023 22:13:21 +0000\r\n" + raw
     assert verifiers(relayed, records)[0] == [True]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import re
 
 import pytest
@@ -10,6 +11,7 @@ from common.addressing import AddressSigner, parse_address, parse_message_id, pa
 from common.payloads import OutboundMail, SubmittedMail
 from transformer.message import RawMessage
 from transformer.transform import Unprocessable
+from transformer.wire import decode_words
 
 GOOD = (
     b"From: news@example.test\r\nTo: a@dest.test\r\nSubject: s\r\nX-Uuid: u1\r\n"
@@ -173,8 +175,46 @@ def test_non_ascii_injected_value_is_rfc2047_encoded(transformer_factory, verifi
     assert verifiers(mail.raw, records)[0] == [True]
 
 
-def test_long_body_line_is_sent_with_a_warning(transformer_factory) -> None:
+def test_long_body_line_is_reencoded_before_signing(transformer_factory, verifiers) -> None:
+    # A line over 998 octets would be folded by an MTA after signing: it travels as quoted-printable.
     raw = GOOD.replace(b"body\r\n", b"x" * 1200 + b"\r\n")
-    transformer, _ = transformer_factory()
+    transformer, records = transformer_factory()
     result = transformer.transform(_submit(raw))
-    assert result.warnings == ("a body line is longer than 998 octets; MTAs may break it (and the signature)",)
+    assert result.warnings == ()
+    assert (result.wire_form.body_parts, result.wire_form.smtputf8) == (1, False)
+    out = RawMessage.parse(result.mail.raw)
+    assert out.get("Content-Transfer-Encoding") == "quoted-printable"
+    assert out.get("MIME-Version") == "1.0"
+    assert max(map(len, result.mail.raw.split(b"\r\n"))) <= 998
+    assert binascii.a2b_qp(out.body) == b"x" * 1200 + b"\r\n"
+    assert verifiers(result.mail.raw, records)[0] == [True]
+
+
+def test_non_ascii_local_part_needs_smtputf8(transformer_factory, verifiers) -> None:
+    # Nothing can encode a UTF-8 local part: the message stays 8-bit and says it needs SMTPUTF8.
+    raw = GOOD.replace(b"To: a@dest.test", "To: Zoë <zoë@bücher.test>".encode()).replace(b"body", "Grüße".encode())
+    transformer, records = transformer_factory()
+    result = transformer.transform(_submit(raw))
+    assert result.wire_form.smtputf8 and result.mail.meta["smtputf8"] == "yes"
+    assert result.mail.recipients == ("zoë@xn--bcher-kva.test",)
+    out = RawMessage.parse(result.mail.raw)
+    to = out.get("To") or ""
+    assert to.startswith("=?utf-8?") and to.endswith(" <zoë@xn--bcher-kva.test>")
+    assert decode_words(to) == "Zoë <zoë@xn--bcher-kva.test>"
+    assert out.body == "Grüße\r\n".encode()
+    assert verifiers(result.mail.raw, records)[0] == [True]
+
+
+def test_ascii_message_does_not_need_smtputf8(transformer_factory) -> None:
+    transformer, _ = transformer_factory()
+    result = transformer.transform(_submit(GOOD))
+    assert "smtputf8" not in result.mail.meta and not result.wire_form.smtputf8
+    assert (result.wire_form.body_parts, result.wire_form.headers) == (0, 0)
+
+
+def test_bare_cr_in_the_header_block_is_unprocessable(transformer_factory) -> None:
+    # The intake refuses it; an older queue entry must not grow a header either.
+    raw = GOOD.replace(b"X-Stream-Id: st", b"X-Stream-Id: camp\rX-Injected: yes")
+    transformer, _ = transformer_factory()
+    with pytest.raises(Unprocessable, match="bare CR"):
+        transformer.transform(_submit(raw))

@@ -1,0 +1,87 @@
+"""The intake rule both doors share (common.submission.accept): line endings, header lines,
+header bytes and the fields we read; the queued bytes are what the Transformer will parse."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.submission import Rejection, accept, normalise
+
+HEAD = b"From: app@example.test\r\nTo: a@dest.test\r\nX-Uuid: u1\r\n"
+
+
+def _accept(raw: bytes) -> bytes:
+    return accept(raw, lambda domain: domain == "example.test").raw
+
+
+def _rule(raw: bytes) -> tuple[str, str]:
+    with pytest.raises(Rejection) as info:
+        _accept(raw)
+    return info.value.rule, info.value.smtp_reply
+
+
+def test_crlf_message_is_queued_as_it_is() -> None:
+    raw = HEAD + b"\r\n.leading dot\r\ntrailing space  \r\n" + b"x" * 5000 + b"\r\n"
+    assert _accept(raw) == raw
+
+
+def test_bare_lf_and_body_bare_cr_become_crlf_and_a_final_crlf_is_added() -> None:
+    raw = b"From: app@example.test\nTo: a@dest.test\nX-Uuid: u1\n\nline1\nline2\rline3\r\r\nend"
+    assert _accept(raw) == HEAD + b"\r\nline1\r\nline2\r\nline3\r\n\r\nend\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"From: app@example.test\r\nTo: a@dest.test\r\nX-Uuid: u1\r\nX-Stream-Id: camp\rX-Injected: yes\r\n\r\nb\r\n",
+        b"From: app@example.test\r\nTo: a@dest.test\r\nX-Uuid: u\r1\r\n\r\nb\r\n",
+        b"From: app@example.test\nSubject: a\r\r\nTo: a@dest.test\nX-Uuid: u1\n\nb\n",
+    ],
+)
+def test_bare_cr_in_the_header_block_is_refused(raw: bytes) -> None:
+    rule, reply = _rule(raw)
+    assert rule == "bare-cr" and reply.startswith("554 5.6.0 ")
+
+
+def test_header_line_over_998_octets_is_refused_body_line_is_not() -> None:
+    assert _rule(HEAD + b"Subject: " + b"s" * 990 + b"\r\n\r\nb\r\n") == (
+        "header-line-too-long",
+        "554 5.6.3 header line 4 is longer than 998 octets (RFC 5322 2.1.1); fold it",
+    )
+    assert _accept(HEAD + b"Subject: " + b"s" * 989 + b"\r\n\r\n" + b"b" * 999 + b"\r\n")
+
+
+def test_8bit_header_bytes_must_be_utf8() -> None:
+    assert _accept(HEAD + "Subject: Grüße\r\n\r\nb\r\n".encode())
+    assert _rule(HEAD + b"Subject: Gr\xfc\xdfe\r\n\r\nb\r\n")[0] == "header-not-utf8"
+
+
+@pytest.mark.parametrize("name", ["X-Stream-Id", "From", "To", "Cc", "X-Priority"])
+def test_control_characters_in_fields_we_read_are_refused(name: str) -> None:
+    raw = HEAD + f"{name}: a\x00b@dest.test\r\n".encode() + b"\r\nb\r\n"
+    assert _rule(raw) == ("header-control-char", f"554 5.6.0 the {name} header holds a control character")
+
+
+def test_control_characters_elsewhere_and_tabs_are_accepted() -> None:
+    assert _accept(HEAD + b"Subject: tab\there \x01\r\nX-Stream-Id: a\r\n\tfolded\r\n\r\nb\r\n")
+
+
+def test_rejection_details_for_the_http_answer() -> None:
+    with pytest.raises(Rejection) as info:
+        _accept(HEAD.replace(b"X-Uuid: u1", b"X-Uuid: U1") + b"\r\nb\r\n")
+    assert info.value.details() == {"smtp_code": 554, "enhanced_status": "5.6.0"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_normalise_gives_crlf_only_and_keeps_everything_else(head: bytes, body: bytes) -> None:
+    raw = head.replace(b"\r", b"") + b"\n\n" + body
+    out = normalise(raw)
+    assert out.count(b"\r") == out.count(b"\n") == out.count(b"\r\n")
+    assert out.endswith(b"\r\n")
+    assert re.sub(rb"\r\n|\r|\n", b"", out) == re.sub(rb"\r\n|\r|\n", b"", raw)
+    assert normalise(out) == out

@@ -1,0 +1,48 @@
+"""The devtools SMTP sink: its second, 7-bit port plays an old receiver (no 8BITMIME, no SMTPUTF8)."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Iterator
+
+import pytest
+
+from devtools.servers import free_port
+from devtools.sink import Sink
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    with Sink(seven_bit_port=free_port()) as running:
+        yield running
+
+
+def _client(port: int) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10)
+    client.ehlo()
+    return client
+
+
+def test_main_port_offers_8bitmime_and_smtputf8(sink: Sink) -> None:
+    with _client(sink.port) as client:
+        assert client.has_extn("8bitmime") and client.has_extn("smtputf8")
+        client.sendmail("a@b.test", ["c@d.test"], "Subject: é\r\n\r\nGrüße\r\n".encode(), ["BODY=8BITMIME", "SMTPUTF8"])
+    [message] = sink.messages
+    assert not message.seven_bit and "SMTPUTF8" in message.mail_options
+
+
+def test_seven_bit_port_refuses_what_it_does_not_offer(sink: Sink) -> None:
+    assert sink.seven_bit_port is not None
+    with _client(sink.seven_bit_port) as client:
+        assert not client.has_extn("8bitmime") and not client.has_extn("smtputf8")
+        code, text = client.docmd("MAIL FROM:<a@b.test> BODY=8BITMIME")
+        assert code == 555 and text.startswith(b"5.5.4"), text
+        code, text = client.docmd("MAIL FROM:<a@b.test> SMTPUTF8")
+        assert code == 555, text
+        client.mail("a@b.test")
+        client.rcpt("c@d.test")
+        code, text = client.data("Subject: x\r\n\r\nGrüße\r\n".encode())
+        assert code == 554 and text.startswith(b"5.6.1"), text
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: x\r\n\r\n7-bit\r\n")
+    [message] = sink.messages
+    assert message.seven_bit and message.data.endswith(b"7-bit\r\n")
