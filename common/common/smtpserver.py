@@ -186,10 +186,12 @@ def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
 
 
 def call_limits() -> dict[str, int]:
-    """Aiosmtpd ``command_call_limit``: budgets for commands that change nothing, large for the rest."""
-    limits: collections.defaultdict[str, int] = collections.defaultdict(lambda: OTHER_COMMAND_BUDGET)
-    limits.update(IDLE_COMMAND_BUDGET)
-    return limits
+    """The ``command_call_limit`` of aiosmtpd: small budgets for commands that change nothing.
+
+    aiosmtpd reads the budget of every other command from the ``"*"`` key (its default, 20,
+    would end a session after 20 messages).
+    """
+    return {**IDLE_COMMAND_BUDGET, "*": OTHER_COMMAND_BUDGET}
 
 
 class BaseSMTP(SMTP):

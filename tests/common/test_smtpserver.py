@@ -182,3 +182,19 @@ def test_drain_answers_421_to_idle_sessions_and_finishes_transactions(start) -> 
     assert line(busy).startswith(b"421 4.3.2")  # closed right after its transaction
     draining.join(10)
     assert result == [0]
+
+
+def test_many_messages_in_one_session(start) -> None:
+    # Only commands that change nothing have small budgets: a client may send many messages.
+    server = start()
+    sock = server.connect()
+    assert line(sock).startswith(b"220")
+    sock.sendall(b"EHLO client.test\r\n")
+    assert line(sock).startswith(b"250")
+    for _ in range(60):
+        for command in (b"MAIL FROM:<a@example.test>", b"RCPT TO:<b@example.test>", b"DATA"):
+            sock.sendall(command + b"\r\n")
+            reply = line(sock)
+            assert reply[:1] in (b"2", b"3"), reply
+        sock.sendall(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert line(sock).startswith(b"250")
