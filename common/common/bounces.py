@@ -3,25 +3,31 @@
 One fixed taxonomy (DESIGN §5), the ``classification`` field of ``bounce`` and ``deferred``
 events:
 
-==================  ===========================================================  ========
-classification      meaning                                                      suppress
-==================  ===========================================================  ========
-user-unknown        the mailbox does not exist (5.1.1, 5.1.10, "no such user")   yes
-mailbox-disabled    the mailbox exists but is disabled or inactive (5.2.1)       yes
-moved               the address moved, no forwarding (5.1.6)                     yes
-host-unknown        the domain does not exist, has no MX or a null MX (5.1.2)    yes
-mailbox-full        over quota (4.2.2 / 5.2.2)                                   no
-message-too-large   over the receiver's size limit (5.3.4, 5.2.3)                no
-blocked             sender IP or domain blocked: blocklists, reputation          no
-spam-content        the content was judged spam, phishing or a virus             no
-auth-failure        SPF, DKIM or DMARC failed (5.7.20-5.7.27)                    no
-policy              other policy rejections (relaying denied, 5.7.x)             no
-rate-limited        too many messages or connections, try later (4.7.28)         no
-expired             undelivered within the queue lifetime (4.4.7)                no
-network             connection refused or timed out, TLS failure (4.4.1)         no
-autoreply           an out-of-office or other automatic reply (MxServer)         no
-other               anything else                                                no
-==================  ===========================================================  ========
+====================  ===========================================================  ========
+classification        meaning                                                      suppress
+====================  ===========================================================  ========
+user-unknown          the mailbox does not exist (5.1.1, 5.1.10, "no such user")   yes
+mailbox-disabled      the mailbox exists but is disabled or inactive (5.2.1)       yes
+moved                 the address moved, no forwarding (5.1.6)                     yes
+host-unknown          the domain does not exist, has no MX or a null MX (5.1.2)    yes
+mailbox-full          over quota (4.2.2 / 5.2.2)                                   no
+message-too-large     over the receiver's size limit (5.3.4, 5.2.3)                no
+blocked               sender IP or domain blocked: blocklists, reputation          no
+spam-content          the content was judged spam, phishing or a virus             no
+auth-failure          SPF, DKIM or DMARC failed (5.7.20-5.7.27)                    no
+policy                other policy rejections (relaying denied, 5.7.x)             no
+rate-limited          too many messages or connections, try later (4.7.28)         no
+expired               undelivered within the queue lifetime (4.4.7)                no
+network               connection refused or timed out, TLS failure (4.4.1)         no
+sender-rejected       our envelope sender or From domain was refused ("Sender      no
+                      address rejected", "Unroutable sender address", 5.1.7,
+                      5.1.8, a list refusing posts of non-members): says nothing
+                      about the recipient
+smtputf8-unsupported  the next hop cannot take an internationalised (UTF-8)       no
+                      address or header (RFC 6531; 5.6.7)
+autoreply             an out-of-office or other automatic reply (MxServer)         no
+other                 anything else                                                no
+====================  ===========================================================  ========
 
 ``suppress`` is true only for a *permanent* failure (5xx, or no route at all) whose
 classification says the address itself is dead; blocks, policy and content rejections are
@@ -59,6 +65,8 @@ CLASSIFICATIONS: Final = (
     "rate-limited",
     "expired",
     "network",
+    "sender-rejected",
+    "smtputf8-unsupported",
     "autoreply",
     "other",
 )
@@ -70,7 +78,21 @@ def _rx(*alternatives: str) -> re.Pattern[str]:
 
 
 #: (classification, pattern) -- first match wins, so specific patterns come first.
+#: (MxServer reads reports with its own, operator-extensible rule file, mxserver/bounce-rules.yaml,
+#: over the same taxonomy.)
 TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+    (
+        # About our envelope sender, not the recipient: before every recipient wording.
+        "sender-rejected",
+        _rx(
+            r"sender address rejected",
+            r"unroutable sender",
+            r"sender verify failed",
+            r"domain of sender address",
+            r"\bsender (?:denied|rejected)",
+        ),
+    ),
+    ("smtputf8-unsupported", _rx(r"SMTPUTF8", r"non-ASCII addresses")),
     (
         "host-unknown",
         _rx(
@@ -284,6 +306,9 @@ STATUS_RULES: Final[dict[str, str]] = {
     "4.7": "expired",
     "7.1": "policy",
     "7.28": "rate-limited",
+    "1.7": "sender-rejected",
+    "1.8": "sender-rejected",
+    "6.7": "smtputf8-unsupported",
 }
 _AUTH_DETAILS: Final = frozenset(str(n) for n in range(20, 28))
 
