@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import statistics
 import subprocess
@@ -27,9 +26,10 @@ from pathlib import Path
 import aiosmtplib
 import redis
 
-from common.addressing import AddressSigner
-from devtools import testing
+from devtools import mxcorpus, testing
 from devtools.servers import RedisProcess, free_port, port_open, wait_until
+from mxserver import rules
+from mxserver.analysis import Settings
 from mxserver.classifier import Classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,21 +37,18 @@ CORPUS = REPO / "tests/data/mx"
 
 
 def load_corpus() -> list[tuple[str, list[str], bytes]]:
-    cases = []
-    for path in sorted(CORPUS.rglob("*.eml")):
-        rcpts = json.loads(path.with_name(path.stem + ".expected.json").read_text())["rcpt"]
-        raw = path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        cases.append((path.parent.name, rcpts, raw))
-    return cases
+    return [(c.path.parent.name, c.rcpt, c.with_crlf()) for c in mxcorpus.cases()]
 
 
 def bench_classifier(cases: list[tuple[str, list[str], bytes]], rounds: int) -> None:
-    classifier = Classifier(
-        signer=AddressSigner(b"test-address-secret"),
-        return_path_domains=frozenset({testing.RETURN_PATH_DOMAIN}),
-        abuse_addresses=frozenset({f"fbl@{testing.RETURN_PATH_DOMAIN}"}),
-        from_domains={testing.RETURN_PATH_DOMAIN: testing.SENDER_DOMAIN},
+    settings = Settings(
+        domains=frozenset({testing.RETURN_PATH_DOMAIN}),
+        rules=rules.shipped(),
+        own_hosts=frozenset({mxcorpus.OWN_MTA}),
+        abuse_addresses=frozenset({mxcorpus.FBL_ADDRESS}),
+        from_domains=frozenset({testing.SENDER_DOMAIN}),
     )
+    classifier = Classifier(settings, mxcorpus.SIGNER)
     per_group: dict[str, list[float]] = {}
     kinds: Counter[str] = Counter()
     start = time.perf_counter()
