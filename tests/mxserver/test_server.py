@@ -364,3 +364,13 @@ def test_secret_kept_in_redis_is_used_when_not_configured(
     rcpts, raw = corpus("dsn/postfix-user-unknown.eml", redis_client)
     assert mx.send(rcpts, raw)[0] == 250
     assert events(redis_client)[0]["uuid"] == "9c4e1a7b2d3f5e60d001"
+
+
+def test_one_session_carries_many_mails(mx: RunningMx, redis_client: redis.Redis) -> None:
+    # An MTA delivers many bounces over one session: MAIL/RCPT/DATA have no small per-session
+    # budget (aiosmtpd's default is 20 per command unless told otherwise).
+    rcpts, raw = corpus("dsn/postfix-user-unknown.eml", redis_client)
+    with mx.smtp() as client:
+        for _ in range(30):
+            assert client.sendmail("", rcpts, crlf(raw)) == {}
+    assert redis_client.xlen(EVENT_QUEUE) == 30
