@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 class Analyser(Protocol):
     """Phase 1 of classification (a :class:`mxserver.pool.ClassifierPool`)."""
 
-    async def analyse(self, recipients: Sequence[str], raw: bytes) -> Analysis:
-        """Analyse one mail (may raise Overrun or WorkerLost)."""
+    async def analyse(self, recipients: Sequence[str], raw: bytes, client: str = "") -> Analysis:
+        """Analyse one mail from ``client`` (an address; may raise Overrun or WorkerLost)."""
         ...
 
 
@@ -114,7 +114,7 @@ class MxHandler:
 
     async def _data(self, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
-        outcome = await self._classify(envelope.rcpt_tos, raw)
+        outcome = await self._classify(envelope.rcpt_tos, raw, _ip(session))
         if outcome is None:
             return self._temporary("redis", "cannot read the records of the tagged values", replies.MX_TEMPORARY)
         if outcome.events:
@@ -170,11 +170,11 @@ class MxHandler:
         )
         return "250 2.0.0 OK kept"
 
-    async def _classify(self, recipients: list[str], raw: bytes) -> Outcome | None:
+    async def _classify(self, recipients: list[str], raw: bytes, client: str) -> Outcome | None:
         """Both phases; None when Redis cannot give the records (answer 451)."""
         started = time.monotonic()
         try:
-            analysis = await self.analyser.analyse(recipients, raw)
+            analysis = await self.analyser.analyse(recipients, raw, client)
         except Overrun as exc:
             self.metrics.workers_replaced.labels("overrun").inc()
             log.warning("a %d-byte mail went over the classification budget: %s; keeping it", len(raw), exc)

@@ -60,6 +60,9 @@ _MULTIPART_DECL_RE: Final = re.compile(
 )
 
 
+_PART_HEADER_RE: Final = re.compile(rb"^content-type:", re.IGNORECASE | re.MULTILINE)
+
+
 class FlatMessage(Message):
     """A message whose body was not parsed as MIME (too many multiparts): read as plain text."""
 
@@ -67,11 +70,15 @@ class FlatMessage(Message):
 def parse(raw: bytes) -> Message:
     """The message of ``raw`` (``compat32``: defects are recorded, never raised).
 
-    A body with more than :data:`MAX_MULTIPARTS` multipart declarations (or one the parser
-    cannot handle without recursing too deep) is kept as one text part: a
-    :class:`FlatMessage`.
+    A body with more than :data:`MAX_MULTIPARTS` multipart declarations or :data:`MAX_PARTS`
+    parts (or one the parser cannot handle without recursing too deep) is kept as one text
+    part: a :class:`FlatMessage`.
     """
-    if len(_MULTIPART_DECL_RE.findall(raw, 0, 4 * 1024 * 1024)) <= MAX_MULTIPARTS:
+    head = raw[: 4 * 1024 * 1024]
+    if (
+        len(_MULTIPART_DECL_RE.findall(head)) <= MAX_MULTIPARTS
+        and len(_PART_HEADER_RE.findall(head)) <= MAX_PARTS
+    ):
         try:
             return email.message_from_bytes(raw, policy=compat32)
         except RecursionError:

@@ -12,16 +12,22 @@ Each worker is a one-process :class:`concurrent.futures.ProcessPoolExecutor` (a 
 killing one never disturbs the mails running on the others.  Workers are forked from a
 ``forkserver`` that has imported the classifier already (never from the threaded, asyncio
 parent), so a replacement is ready in tens of milliseconds.
+
+Workers run at a lower CPU priority (``nice`` +10) than the event loop.  When every worker is
+busy, a freed worker goes to the waiting client (by address) that was served least recently -- not first come, first served -- so a few senders of expensive mail
+cannot make everybody else wait behind their queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,6 +40,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds a new worker may take to start and answer.
 START_TIMEOUT_S: Final = 60.0
+#: Workers run at a lower CPU priority than the event loop: when mail to classify keeps every
+#: core busy, the loop still gets the CPU it needs to answer every client at once.
+WORKER_NICENESS: Final = 10
+#: Client addresses whose last turn is remembered (the oldest are forgotten beyond this).
+MAX_REMEMBERED: Final = 10_000
 #: The worker process' own state (set once by :func:`_init`; a dict, not a ``global``).
 _STATE: dict[str, Settings] = {}
 
@@ -47,9 +58,11 @@ class WorkerLost(Exception):
 
 
 def _init(settings: Settings) -> None:
-    """Worker initialiser: keep the settings; let the parent handle SIGINT/SIGTERM."""
+    """Worker initialiser: keep the settings; lower priority; let the parent handle SIGINT/SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
     _STATE["settings"] = settings
 
 
@@ -65,6 +78,54 @@ class _Slot:
     pid: int
 
 
+class _FairQueue:
+    """Free workers, and clients waiting for one: the least recently served client goes first."""
+
+    def __init__(self) -> None:
+        self.free: list[_Slot] = []
+        self.waiting: dict[str, collections.deque[asyncio.Future[_Slot]]] = {}
+        self.served: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    async def get(self, client: str) -> _Slot:
+        if self.free and not self.waiting:
+            return self._serve(client, self.free.pop())
+        future: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(client, collections.deque()).append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.put(future.result())  # handed over just as the caller gave up
+            else:
+                self._forget(client, future)
+            raise
+
+    def put(self, slot: _Slot) -> None:
+        while self.waiting:
+            client = min(self.waiting, key=lambda c: self.served.get(c, 0.0))
+            future = self.waiting[client].popleft()
+            if not self.waiting[client]:
+                del self.waiting[client]
+            if not future.done():
+                future.set_result(self._serve(client, slot))
+                return
+        self.free.append(slot)
+
+    def _serve(self, client: str, slot: _Slot) -> _Slot:
+        self.served[client] = time.monotonic()
+        self.served.move_to_end(client)
+        while len(self.served) > MAX_REMEMBERED:
+            self.served.popitem(last=False)
+        return slot
+
+    def _forget(self, client: str, future: asyncio.Future[_Slot]) -> None:
+        queue = self.waiting.get(client)
+        if queue is not None and future in queue:
+            queue.remove(future)
+            if not queue:
+                del self.waiting[client]
+
+
 class ClassifierPool:
     """``processes`` workers; :meth:`analyse` runs one mail on a free one, within ``timeout_s``."""
 
@@ -74,7 +135,7 @@ class ClassifierPool:
         self.timeout_s = timeout_s
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["mxserver.analysis"])
-        self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._queue = _FairQueue()
         self._slots: set[int] = set()
         #: Workers replaced after an overrun or a crash (tests and metrics read it).
         self.replaced = 0
@@ -83,7 +144,7 @@ class ClassifierPool:
         """Start every worker (and the forkserver)."""
         slots = await asyncio.gather(*(self._new_slot() for _ in range(self.processes)))
         for slot in slots:
-            self._free.put_nowait(slot)
+            self._queue.put(slot)
         log.info("%d classifier worker processes started (budget %.1fs per mail)", self.processes, self.timeout_s)
 
     async def _new_slot(self) -> _Slot:
@@ -101,14 +162,14 @@ class ClassifierPool:
             raise
         return executor, pid
 
-    async def analyse(self, recipients: Sequence[str], raw: bytes) -> Analysis:
-        """Phase 1 of one mail in a worker process.
+    async def analyse(self, recipients: Sequence[str], raw: bytes, client: str = "") -> Analysis:
+        """Phase 1 of one mail in a worker process (``client``: the sender's address, for fairness).
 
         Raises:
             Overrun: the mail took longer than the budget (the worker was replaced).
             WorkerLost: the worker died (it was replaced).
         """
-        slot = await self._free.get()
+        slot = await self._queue.get(client)
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(slot.executor, _work, list(recipients), raw)
@@ -120,7 +181,7 @@ class ClassifierPool:
             slot = await self._replace(slot)
             raise WorkerLost("a classifier worker died") from None
         finally:
-            self._free.put_nowait(slot)
+            self._queue.put(slot)
 
     async def _replace(self, slot: _Slot) -> _Slot:
         self._kill(slot.pid)
@@ -140,9 +201,9 @@ class ClassifierPool:
 
     async def close(self) -> None:
         """Stop every worker (idle ones exit; busy ones are killed)."""
-        while not self._free.empty():
-            slot = self._free.get_nowait()
+        for slot in self._queue.free:
             slot.executor.shutdown(wait=False, cancel_futures=True)
+        self._queue.free.clear()
         for pid in list(self._slots):
             self._kill(pid)
         self._slots.clear()

@@ -169,6 +169,11 @@ _ORIGINAL_MARKER: Final = _rx(
 )
 _ID_LINE: Final = _rx(r"^\s*(?:Message-ID|In-Reply-To|References|Reporting-MTA|Arrival-Date)\b")
 MAX_WINDOW: Final = 8
+#: Addresses read from one report (each of our copies has one recipient; a report about more
+#: is a list expansion at most, and thousands are an attack).
+MAX_CANDIDATES: Final = 100
+#: Characters of the report's own text read for recipients and reasons (reports are short).
+MAX_REGION: Final = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -280,11 +285,11 @@ def _candidates(lines: Sequence[str], excluded: set[str], preferred: Sequence[st
             found.setdefault(key, (addr, i))
     if preferred:
         chosen = []
-        for address in preferred:
+        for address in preferred[:MAX_CANDIDATES]:
             addr, at = found.get(address.lower(), (address, -1))
             chosen.append((addr, at))
         return chosen
-    return list(found.values())
+    return list(found.values())[:MAX_CANDIDATES]
 
 
 def _window(lines: Sequence[str], start: int, others: set[str]) -> list[str]:
@@ -292,8 +297,8 @@ def _window(lines: Sequence[str], start: int, others: set[str]) -> list[str]:
     for line in lines[start + 1 : start + 1 + MAX_WINDOW]:
         if not line.strip() or line.lstrip().startswith("---"):
             break
-        if any(o in line.lower() for o in others):
-            break
+        if "@" in line and any(a.lower() in others for a in addresses_in(line)):
+            break  # the next recipient's block
         window.append(line)
     return window
 
@@ -389,7 +394,7 @@ def parse(
     if not looks_like_bounce(msg, text, rules):
         return None
     reader = _Reader(rules)
-    region = report_region(text)
+    region = report_region(text)[:MAX_REGION]
     lines = region.split("\n")
     skip = {a.lower() for a in excluded}
     skip.update(a.lower() for a in mime.addresses(mime.header(msg, "From")))

@@ -264,7 +264,7 @@ def test_connection_limit(mx_config: Callable[..., Config], start_mx: Callable[[
 def test_classifier_bug_keeps_the_mail(mx: RunningMx, redis_client: redis.Redis) -> None:
     # An exception in the classifier never loses a mail: it is kept as unclassified, with a warning.
     class Broken:
-        async def analyse(self, recipients: Sequence[str], raw: bytes) -> Analysis:
+        async def analyse(self, recipients: Sequence[str], raw: bytes, client: str = "") -> Analysis:
             raise RuntimeError("bug")
 
     assert mx.server is not None and mx.server.handler is not None
