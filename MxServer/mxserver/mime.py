@@ -75,10 +75,7 @@ def parse(raw: bytes) -> Message:
     part: a :class:`FlatMessage`.
     """
     head = raw[: 4 * 1024 * 1024]
-    if (
-        len(_MULTIPART_DECL_RE.findall(head)) <= MAX_MULTIPARTS
-        and len(_PART_HEADER_RE.findall(head)) <= MAX_PARTS
-    ):
+    if len(_MULTIPART_DECL_RE.findall(head)) <= MAX_MULTIPARTS and len(_PART_HEADER_RE.findall(head)) <= MAX_PARTS:
         try:
             return email.message_from_bytes(raw, policy=compat32)
         except RecursionError:

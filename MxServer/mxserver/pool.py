@@ -14,8 +14,9 @@ killing one never disturbs the mails running on the others.  Workers are forked 
 parent), so a replacement is ready in tens of milliseconds.
 
 Workers run at a lower CPU priority (``nice`` +10) than the event loop.  When every worker is
-busy, a freed worker goes to the waiting client (by address) that was served least recently -- not first come, first served -- so a few senders of expensive mail
-cannot make everybody else wait behind their queue.
+busy, a freed worker goes to the waiting client (by address) that was served least recently --
+not first come, first served -- so a few senders of expensive mail cannot make everybody else
+wait behind their queue.
 """
 
 from __future__ import annotations

@@ -33,10 +33,14 @@ MAX_SCAN: Final = 2 * 1024 * 1024
 #: Distinct tagged values kept per mail (a genuine report has a handful).
 MAX_FOUND: Final = 64
 
-_ADDRESS_RE: Final = re.compile(r"(?<![\w.+-])((?:bounce|unsub)-[a-z0-9]{1,46}-[a-z2-7]{10}@[a-z0-9.-]{1,253})", re.I)
-_MSGID_RE: Final = re.compile(r"(?<![\w.-])([a-z0-9]{1,46}\.[a-z2-7]{10}\.[a-z2-7]{6,32}@[a-z0-9.-]{1,253})", re.I)
+#: The local part of a tagged address or Message-ID, right before "@<one of our domains>".
+_LOCAL_RE: Final = re.compile(
+    r"(?:^|[^\w.+-])((?:bounce|unsub)-[a-z0-9]{1,46}-[a-z2-7]{10}|[a-z0-9]{1,46}\.[a-z2-7]{10}\.[a-z2-7]{6,32})$"
+)
 #: A one-click token as a URL path segment or query value (``…/unsubscribe/U-T``).
-_TOKEN_RE: Final = re.compile(r"(?<=[/=])([a-z0-9]{1,46}-[a-z2-7]{10})(?![\w@.-])", re.I)
+_TOKEN_RE: Final = re.compile(r"[/=]([a-z0-9]{1,46}-[a-z2-7]{10})(?![a-z0-9@.-])")
+#: Characters before "@" looked at (the longest local part is 46 + 1 + 10 + 1 + 32).
+_LOOKBACK: Final = 100
 
 
 @dataclass(frozen=True)
@@ -63,24 +67,50 @@ def envelope(recipients: Sequence[str], domains: frozenset[str]) -> list[Found]:
 
 
 def in_texts(texts: Iterable[str], domains: frozenset[str]) -> list[Found]:
-    """Tagged values with the right shape, on one of ``domains`` (tokens carry no domain)."""
+    """Tagged values with the right shape, on one of ``domains`` (tokens carry no domain).
+
+    Addresses and Message-IDs are found from their domain ("@" + a return-path domain, a plain
+    substring search), then the local part before it is checked: linear, whatever the text.
+    """
     out: dict[tuple[str, str, str], Found] = {}
     for text in texts:
-        for match in _ADDRESS_RE.finditer(text):
-            tagged = parse_address(match.group(1))
-            if tagged is not None and tagged.domain in domains:
-                out.setdefault((tagged.kind, tagged.uuid, tagged.tag), Found(tagged, "report"))
-        for match in _MSGID_RE.finditer(text):
-            tagged = parse_message_id(match.group(1))
-            if tagged is not None and tagged.domain in domains:
-                out.setdefault((tagged.kind, tagged.uuid, tagged.tag), Found(tagged, "report"))
-        for match in _TOKEN_RE.finditer(text):
+        lower = text.lower()
+        for domain in domains:
+            for local in _locals_before(lower, "@" + domain):
+                value = f"{local}@{domain}"
+                tagged = parse_message_id(value) if "." in local else parse_address(value)
+                if tagged is not None:
+                    out.setdefault((tagged.kind, tagged.uuid, tagged.tag), Found(tagged, "report"))
+        for match in _TOKEN_RE.finditer(lower):
             tagged = parse_token(match.group(1))
             if tagged is not None:
                 out.setdefault((tagged.kind, tagged.uuid, tagged.tag), Found(tagged, "report"))
         if len(out) >= MAX_FOUND:
             break
     return list(out.values())[:MAX_FOUND]
+
+
+def _locals_before(text: str, needle: str) -> list[str]:
+    """Local parts of tagged shape right before each ``needle`` ("@domain") that ends the domain."""
+    found = []
+    start = 0
+    while len(found) < MAX_FOUND:
+        at = text.find(needle, start)
+        if at < 0:
+            break
+        start = at + 1
+        end = at + len(needle)
+        following = text[end : end + 2]
+        if (
+            following[:1].isalnum()
+            or following[:1] in ("-", "_")
+            or (following[:1] == "." and following[1:2].isalnum())
+        ):
+            continue  # a longer domain (…example.test.evil.example)
+        match = _LOCAL_RE.search(text, max(0, at - _LOOKBACK), at)
+        if match is not None:
+            found.append(match.group(1))
+    return found
 
 
 def texts_of(msg: Message, raw: bytes) -> list[str]:

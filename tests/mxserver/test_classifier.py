@@ -95,9 +95,17 @@ def test_the_report_must_name_the_bound_recipient() -> None:
 
 
 def test_a_tag_on_a_foreign_domain_is_not_ours() -> None:
-    foreign = bounce_address("u7", "a@example.org").replace(RETURN_PATH_DOMAIN, "attacker.example")
-    outcome = classify([f"postmaster@{RETURN_PATH_DOMAIN}"], dsn("a@example.org", inner_return_path=foreign))
-    assert (outcome.kind, outcome.reason) == ("unverified", "no-tag")
+    genuine = bounce_address("u7", "a@example.org")
+    sent = {"u7": ["a@example.org"]}
+    for foreign in (
+        genuine.replace(RETURN_PATH_DOMAIN, "attacker.example"),
+        genuine.replace(RETURN_PATH_DOMAIN, f"{RETURN_PATH_DOMAIN}.attacker.example"),
+        genuine.replace("@", "@sub."),
+    ):
+        outcome = classify([f"postmaster@{RETURN_PATH_DOMAIN}"], dsn("a@example.org", inner_return_path=foreign), sent)
+        assert (outcome.kind, outcome.reason) == ("unverified", "no-tag"), foreign
+    outcome = classify([f"postmaster@{RETURN_PATH_DOMAIN}"], dsn("a@example.org", inner_return_path=genuine), sent)
+    assert outcome.kind == "bounce"
 
 
 def test_a_forged_tag_verifies_for_nobody() -> None:
