@@ -5,6 +5,9 @@ multiparts, bounces that quote half a message).  Everything here uses the ``comp
 which records defects instead of raising, and catches the few narrow errors that decoding can
 still produce (unknown charset, bad RFC 2047 words).  Scanned text is capped at
 :data:`MAX_TEXT` characters so a huge message cannot make a regular expression slow.
+
+Part of MxServer's pure classification phase (:mod:`mxserver.analysis`), run in worker
+processes.
 """
 
 from __future__ import annotations

@@ -5,12 +5,18 @@ machine-readable ``message/delivery-status`` part: classic Exim, qmail, Yahoo, L
 old Exchange, GroupWise, MDaemon, OpenSMTPD, Mimecast, plain-text Sendmail and Postfix…
 
 Recognition needs two things: the message looks like a bounce (``X-Failed-Recipients``, a
-bounce subject, or a mailer-daemon sender together with a known MTA wording) and at least one
-recipient or reason can be read from the text.  Extraction is line based and shared by every
-format: each candidate address starts a window of following lines (until a blank line); the
-window, or else the nearest line that carries an SMTP reply or a known reason, is the reason.
+bounce subject in one of many languages, or a mail-system sender whose text uses a known MTA
+wording or states a failure reason -- an SMTP reply or a wording of the bounce rules) and at
+least one recipient or reason can be read from the text.  Extraction is line based and shared by
+every format: each candidate address (quoted local parts kept, encoded-words decoded) starts a
+window of following lines (until a blank line or the next candidate); the window, or else the
+nearest line that carries an SMTP reply or a known reason, is the reason.  Gmail's "The response
+was:" paragraph and a later mention of the address with a reply code (Exchange's "Diagnostic
+information for administrators") are preferred; Exim's "(generated from …)" names an alias.
 :data:`FORMATS` only names the MTA (for the event's ``report`` field) and adds nothing
 format-specific beyond that, which keeps unknown variants working.
+
+Part of MxServer's pure classification phase (:mod:`mxserver.analysis`).
 """
 
 from __future__ import annotations
