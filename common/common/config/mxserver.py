@@ -130,7 +130,11 @@ class MxServerSection(SmtpLimits):
         description="Bounce rules added to (new names, tried first) or replacing (same name) the shipped ones.",
     )
     classify_processes: int = Field(
-        2, ge=1, le=64, description="Worker processes that parse and classify received mail (off the event loop)."
+        4,
+        ge=1,
+        le=64,
+        description="Worker processes that parse and classify received mail (off the event loop, at nice +10); "
+        "more than the cores on purpose, so that a mail needing much CPU does not make cheap ones wait.",
     )
     classify_timeout_seconds: float = Field(
         10.0, gt=0, description="CPU budget of one mail; a worker over it is replaced and the mail kept unclassified."
