@@ -92,7 +92,7 @@ def in_texts(texts: Iterable[str], domains: frozenset[str]) -> list[Found]:
 
 def _locals_before(text: str, needle: str) -> list[str]:
     """Local parts of tagged shape right before each ``needle`` ("@domain") that ends the domain."""
-    found = []
+    found: list[str] = []
     start = 0
     while len(found) < MAX_FOUND:
         at = text.find(needle, start)
