@@ -12,7 +12,14 @@ attached as ``message/rfc822``; the complaining mailbox is in the attached messa
 ``X-HmXmrOriginalRecipient`` header.
 
 Only complaints count: ``Feedback-Type`` ``not-spam`` (the user rescued the message) and
-``auth-failure`` (DMARC/SPF forensic reports, RFC 6591) are not spam reports.
+``auth-failure`` (DMARC/SPF forensic reports, RFC 6591) are parsed but marked
+``complaint=False``: they never become a spam report.
+
+The addresses the report names (``Original-Rcpt-To``, ``Removal-Recipient``,
+``X-HmXmrOriginalRecipient``) are information: the event's recipient is the one bound to a tag
+in the report (:mod:`mxserver.verification`).  Redacted names (``redacted``, ``***@gmx.de``,
+``[REDACTED]``, ``xxxxxxxx@hotmail.com``) are kept apart: they name nobody.
+Part of the pure classification phase (:mod:`mxserver.analysis`).
 """
 
 from __future__ import annotations
@@ -23,59 +30,80 @@ from email.message import Message
 from typing import Final
 
 from mxserver import mime
-from mxserver.dsn import status_blocks, strip_type
+from mxserver.dsn import address, status_text, strip_type
 
 FEEDBACK_TYPES: Final = frozenset(("message/feedback-report",))
 NOT_COMPLAINTS: Final = frozenset(("not-spam", "auth-failure", "dmarc"))
-_REDACTED: Final = re.compile(r"redacted|x{4,}|\*{3,}|\[email\]", re.I)
+_REDACTED: Final = re.compile(r"redacted|x{4,}@|\*{2,}|\[email\]|^@|\.\.\.@|…@", re.I)
+_FIELD_RE: Final = re.compile(r"^([A-Za-z][A-Za-z0-9-]{0,40})[ \t]*:[ \t]*(.*)$")
 _JMRP_SUBJECT: Final = re.compile(r"complaint about message from", re.I)
 _MICROSOFT_DOMAINS: Final = frozenset(("hotmail.com", "outlook.com", "microsoft.com", "live.com", "msn.com"))
 
 
 @dataclass(frozen=True)
 class Complaint:
-    """A spam complaint about one of our messages."""
+    """A feedback report (complaint or not) about a message."""
 
     report: str  # "arf" or "jmrp"
     feedback_type: str
-    email: str | None
-    mail_from: str
+    #: Addresses the report names as the complaining recipient (not redacted).
+    names: tuple[str, ...]
+    #: True when the report names the recipient only in redacted form.
+    redacted: bool
     user_agent: str
     original: Message | None
 
-
-def _clean_email(value: str) -> str | None:
-    addr = mime.first_address(strip_type(value))
-    if addr is None or _REDACTED.search(addr):
-        return None
-    return addr
+    @property
+    def complaint(self) -> bool:
+        """False for not-spam and authentication-failure reports."""
+        return self.feedback_type not in NOT_COMPLAINTS
 
 
-def _fields(part: Message) -> dict[str, str]:
-    merged: dict[str, str] = {}
-    for block in status_blocks(part):
-        for key, value in block.items():
-            merged.setdefault(key, value)
-    return merged
+def redacted(value: str) -> bool:
+    """True when an address was masked by the reporter (``***@gmx.de``, ``[REDACTED]``)."""
+    return bool(_REDACTED.search(value))
 
 
-def _parse_arf(msg: Message, part: Message) -> Complaint | None:
-    fields = _fields(part)
-    feedback_type = (fields.get("feedback-type", "").split() or ["abuse"])[0].lower()
-    if feedback_type in NOT_COMPLAINTS:
-        return None
-    original = mime.original_message(msg)
-    email = _clean_email(fields.get("original-rcpt-to", "")) or _clean_email(fields.get("removal-recipient", ""))
-    if email is None and original is not None:
-        recipients = mime.addresses(mime.header(original, "To"))
-        email = _clean_email(recipients[0]) if len(recipients) == 1 else None
+def _names(values: list[str]) -> tuple[tuple[str, ...], bool]:
+    names: list[str] = []
+    masked = False
+    for value in values:
+        text = strip_type(value)
+        if not text:
+            continue
+        if redacted(text):
+            masked = True
+            continue
+        found = address(text) or mime.first_address(text)
+        if found and found not in names:
+            names.append(found)
+    return tuple(names), masked
+
+
+def fields(part: Message) -> list[tuple[str, str]]:
+    """``(name, value)`` of every field of a feedback-report part (repeated fields kept)."""
+    pairs = [(name.lower(), mime.header(part, name)) for name in part if name.lower() != "content-type"]
+    for line in status_text(part).replace("\r\n", "\n").split("\n"):
+        match = _FIELD_RE.match(line)
+        if match is not None:
+            pairs.append((match.group(1).lower(), match.group(2).strip()))
+    return pairs
+
+
+def _parse_arf(msg: Message, part: Message) -> Complaint:
+    pairs = fields(part)
+    first = {name: value for name, value in reversed(pairs)}
+    feedback_type = (first.get("feedback-type", "").split() or ["abuse"])[0].lower()
+    named = [v for n, v in pairs if n in ("original-rcpt-to", "removal-recipient")]
+    names, masked = _names(named)
+    masked = masked or any(n == "redacted-address" for n, _ in pairs)
     return Complaint(
         report="arf",
         feedback_type=feedback_type,
-        email=email,
-        mail_from=fields.get("original-mail-from", ""),
-        user_agent=fields.get("user-agent", ""),
-        original=original,
+        names=names,
+        redacted=masked,
+        user_agent=first.get("user-agent", ""),
+        original=mime.original_message(msg),
     )
 
 
@@ -88,18 +116,19 @@ def _parse_jmrp(msg: Message) -> Complaint | None:
     from_microsoft = sender.rpartition("@")[2] in _MICROSOFT_DOMAINS
     if not reporter and not (from_microsoft and _JMRP_SUBJECT.search(mime.header(msg, "Subject"))):
         return None
+    names, masked = _names([reporter] if reporter else [])
     return Complaint(
         report="jmrp",
         feedback_type="abuse",
-        email=_clean_email(reporter),
-        mail_from=mime.header(original, "Return-Path"),
+        names=names,
+        redacted=masked,
         user_agent="Microsoft JMRP",
         original=original,
     )
 
 
 def parse(msg: Message) -> Complaint | None:
-    """The complaint in ``msg``; None when it is not a spam complaint."""
+    """The feedback report in ``msg``; None when it is none (see :attr:`Complaint.complaint`)."""
     part = mime.find_part(msg, FEEDBACK_TYPES)
     if part is not None:
         return _parse_arf(msg, part)

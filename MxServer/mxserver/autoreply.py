@@ -4,6 +4,8 @@ Headers first (RFC 3834 ``Auto-Submitted`` and the de-facto ``X-Autoreply``, ``X
 ``Precedence: auto_reply`` ...), then the subject in several languages, then -- for a short
 message answering one of ours -- an out-of-office sentence at the top of the body.  Bounces are
 recognised before this runs (they carry ``Auto-Submitted`` too).
+
+Part of MxServer's pure classification phase (:mod:`mxserver.analysis`).
 """
 
 from __future__ import annotations

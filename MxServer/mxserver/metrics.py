@@ -2,14 +2,15 @@
 
 The original's names are kept: ``mxserver_received_unsubscribe_total``,
 ``mxserver_received_spam_total``, ``mxserver_received_autoreply_total``,
-``mxserver_received_unclassified_total`` and ``mxserver_warnings_total``.
+``mxserver_received_unclassified_total`` and ``mxserver_warnings_total``.  Metrics added since
+are named ``mailer_mxserver_…``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from mxserver.classifier import Classification
+from mxserver.verification import REASONS, Outcome
 
 
 class MxMetrics:
@@ -52,9 +53,34 @@ class MxMetrics:
         )
         self.eml_files = Gauge("mailer_mxserver_eml_directory_files", "Files in the eml directory", registry=r)
         self.eml_bytes = Gauge("mailer_mxserver_eml_directory_bytes", "Bytes in the eml directory", registry=r)
+        self.unverified = Counter(
+            "mailer_mxserver_unverified",
+            "Recognised reports that did not verify (kept, no event), by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REASONS:
+            self.unverified.labels(reason)
+        self.own_reports = Counter(
+            "mailer_mxserver_own_reports",
+            "Reports written by our own Postfix (already known from its log; no event)",
+            registry=r,
+        )
+        self.classify_seconds = Histogram(
+            "mailer_mxserver_classify_seconds",
+            "Time to classify one mail in a worker process (queueing for a worker included)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.workers_replaced = Counter(
+            "mailer_mxserver_classifier_workers_replaced",
+            "Classifier worker processes replaced, by cause (overrun of the time budget, crash)",
+            ["cause"],
+            registry=r,
+        )
 
-    def count(self, result: Classification) -> None:
-        """Count one received mail by its classification and the events it produced."""
+    def count(self, result: Outcome) -> None:
+        """Count one received mail by its outcome and the events it produced."""
         if result.kind == "unsubscribe":
             self.unsubscribe.inc()
         elif result.kind == "spam-report":
@@ -65,6 +91,10 @@ class MxMetrics:
             self.bounce.labels(result.report).inc()
         elif result.kind == "deferred":
             self.deferred.labels(result.report).inc()
+        elif result.kind == "unverified":
+            self.unverified.labels(result.reason or "no-tag").inc()
+        elif result.kind == "own-report":
+            self.own_reports.inc()
         else:
             self.unclassified.inc()
         for event in result.events:

@@ -5,6 +5,9 @@ multiparts, bounces that quote half a message).  Everything here uses the ``comp
 which records defects instead of raising, and catches the few narrow errors that decoding can
 still produce (unknown charset, bad RFC 2047 words).  Scanned text is capped at
 :data:`MAX_TEXT` characters so a huge message cannot make a regular expression slow.
+
+Part of MxServer's pure classification phase (:mod:`mxserver.analysis`), run in worker
+processes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ from typing import Final
 MAX_TEXT: Final = 128 * 1024
 #: Nesting depth of multiparts followed (deeper parts are ignored).
 MAX_DEPTH: Final = 12
+#: Parts looked at per message (a report has a handful; thousands are an attack).
+MAX_PARTS: Final = 500
+#: ``multipart/*`` (and ``message/rfc822``) declarations beyond which the body is not parsed as MIME at all: the stdlib
+#: parser recurses once per nesting level and raises RecursionError near 1000 levels, after
+#: spending about a second; a genuine report never nests more than a few levels.
+MAX_MULTIPARTS: Final = 64
 
 ORIGINAL_TYPES: Final = frozenset(
     (
@@ -49,9 +58,41 @@ _FOLD_RE: Final = re.compile(r"\r?\n[ \t]+")
 _SURROGATE_RE: Final = re.compile("[\udc80-\udcff]")
 
 
+_MULTIPART_DECL_RE: Final = re.compile(
+    rb"content-type:[ \t]*(?:\r?\n[ \t]+)?(?:multipart/|message/(?:rfc822|global)\b)", re.IGNORECASE
+)
+
+
+_PART_HEADER_RE: Final = re.compile(rb"^content-type:", re.IGNORECASE | re.MULTILINE)
+
+
+class FlatMessage(Message):
+    """A message whose body was not parsed as MIME (too many multiparts): read as plain text."""
+
+
 def parse(raw: bytes) -> Message:
-    """The message of ``raw`` (``compat32``: defects are recorded, never raised)."""
-    return email.message_from_bytes(raw, policy=compat32)
+    """The message of ``raw`` (``compat32``: defects are recorded, never raised).
+
+    A body with more than :data:`MAX_MULTIPARTS` multipart declarations or :data:`MAX_PARTS`
+    parts (or one the parser cannot handle without recursing too deep) is kept as one text
+    part: a :class:`FlatMessage`.
+    """
+    head = raw[: 4 * 1024 * 1024]
+    if len(_MULTIPART_DECL_RE.findall(head)) <= MAX_MULTIPARTS and len(_PART_HEADER_RE.findall(head)) <= MAX_PARTS:
+        try:
+            return email.message_from_bytes(raw, policy=compat32)
+        except RecursionError:
+            pass
+    return flat(raw)
+
+
+def flat(raw: bytes) -> Message:
+    """``raw`` with its headers parsed and its body kept as one ``text/plain`` part."""
+    msg = email.parser.BytesParser(FlatMessage, policy=compat32).parsebytes(raw, headersonly=True)
+    del msg["Content-Type"]
+    del msg["Content-Transfer-Encoding"]
+    msg["Content-Type"] = "text/plain; charset=utf-8"
+    return msg
 
 
 def parse_headers(text: str) -> Message:
@@ -190,14 +231,46 @@ def children(part: Message) -> list[Message]:
 
 
 def leaves(msg: Message, depth: int = 0) -> Iterator[Message]:
-    """The report's own parts: walks multiparts but does not descend into attached messages."""
-    if depth > MAX_DEPTH:
-        return
-    if content_type(msg).startswith("multipart/"):
-        for child in children(msg):
-            yield from leaves(child, depth + 1)
-    else:
-        yield msg
+    """The report's own parts: walks multiparts but does not descend into attached messages.
+
+    At most :data:`MAX_PARTS` parts, :data:`MAX_DEPTH` levels deep (iterative: no recursion).
+    """
+    stack: list[tuple[Message, int]] = [(msg, depth)]
+    count = 0
+    while stack and count < MAX_PARTS:
+        part, level = stack.pop()
+        count += 1
+        if content_type(part).startswith("multipart/") and isinstance(part.get_payload(), list):
+            if level < MAX_DEPTH:
+                stack.extend((child, level + 1) for child in reversed(children(part)))
+        else:
+            yield part
+
+
+def attached(part: Message) -> Message | None:
+    """The message inside a ``message/rfc822`` (or ``message/global``) part, else None."""
+    if content_type(part) not in ("message/rfc822", "message/global"):
+        return None
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        return payload[0]
+    return None
+
+
+def all_leaves(msg: Message) -> Iterator[Message]:
+    """Every leaf part, including those of attached messages (bounded like :func:`leaves`)."""
+    queue: list[tuple[Message, int]] = [(msg, 0)]
+    count = 0
+    while queue and count < MAX_PARTS:
+        current, level = queue.pop(0)
+        for part in leaves(current):
+            count += 1
+            inner = attached(part)
+            if inner is not None and level < MAX_DEPTH:
+                queue.append((inner, level + 1))
+            yield part
+            if count >= MAX_PARTS:
+                return
 
 
 def payload_bytes(part: Message) -> bytes:
@@ -215,6 +288,11 @@ def payload_bytes(part: Message) -> bytes:
         # message/* parts: the parser turned the body into messages; serialise them back.
         return b"\n\n".join(_flatten(m) for m in raw if isinstance(m, Message))
     return b""
+
+
+def serialise(msg: Message) -> bytes:
+    """``msg`` as bytes (best effort: headers only when it cannot be serialised)."""
+    return _flatten(msg)
 
 
 def _flatten(msg: Message) -> bytes:
@@ -249,13 +327,14 @@ def html_to_text(markup: str) -> str:
 def body_text(msg: Message) -> str:
     """The human-readable text of the message itself (not of attached messages).
 
-    text/plain parts are preferred; HTML is used only when there is no plain text.
+    text/plain parts are preferred; HTML is used only when there is no plain text.  A
+    multipart whose boundary was never found is read as plain text (it is one).
     """
     plain: list[str] = []
     markup: list[str] = []
     for part in leaves(msg):
         ctype = content_type(part)
-        if ctype == "text/plain":
+        if ctype == "text/plain" or ctype.startswith("multipart/"):
             plain.append(part_text(part))
         elif ctype == "text/html":
             markup.append(html_to_text(part_text(part)))

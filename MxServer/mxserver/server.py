@@ -25,10 +25,11 @@ from common.metrics import Health
 from common.queue import AsyncQueues, QueueSettings, connect, connect_async
 from common.service import Context
 from common.smtpserver import BaseSMTP, Limits, Sessions
-from mxserver.classifier import Classifier
+from mxserver.classifier import settings_from_config
 from mxserver.emlstore import EmlStore
 from mxserver.handler import MxHandler
 from mxserver.metrics import MxMetrics
+from mxserver.pool import ClassifierPool
 from mxserver.recipients import RecipientPolicy
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class MxServer:
         self.health = health
         self.hostname = section.hostname or socket.gethostname()
         self.tls = tls_context(config, section)
+        #: Reads and checks the bounce rules now: a bad rule stops the start (and --check-config).
+        self.settings = settings_from_config(config)
+        self.pool: ClassifierPool | None = None
         self.sessions = Sessions(
             Limits.from_config(section),
             on_refused=lambda reason: metrics.connections_refused.labels(reason).inc(),
@@ -100,7 +104,10 @@ class MxServer:
         signer = await wait_for_secret_async(self.config, self._probe, stop or asyncio.Event(), self.health.beat)
         if signer is None:
             return False
-        classifier = Classifier.from_config(self.config, signer)
+        self.pool = ClassifierPool(
+            self.settings, self.section.classify_processes, self.section.classify_timeout_seconds
+        )
+        await self.pool.start()
         store = await asyncio.to_thread(
             EmlStore(
                 self.section.eml_directory,
@@ -111,8 +118,10 @@ class MxServer:
         self.metrics.eml_files.set(store.count)
         self.metrics.eml_bytes.set(store.total_bytes)
         self.handler = MxHandler(
-            classifier=classifier,
-            policy=RecipientPolicy(classifier.attributor, classifier.abuse_addresses),
+            analyser=self.pool,
+            signer=signer,
+            policy=RecipientPolicy(signer, self.settings.domains, self.settings.abuse_addresses),
+            redis_client=self._redis,
             queues=AsyncQueues(self._redis, QueueSettings.from_config(self.config.global_)),
             event_queue=self.config.global_.backdata.queue_name,
             store=store,
@@ -145,7 +154,7 @@ class MxServer:
             self.hostname,
             "on" if context else "off",
             self.section.max_message_size,
-            ",".join(sorted(classifier.return_path_domains)),
+            ",".join(sorted(self.settings.domains)),
         )
         return True
 
@@ -173,6 +182,8 @@ class MxServer:
             await server.wait_closed()
         if self._beat is not None:
             self._beat.cancel()
+        if self.pool is not None:
+            await self.pool.close()
         await self._redis.aclose()
         self._probe.close()
         log.info("stopped")

@@ -19,6 +19,10 @@ policy                other policy rejections (relaying denied, 5.7.x)          
 rate-limited          too many messages or connections, try later (4.7.28)         no
 expired               undelivered within the queue lifetime (4.4.7)                no
 network               connection refused or timed out, TLS failure (4.4.1)         no
+sender-rejected       our envelope sender or From domain was refused ("Sender      no
+                      address rejected", "Unroutable sender address", 5.1.7,
+                      5.1.8, a list refusing posts of non-members): says nothing
+                      about the recipient
 smtputf8-unsupported  the message needs SMTPUTF8 (a non-ASCII local part) and the  no
                       receiver does not offer it (5.6.7; Postfix: "SMTPUTF8 is
                       required, but was not offered by host")
@@ -62,6 +66,7 @@ CLASSIFICATIONS: Final = (
     "rate-limited",
     "expired",
     "network",
+    "sender-rejected",
     "smtputf8-unsupported",
     "autoreply",
     "other",
@@ -74,7 +79,20 @@ def _rx(*alternatives: str) -> re.Pattern[str]:
 
 
 #: (classification, pattern) -- first match wins, so specific patterns come first.
+#: (MxServer reads reports with its own, operator-extensible rule file, mxserver/bounce-rules.yaml,
+#: over the same taxonomy.)
 TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+    (
+        # About our envelope sender, not the recipient: before every recipient wording.
+        "sender-rejected",
+        _rx(
+            r"sender address rejected",
+            r"unroutable sender",
+            r"sender verify failed",
+            r"domain of sender address",
+            r"\bsender (?:denied|rejected)",
+        ),
+    ),
     (
         # Before user-unknown ("non-ASCII address ... not permitted") and network.
         "smtputf8-unsupported",
@@ -302,6 +320,8 @@ STATUS_RULES: Final[dict[str, str]] = {
     "6.9": "smtputf8-unsupported",
     "7.1": "policy",
     "7.28": "rate-limited",
+    "1.7": "sender-rejected",
+    "1.8": "sender-rejected",
 }
 _AUTH_DETAILS: Final = frozenset(str(n) for n in range(20, 28))
 

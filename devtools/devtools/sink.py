@@ -3,7 +3,7 @@
 The default script, by the recipient's local part:
 
 =================  =============================================================
-``bounce*``        ``550 5.1.1 <addr>: user unknown``
+``bounce*``        ``550 5.1.1 <addr>: user unknown`` (not our tagged return paths: they take bounces)
 ``full*``          ``552 5.2.2 <addr>: mailbox full``
 ``block*``         ``554 5.7.1 <addr>: blocked using zen.spamhaus.org``
 ``defer*``         ``450 4.2.0 <addr>: mailbox busy, try later``
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 Rule = tuple[re.Pattern[str], str]
 
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (
-    (r"^bounce", "550 5.1.1 <{addr}>: user unknown"),
+    # (not our own tagged return paths bounce-<uuid>-<tag>@: a bounce sent to them is accepted)
+    (r"^bounce(?!-[a-z0-9]{1,46}-[a-z2-7]{10}$)", "550 5.1.1 <{addr}>: user unknown"),
     (r"^full", "552 5.2.2 <{addr}>: mailbox full"),
     (r"^block", "554 5.7.1 <{addr}>: blocked using zen.spamhaus.org"),
     (r"^defer", "450 4.2.0 <{addr}>: mailbox busy, try later"),

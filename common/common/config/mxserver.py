@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from common.bounces import CLASSIFICATIONS
 from common.config.base import Bind, Prometheus, ReliableQueueClient, SmtpLimits, StrictModel
+
+#: Classifications a bounce rule may name (the taxonomy of common.bounces, minus autoreply).
+RULE_CLASSIFICATIONS = frozenset(CLASSIFICATIONS) - {"autoreply"}
 
 
 class YahooAbuse(StrictModel):
@@ -29,6 +35,64 @@ class Abuse(StrictModel):
         if self.yahoo is not None:
             found.add(self.yahoo.to.strip().strip("<>").lower())
         return frozenset(a for a in found if "@" in a)
+
+
+class BounceRule(StrictModel):
+    """One rule of MxServer's bounce rules (``mxserver/bounce-rules.yaml``; ``mxserver.bounce-rules``).
+
+    A rule whose ``name`` is one of the shipped rules replaces it (``enabled: false`` removes
+    it); a new name is tried before every shipped rule.
+    """
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Unique rule name.")
+    classification: str | None = Field(
+        None, description="Classification of a reason that matches (common.bounces taxonomy); required."
+    )
+    patterns: list[str] = Field(
+        default_factory=list, description="Regular expressions (case-insensitive); any one matching is a hit."
+    )
+    examples: list[str] = Field(default_factory=list, description="Reasons this rule must classify (tested).")
+    unroutable: bool = Field(
+        False, description="A failure to find or reach the destination: unroutable when no remote server answered."
+    )
+    without_code: Literal["hard", "soft", "unroutable"] | None = Field(
+        None, description="Type when the report gives no reply code and no status."
+    )
+    suppress: bool = Field(True, description="false: never suppress the recipient, whatever the classification.")
+    enabled: bool = Field(True, description="false: remove the shipped rule of this name.")
+
+    @field_validator("classification")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        if value is not None and value not in RULE_CLASSIFICATIONS:
+            raise ValueError(f"unknown classification {value!r} (one of {', '.join(sorted(RULE_CLASSIFICATIONS))})")
+        return value
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern, re.IGNORECASE)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> BounceRule:
+        if not self.enabled:
+            return self
+        if self.classification is None:
+            raise ValueError(f"rule {self.name!r}: classification: required")
+        if not self.patterns:
+            raise ValueError(f"rule {self.name!r}: patterns: at least one is required")
+        if not self.examples:
+            raise ValueError(f"rule {self.name!r}: examples: at least one is required")
+        compiled = [re.compile(p, re.IGNORECASE) for p in self.patterns]
+        for example in self.examples:
+            if not any(p.search(example) for p in compiled):
+                raise ValueError(f"rule {self.name!r}: example {example!r} is matched by none of its patterns")
+        return self
 
 
 class MxServerSection(SmtpLimits):
@@ -60,6 +124,25 @@ class MxServerSection(SmtpLimits):
     )
     max_session_seconds: float = Field(
         900.0, gt=0, description="Longest session; a transaction in progress is finished first."
+    )
+    bounce_rules: list[BounceRule] = Field(
+        default_factory=list,
+        description="Bounce rules added to (new names, tried first) or replacing (same name) the shipped ones.",
+    )
+    classify_processes: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Worker processes that parse and classify received mail (off the event loop, at nice +10); "
+        "more than the cores on purpose, so that a mail needing much CPU does not make cheap ones wait.",
+    )
+    classify_timeout_seconds: float = Field(
+        10.0, gt=0, description="CPU budget of one mail; a worker over it is replaced and the mail kept unclassified."
+    )
+    own_hostnames: list[str] = Field(
+        default_factory=list,
+        description="Host names of our own outbound Postfix (besides postfixlog.string-replacer.main-cf.myhostname): "
+        "their reports are already known from the log and produce no event.",
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,338 @@
+"""The bounce rules: what the reason of a failed delivery means (classification, type, suppress).
+
+Part of MxServer's pure classification phase (:mod:`mxserver.analysis`): a reason text, the
+report's Status and reply code go in, a :class:`common.bounces.Verdict` comes out.  The rules
+are data -- ``mxserver/bounce-rules.yaml`` (format and order of evaluation in its header) --
+loaded and validated once at start by :func:`load`; a rule the operator adds or replaces in the
+customer file (``mxserver.bounce-rules``, model :class:`common.config.mxserver.BounceRule`) is
+merged in by :func:`merge`.  A broken file is a :class:`common.errors.ConfigError` naming the
+file and the rule.
+
+The taxonomy itself (the classifications, which of them are a dead address) is
+:mod:`common.bounces`, shared with PostfixLog.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, cast
+
+import yaml
+from pydantic import ValidationError
+
+from common import bounces
+from common.bounces import BounceType, Verdict
+from common.config.mxserver import BounceRule
+from common.errors import ConfigError
+
+#: The rules shipped with MxServer.
+RULES_FILE: Final = "bounce-rules.yaml"
+_TYPES: Final = frozenset(("hard", "soft", "unroutable"))
+_STATUS_KEY: Final = re.compile(r"^\d{1,3}\.\d{1,3}$")
+_STATUS_RE: Final = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: any pattern found in a reason classifies it."""
+
+    name: str
+    classification: str
+    patterns: tuple[re.Pattern[str], ...]
+    examples: tuple[str, ...] = ()
+    unroutable: bool = False
+    without_code: BounceType | None = None
+    suppress: bool = True
+
+    def matches(self, text: str) -> bool:
+        """True when one of the patterns is found in ``text``."""
+        return any(p.search(text) for p in self.patterns)
+
+    @classmethod
+    def from_model(cls, model: BounceRule) -> Rule:
+        """A rule of a validated :class:`BounceRule`."""
+        assert model.classification is not None  # the model requires it for enabled rules
+        return cls(
+            name=model.name,
+            classification=model.classification,
+            patterns=tuple(re.compile(p, re.IGNORECASE) for p in model.patterns),
+            examples=tuple(model.examples),
+            unroutable=model.unroutable,
+            without_code=model.without_code,
+            suppress=model.suppress,
+        )
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A ``never-suppress`` entry: a reason it matches never suppresses the recipient."""
+
+    name: str
+    patterns: tuple[re.Pattern[str], ...]
+    examples: tuple[str, ...] = ()
+
+    def matches(self, text: str) -> bool:
+        """True when one of the patterns is found in ``text``."""
+        return any(p.search(text) for p in self.patterns)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How one reason was read: the rule that hit (None: status or nothing) and the verdict."""
+
+    verdict: Verdict
+    rule: str | None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The rule set of one process (picklable: it travels to the classifier workers)."""
+
+    rules: tuple[Rule, ...]
+    status: Mapping[str, str] = field(default_factory=dict)
+    without_code: Mapping[str, BounceType] = field(default_factory=dict)
+    never_suppress: tuple[Guard, ...] = ()
+    source: str = RULES_FILE
+
+    def rule_for(self, *texts: str) -> Rule | None:
+        """The first rule matching the first of ``texts`` that any rule matches."""
+        for text in texts:
+            if not text:
+                continue
+            for rule in self.rules:
+                if rule.matches(text):
+                    return rule
+        return None
+
+    def by_status(self, status: str | None) -> str | None:
+        """The classification of an enhanced status code (``5.1.1`` -> ``user-unknown``)."""
+        if not status:
+            return None
+        _, subject, detail = status.split(".")
+        return self.status.get(f"{subject}.{detail}")
+
+    def read(
+        self,
+        reason: str,
+        *,
+        context: str = "",
+        status: str | None = None,
+        code: int | None = None,
+        delayed: bool = False,
+        expired: bool = False,
+        remote: bool = True,
+        permanent: bool | None = None,
+    ) -> Reading:
+        """Classify one failure.
+
+        Args:
+            reason: the reply / Diagnostic-Code (or the report's sentence about the recipient).
+            context: the report's own text about this recipient (read when ``reason`` says nothing).
+            status: the Status field (decides the class of the failure over ``code``).
+            code: the SMTP reply code, when the reason carries one.
+            delayed: a delay notice (``Action: delayed``): soft.
+            expired: the reporting MTA gave up (failed with a 4.x.x status): soft, ``expired``.
+            remote: a remote server answered (decides ``unroutable`` for rules that allow it).
+            permanent: the report's own verdict when there is no status nor code (SES bounceType).
+        """
+        if code is None or status is None:
+            found_code, found_status = bounces.parse_reply(reason)
+            code = code if code is not None else found_code
+            status = status or found_status
+        rule = self.rule_for(reason, context)
+        classification = rule.classification if rule else (self.by_status(status) or "other")
+        if expired and classification != "sender-rejected":
+            classification = "expired"
+        bounce_type = self._type(rule, classification, status, code, delayed, expired, remote, permanent)
+        text = f"{reason}\n{context}"
+        suppress = (
+            bounce_type in ("hard", "unroutable")
+            and classification in bounces.DEAD_ADDRESS
+            and (rule is None or rule.suppress)
+            and not any(guard.matches(text) for guard in self.never_suppress)
+        )
+        return Reading(Verdict(classification, suppress, bounce_type, status, code), rule.name if rule else None)
+
+    def _type(
+        self,
+        rule: Rule | None,
+        classification: str,
+        status: str | None,
+        code: int | None,
+        delayed: bool,
+        expired: bool,
+        remote: bool,
+        permanent: bool | None,
+    ) -> BounceType:
+        if delayed or expired or classification == "expired":
+            return "soft"
+        if rule is not None and rule.unroutable and not remote:
+            return "unroutable"
+        klass = status[0] if status else (str(code)[0] if code is not None else None)
+        if klass == "5":
+            return "hard"
+        if klass == "4":
+            return "soft"
+        if permanent is not None:
+            return "hard" if permanent else "soft"
+        if rule is not None and rule.without_code is not None:
+            return rule.without_code
+        return self.without_code.get(classification) or self.without_code.get("default") or "hard"
+
+
+def status_of(text: str) -> str | None:
+    """The first enhanced status code in ``text``."""
+    match = _STATUS_RE.search(text)
+    return ".".join(match.groups()) if match else None
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def load(path: Path | None = None, *, extra: Sequence[BounceRule] = ()) -> Rules:
+    """The shipped rules (or those of ``path``) with the operator's ``extra`` rules merged in.
+
+    Raises:
+        ConfigError: the file is unreadable or a rule is invalid (one line per problem, naming
+            the file and the rule).
+    """
+    if path is None:
+        resource = importlib.resources.files("mxserver").joinpath(RULES_FILE)
+        text, where = resource.read_text(encoding="utf-8"), str(resource)
+    else:
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read the bounce rules: {exc.strerror or exc}"]) from None
+    return merge(parse(text, where), extra)
+
+
+@functools.cache
+def shipped() -> Rules:
+    """The shipped rules alone (loaded once per process)."""
+    return load()
+
+
+def parse(text: str, where: str) -> Rules:
+    """Rules of one YAML document (``where`` names it in error messages).
+
+    Raises:
+        ConfigError: one line per problem.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{where}: not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{where}: expected a mapping with 'rules'"])
+    problems: list[str] = []
+    unknown = set(data) - {"version", "rules", "status", "without-code", "never-suppress"}
+    problems += [f"{where}: {key}: unknown key" for key in sorted(unknown)]
+    rules = _rules(data.get("rules"), where, problems)
+    guards = _guards(data.get("never-suppress") or [], where, problems)
+    status = _status(data.get("status") or {}, where, problems)
+    without_code = _without_code(data.get("without-code") or {}, where, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Rules(rules, status, without_code, guards, where)
+
+
+def merge(base: Rules, extra: Iterable[BounceRule]) -> Rules:
+    """``base`` with operator rules: same name replaces (or removes), a new name goes first."""
+    rules = list(base.rules)
+    first: list[Rule] = []
+    for model in extra:
+        names = [r.name for r in rules]
+        if model.name in names:
+            at = names.index(model.name)
+            if model.enabled:
+                rules[at] = Rule.from_model(model)
+            else:
+                del rules[at]
+        elif model.enabled:
+            first.append(Rule.from_model(model))
+    return Rules(tuple(first + rules), base.status, base.without_code, base.never_suppress, base.source)
+
+
+def _rules(raw: Any, where: str, problems: list[str]) -> tuple[Rule, ...]:
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{where}: rules: a non-empty list is required")
+        return ()
+    out: list[Rule] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        label = f"{where}: rules[{index}]" + (f" ({item.get('name')})" if isinstance(item, dict) else "")
+        try:
+            model = BounceRule.model_validate(item)
+        except ValidationError as exc:
+            problems.extend(f"{label}: {_message(err)}" for err in exc.errors(include_url=False))
+            continue
+        if model.name in seen:
+            problems.append(f"{label}: name {model.name!r} is used twice")
+        seen.add(model.name)
+        if model.enabled:
+            out.append(Rule.from_model(model))
+    return tuple(out)
+
+
+def _guards(raw: Any, where: str, problems: list[str]) -> tuple[Guard, ...]:
+    out: list[Guard] = []
+    for index, item in enumerate(raw if isinstance(raw, list) else [raw]):
+        label = f"{where}: never-suppress[{index}]"
+        if not isinstance(item, dict) or set(item) - {"name", "patterns", "examples"}:
+            problems.append(f"{label}: expected name, patterns and examples")
+            continue
+        try:
+            patterns = tuple(re.compile(str(p), re.IGNORECASE) for p in item.get("patterns") or [])
+        except re.error as exc:
+            problems.append(f"{label}: a pattern is not a regular expression: {exc}")
+            continue
+        examples = tuple(str(e) for e in item.get("examples") or [])
+        guard = Guard(str(item.get("name", "")), patterns, examples)
+        if not patterns or not examples:
+            problems.append(f"{label}: patterns and examples are required")
+        elif not all(guard.matches(e) for e in examples):
+            problems.append(f"{label}: an example is matched by none of its patterns")
+        out.append(guard)
+    return tuple(out)
+
+
+def _status(raw: Any, where: str, problems: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: status: expected a mapping of 'subject.detail' to a classification")
+        return out
+    for key, value in raw.items():
+        if not _STATUS_KEY.match(str(key)):
+            problems.append(f"{where}: status.{key}: expected 'subject.detail' such as '1.1'")
+        elif value not in bounces.CLASSIFICATIONS:
+            problems.append(f"{where}: status.{key}: unknown classification {value!r}")
+        else:
+            out[str(key)] = str(value)
+    return out
+
+
+def _without_code(raw: Any, where: str, problems: list[str]) -> dict[str, BounceType]:
+    out: dict[str, BounceType] = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: without-code: expected a mapping of classification to a type")
+        return out
+    for key, value in raw.items():
+        if key != "default" and key not in bounces.CLASSIFICATIONS:
+            problems.append(f"{where}: without-code.{key}: unknown classification")
+        elif value not in _TYPES:
+            problems.append(f"{where}: without-code.{key}: expected hard, soft or unroutable (got {value!r})")
+        else:
+            out[str(key)] = cast(BounceType, value)
+    return out
+
+
+def _message(err: Any) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function"))
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
