@@ -87,6 +87,11 @@ def verify(
             bound.append((found, binding))
     if analysis.kind == "unsubscribe":
         return _unsubscribe(analysis, bound, now)
+    verified = {id(found) for found, _ in bound}
+    if any(f.source == "envelope" and id(f) not in verified for f in analysis.tags):
+        # A genuine MTA sends its report to the exact return path: a forged envelope tag makes
+        # the whole report suspect, whatever genuine values it quotes.
+        return _unverified(analysis, "bad-tag", "the address the report was sent to has a tag that does not verify")
     if not bound:
         reason: Reason = "bad-tag" if analysis.tags else "no-tag"
         return _unverified(analysis, reason, "no tag of ours verifies" if analysis.tags else "no tag of ours")

@@ -188,7 +188,8 @@ class MessageTransformer:
         copy = msg.copy()
         nonce = None if self.nonce is None else self.nonce()
         message_id = self.addresses.message_id(uuid, rcpt, rp_domain, now=self.clock(), nonce=nonce)
-        copy.append("Message-ID", message_id)
+        # One word: never folded (a folded Message-ID confuses some receivers' parsers).
+        copy.append_folded("Message-ID", message_id)
         unsubscribe = [f"<mailto:{self.addresses.unsubscribe_address(uuid, rcpt, rp_domain)}>"]
         if profile.unsubscribe_url is not None:
             token = self.addresses.unsubscribe_token(uuid, rcpt)

@@ -55,7 +55,9 @@ def _copy(stack: Stack, rcpt: str) -> Copy:
 
 def _mx(stack: Stack, rcpt: str, data: str, mail_from: str = "") -> tuple[int, bytes]:
     with smtplib.SMTP("127.0.0.1", stack.ports["mxserver"], local_hostname="mx.remote.test", timeout=30) as client:
-        client.mail(f"<{mail_from}>")
+        client.ehlo()
+        code, text = client.mail(f"<{mail_from}>")
+        assert code == 250, text
         code, text = client.rcpt(rcpt)
         if code != 250:
             return code, text
@@ -140,8 +142,8 @@ def test_forgeries_yield_no_event_and_genuine_reports_exactly_one(stack: Stack) 
     assert _unsubscribe(stack, tampered) == 404
 
     # -- genuine reports: exactly one event each, for the right recipient ----------------------
-    code, _ = _mx(stack, a.return_path, _dsn(a.return_path, [alice], a.headers))
-    assert code == 250
+    code, text = _mx(stack, a.return_path, _dsn(a.return_path, [alice], a.headers))
+    assert code == 250, text
     code, _ = _mx(stack, FBL, _arf(_redacted(b.headers, bob), None))  # redacted ARF about Bob's copy
     assert code == 250
     code, _ = _mx(stack, a.unsub_address, f"From: {victim}\nTo: {a.unsub_address}\nSubject: unsubscribe\n\nstop\n")

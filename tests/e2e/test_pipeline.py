@@ -109,7 +109,9 @@ def test_smtp_submission_is_delivered_signed_and_reported(stack: Stack) -> None:
     parsed = email.message_from_bytes(copy.data)
     for header in INTERNAL_HEADERS:
         assert header not in parsed, f"{header} leaked into the delivered message"
-    assert re.fullmatch(rf"<{uuid}\.[a-z0-9]{{16}}@{re.escape(testing.RETURN_PATH_DOMAIN)}>", parsed["Message-ID"])
+    assert re.fullmatch(
+        rf"<{uuid}\.[a-z2-7]{{10}}\.[a-z2-7]{{16}}@{re.escape(testing.RETURN_PATH_DOMAIN)}>", parsed["Message-ID"]
+    )
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert re.match(rf"bounce-{uuid}-[a-z2-7]{{10}}@{re.escape(testing.RETURN_PATH_DOMAIN)}$", copy.mail_from)
 

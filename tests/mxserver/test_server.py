@@ -304,7 +304,7 @@ def test_a_forged_tag_is_refused_at_rcpt_when_the_record_exists(mx: RunningMx, r
         code, text = client.rcpt(bounce_address("recorded1", "victim@example.org"))
         assert (code, text[:5]) == (550, b"5.7.1")
         assert client.rcpt(bounce_address("norecord1", "victim@example.org"))[0] == 250
-    assert mx.metric("mxserver_rejected_recipients_total", reason="forged") == 1
+    assert mx.metric("mailer_mxserver_rejected_recipients_total", reason="forged") == 1
 
 
 def test_unexpected_error_is_a_temporary_failure(mx: RunningMx, redis_client: redis.Redis) -> None:

@@ -140,6 +140,19 @@ def test_dsn_variations(mx: Mx, r: redis.Redis) -> None:
         nothing_for(r, mx, mx.send(rcpts, report))
 
 
+def test_a_forged_envelope_tag_is_not_saved_by_genuine_values_in_the_report(mx: Mx, r: redis.Redis) -> None:
+    # The attacker's own tag pasted onto a uuid that has no record (RCPT cannot refuse it), with
+    # the attacker's genuine return path quoted inside: a genuine MTA reports to the exact return
+    # path, so a forged envelope tag makes the report unverified.
+    record(r, SENT)
+    mine = return_path(UUID, ATTACKER)
+    tag = mine.split("-")[2].split("@")[0]
+    unrecorded = "5f5f5f5f5f5f5f5f5f5f"
+    before = mx.metric("mailer_mxserver_unverified_total", reason="bad-tag")
+    nothing_for(r, mx, mx.send([f"bounce-{unrecorded}-{tag}@{DOMAIN}"], dsn([ATTACKER], inner_return_path=mine)))
+    assert mx.metric("mailer_mxserver_unverified_total", reason="bad-tag") == before + 1
+
+
 def test_a_forged_or_foreign_tag_is_refused_at_rcpt(mx: Mx, r: redis.Redis) -> None:
     record(r, SENT)
     mine = return_path(UUID, ATTACKER)
