@@ -47,7 +47,7 @@ def load_corpus() -> list[tuple[str, list[str], bytes]]:
 
 def bench_classifier(cases: list[tuple[str, list[str], bytes]], rounds: int) -> None:
     classifier = Classifier(
-        signer=AddressSigner(b"test-address-secret"),
+        signer=AddressSigner(b"test-address-secret-0123456789abcdef"),
         return_path_domains=frozenset({testing.RETURN_PATH_DOMAIN}),
         abuse_addresses=frozenset({f"fbl@{testing.RETURN_PATH_DOMAIN}"}),
         from_domains={testing.RETURN_PATH_DOMAIN: testing.SENDER_DOMAIN},

@@ -131,7 +131,7 @@ def stack_customer_config(directory: Path, ports: Mapping[str, int]) -> dict[str
     return testing.merge(
         config,
         {
-            "common-config": {"address-secret": os.urandom(16).hex()},
+            "common-config": {"address-secret": os.urandom(32).hex()},
             "transformer": {
                 "unsubscribe-url": f"http://127.0.0.1:{ports['httpreceiver']}/unsubscribe/{{{{token}}}}",
             },

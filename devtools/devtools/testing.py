@@ -24,6 +24,8 @@ RETURN_PATH_DOMAIN = "bounces.example.test"
 SELECTOR = "mailer"
 RECEIVER_USER = "app"
 RECEIVER_PASSWORD = "correct horse battery staple"
+#: ``common-config.address-secret`` of test configurations (32 bytes at least, as required).
+ADDRESS_SECRET = "test-address-secret-0123456789abcdef"
 
 
 @functools.cache
@@ -78,7 +80,7 @@ def customer_config(
     return {
         "common-config": {
             "redis": {"hostname": "127.0.0.1", "port": redis_port},
-            "address-secret": "test-address-secret",
+            "address-secret": ADDRESS_SECRET,
         },
         "receiver": {
             "bind": {"inet-interface": "127.0.0.1", "inet-port": ports.get("receiver", 0)},

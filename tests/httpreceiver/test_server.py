@@ -22,7 +22,7 @@ from tests.httpreceiver.conftest import EVENTS, P0, P1, Gunicorn, basic, entries
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-SIGNER = AddressSigner(b"test-address-secret")
+SIGNER = AddressSigner(b"test-address-secret-0123456789abcdef")
 
 
 def test_every_answer_of_the_send_endpoint(gunicorn: Gunicorn, redis_client: redis.Redis) -> None:

@@ -19,7 +19,7 @@ from devtools.testing import RETURN_PATH_DOMAIN
 from mxserver.metrics import MxMetrics
 from mxserver.server import MxServer
 
-SIGNER = AddressSigner(b"test-address-secret")
+SIGNER = AddressSigner(b"test-address-secret-0123456789abcdef")
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests/data/mx"
 

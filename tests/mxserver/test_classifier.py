@@ -8,7 +8,7 @@ from mxserver.classifier import Classifier
 from tests.mxserver.conftest import bounce_address, unsub_address
 
 CLASSIFIER = Classifier(
-    signer=AddressSigner(b"test-address-secret"),
+    signer=AddressSigner(b"test-address-secret-0123456789abcdef"),
     return_path_domains=frozenset({RETURN_PATH_DOMAIN}),
     abuse_addresses=frozenset({f"fbl@{RETURN_PATH_DOMAIN}"}),
     from_domains={RETURN_PATH_DOMAIN: SENDER_DOMAIN},

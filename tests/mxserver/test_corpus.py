@@ -31,7 +31,7 @@ NOW = 1_710_000_000
 @pytest.fixture(scope="module")
 def classifier() -> Classifier:
     return Classifier(
-        signer=AddressSigner(b"test-address-secret"),
+        signer=AddressSigner(b"test-address-secret-0123456789abcdef"),
         return_path_domains=frozenset({RETURN_PATH_DOMAIN}),
         abuse_addresses=frozenset({f"fbl@{RETURN_PATH_DOMAIN}"}),
         from_domains={RETURN_PATH_DOMAIN: SENDER_DOMAIN},

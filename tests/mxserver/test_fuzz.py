@@ -28,7 +28,7 @@ SAMPLES = [(p.read_bytes(), json.loads(p.with_name(p.stem + ".expected.json").re
 KINDS = {"unsubscribe", "spam-report", "bounce", "deferred", "autoreply", "unclassified"}
 
 CLASSIFIER = Classifier(
-    signer=AddressSigner(b"test-address-secret"),
+    signer=AddressSigner(b"test-address-secret-0123456789abcdef"),
     return_path_domains=frozenset({RETURN_PATH_DOMAIN}),
     abuse_addresses=frozenset({f"fbl@{RETURN_PATH_DOMAIN}"}),
     from_domains={RETURN_PATH_DOMAIN: SENDER_DOMAIN},

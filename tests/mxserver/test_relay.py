@@ -50,7 +50,7 @@ ACCEPTED = [
 
 @pytest.fixture(scope="module")
 def policy() -> RecipientPolicy:
-    attributor = Attributor(AddressSigner(b"test-address-secret"), frozenset({RETURN_PATH_DOMAIN}))
+    attributor = Attributor(AddressSigner(b"test-address-secret-0123456789abcdef"), frozenset({RETURN_PATH_DOMAIN}))
     return RecipientPolicy(attributor, frozenset({f"fbl@{RETURN_PATH_DOMAIN}", "fbl@example.com"}))
 
 
