@@ -18,6 +18,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import smtplib
+import socket
+import statistics
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +29,12 @@ from typing import Any
 
 import pytest
 import redis
+import requests
 
 from common.authguard import account_id, lockout_key
 from common.passwords import hash_password
 from devtools import testing
-from devtools.servers import RedisProcess
+from devtools.servers import RedisProcess, wait_until
 from tests.receiver.conftest import RunningReceiver, message, start_receiver
 from tests.security.attack import SmtpSession, Tally, client_tls, median_ms, one_guess, report, timed
 
@@ -309,3 +314,97 @@ def test_http_unknown_user_and_wrong_password_take_the_same_time(tmp_path: Path,
     finally:
         assert server.stop() == 0
     _assert_same_time("HTTP Basic", wrong, unknown)
+
+
+def _slow_client(port: int, body: bool, stop: threading.Event, lines: int, every_s: float) -> None:
+    """Open a request and trickle it: one header line (or one body byte) every ``every_s``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        head = b"POST /v1/mail/send HTTP/1.1\r\nHost: mailer.test\r\n"
+        if body:
+            # Valid credentials: a server that hands the request over early reads the body.
+            auth = base64.b64encode(f"{USER}:{PASSWORD}".encode())
+            head += b"Authorization: Basic " + auth + b"\r\nContent-Type: message/rfc822\r\n"
+            head += b"Content-Length: 100000\r\n\r\n"
+        sock.sendall(head)
+        for i in range(lines):
+            if stop.wait(every_s):
+                return
+            try:
+                sock.sendall(b"x" if body else f"X-Slow-{i}: {'a' * 20}\r\n".encode())
+            except OSError:
+                return  # the server hung up on us: fine
+
+
+@pytest.mark.parametrize("trickle", ["headers", "body"])
+def test_slow_http_clients_do_not_hold_the_workers(
+    tmp_path: Path, redis_server: RedisProcess, redis_client: redis.Redis, trickle: str
+) -> None:
+    # Issue 16, probe 2: 16 connections sending one header line every 10 s made most legitimate
+    # requests time out.  Now the event loop reads every request before a thread sees it.
+    from tests.httpreceiver.conftest import Gunicorn
+
+    server = Gunicorn(tmp_path, redis_server.port).start()
+    stop = threading.Event()
+    slow = [
+        threading.Thread(target=_slow_client, args=(server.api_port, trickle == "body", stop, 4, 10.0))
+        for _ in range(16)
+    ]
+    try:
+        for thread in slow:
+            thread.start()
+        wait_until(lambda: _established(server.api_port) >= 16, what="16 slow connections")
+        latencies: list[float] = []
+        statuses: dict[int, int] = {}
+        deadline = time.monotonic() + 20  # well inside the slow clients' 40 s
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                status = server.post(message(uuid=f"legit{len(latencies)}")).status_code
+            except requests.RequestException:
+                status = 0
+            latencies.append(time.perf_counter() - started)
+            statuses[status] = statuses.get(status, 0) + 1
+        assert _established(server.api_port) >= 16  # the attack lasted the whole time
+    finally:
+        stop.set()
+        for thread in slow:
+            thread.join()
+        assert server.stop() == 0
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    report(
+        f"\n16 slow clients trickling {trickle}: {len(latencies)} legitimate requests, statuses {statuses}, "
+        f"p50 {median_ms(latencies):.1f} ms, p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
+    )
+    assert statuses == {200: len(latencies)}
+    assert len(latencies) >= 50
+    assert p99 < 1.0
+
+
+def _established(port: int) -> int:
+    """TCP connections established to ``port`` on this machine (both ends are here)."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( dport = :{port} )"], capture_output=True, text=True)
+    return len(out.stdout.splitlines())
+
+
+def test_a_body_that_never_completes_is_cut_with_408(tmp_path: Path, redis_server: RedisProcess) -> None:
+    # A slow body holds only a socket, and not forever: request-timeout-seconds after its
+    # headers the request is answered 408 and the connection closed.
+    from tests.httpreceiver.conftest import Gunicorn
+
+    server = Gunicorn(tmp_path, redis_server.port, {"request-timeout-seconds": 1}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.api_port), timeout=10) as sock:
+            auth = base64.b64encode(f"{USER}:{PASSWORD}".encode())
+            sock.sendall(
+                b"POST /v1/mail/send HTTP/1.1\r\nHost: mailer.test\r\nAuthorization: Basic " + auth + b"\r\n"
+                b"Content-Type: message/rfc822\r\nContent-Length: 1000\r\n\r\nFrom: x"
+            )
+            started = time.monotonic()
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"request-timeout" in answer
+        assert 0.9 < time.monotonic() - started < 5
+    finally:
+        assert server.stop() == 0
