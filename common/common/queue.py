@@ -285,6 +285,9 @@ def _client_kwargs(server: RedisServer, client_name: str | None) -> dict[str, An
         "retry": Retry(NoBackoff(), 1),
         "health_check_interval": 30,
         "client_name": client_name,
+        # No CLIENT SETINFO on connect: service users are not granted it (common.redisacl), and
+        # a refused command would fill Redis' ACL LOG on every connection.
+        "driver_info": None,
     }
 
 
