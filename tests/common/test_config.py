@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -56,17 +59,21 @@ def test_broken_config_gives_precise_error(case: Path, tmp_path: Path) -> None:
         assert all(secret not in line for line in problems)
 
 
-@pytest.fixture(autouse=True)
-def _example_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The example customer file reads its passwords from the environment.
-    monkeypatch.setenv("RECEIVER_PASSWORD_SOMEUSER", "example")
-    monkeypatch.setenv("HTTPRECEIVER_PASSWORD_SOMEUSER", "example")
-
-
 def _example_dir(tmp_path: Path) -> Path:
+    """configs/ with its /secrets/<key> files provided in ``tmp_path/secrets`` (as the pods mount them)."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    for name in ("dkim-example.com.pem", "dkim-bexample.com.pem"):
-        (tmp_path / "configs" / name).write_bytes(testing.rsa_pem())
+    customer = tmp_path / "configs" / "inboxbooster-mailer-customer.yaml"
+    text = customer.read_text()
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    for key in set(re.findall(r"/secrets/([-._A-Za-z0-9]+)", text)):
+        if key.endswith(".pem"):
+            (secrets_dir / key).write_bytes(testing.rsa_pem())
+        else:
+            (secrets_dir / key).write_text(
+                WHSEC if key.startswith("webhook") else base64.b64encode(os.urandom(32)).decode()
+            )
+    customer.write_text(text.replace("/secrets/", f"{secrets_dir}/"))
     return tmp_path / "configs"
 
 
@@ -203,7 +210,7 @@ def test_check_config_flag_exits_zero_or_two(tmp_path: Path, capsys: pytest.Capt
         cli.load(args, "transformer")
     assert ok.value.code == 0
     assert "configuration OK" in capsys.readouterr().out
-    (directory / "dkim-example.com.pem").unlink()
+    (tmp_path / "secrets" / "dkim-example.com.pem").unlink()
     with pytest.raises(SystemExit) as bad:
         cli.load(args, "transformer")
     assert bad.value.code == 2

@@ -46,15 +46,15 @@ BY_POD = {m.pod: m for m in MODULES}
 
 #: Kustomize directories and the kinds each must produce (kind -> count).
 VARIANTS = {
-    ".": {"Pod": 7, "Service": 9, "ServiceMonitor": 7, "PrometheusRule": 1, "NetworkPolicy": 7},
-    "deploy/without-monitoring": {"Pod": 7, "Service": 9, "NetworkPolicy": 7},
+    ".": {"Pod": 7, "Service": 9, "ServiceMonitor": 7, "PrometheusRule": 1, "NetworkPolicy": 13},
+    "deploy/without-monitoring": {"Pod": 7, "Service": 9, "NetworkPolicy": 13},
     "deploy/scaled": {
         "Deployment": 5,
         "StatefulSet": 2,
         "Service": 9,
         "ServiceMonitor": 7,
         "PrometheusRule": 1,
-        "NetworkPolicy": 7,
+        "NetworkPolicy": 13,
     },
 }
 

@@ -62,10 +62,15 @@ class UnresolvedSecret(SecretStr):
 
 
 def secret_text(value: SecretStr | None) -> str | None:
-    """The secret's text; None when absent or unresolved (validators skip those)."""
+    """The secret's text, or None: absent, unresolved, or a reference not expanded yet.
+
+    (A model validated without :func:`common.config.load_config` still holds ``${…}`` text.)
+    Validators skip None.
+    """
     if value is None or isinstance(value, UnresolvedSecret):
         return None
-    return value.get_secret_value()
+    text = value.get_secret_value()
+    return None if REFERENCE.match(text.strip()) else text
 
 
 def is_loopback_host(host: str) -> bool:

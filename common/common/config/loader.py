@@ -49,11 +49,16 @@ REQUIRED_SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
 #: Customer-file key paths whose ``${…}`` references each service resolves ("*": any section).
 #: The pod of a service mounts exactly the secrets referenced under these paths.
 READS: Final[Mapping[str, tuple[str, ...]]] = {
-    "receiver": ("receiver", "transformer", "common-config.redis"),
-    "httpreceiver": ("httpreceiver", "transformer", "common-config.redis", "common-config.address-secret"),
+    "receiver": ("receiver", "transformer.domain-settings", "common-config.redis"),
+    "httpreceiver": (
+        "httpreceiver",
+        "transformer.domain-settings",
+        "common-config.redis",
+        "common-config.address-secret",
+    ),
     "transformer": ("transformer", "common-config.redis", "common-config.address-secret"),
     "postfixlog": ("postfixlog", "common-config.redis"),
-    "mxserver": ("mxserver", "transformer", "common-config.redis", "common-config.address-secret"),
+    "mxserver": ("mxserver", "transformer.domain-settings", "common-config.redis", "common-config.address-secret"),
     "backdata": ("backdata", "common-config.redis"),
     # The Redis pod: its own section, the backups, and every service's Redis user (ACL).
     "redis": ("redis", "common-config.redis", "common-config.object-storage", "*.reliable-queue.redis"),
