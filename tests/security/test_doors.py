@@ -408,3 +408,59 @@ def test_a_body_that_never_completes_is_cut_with_408(tmp_path: Path, redis_serve
         assert 0.9 < time.monotonic() - started < 5
     finally:
         assert server.stop() == 0
+
+
+def _open_idle(port: int, source: str) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    return sock, sock.makefile("rb").readline()
+
+
+def test_idle_connections_are_capped_per_address_and_overall_then_timed_out(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    # Issue 16, probe 4: 8,000 idle SMTP connections were all held.  Now (bounded here to 300
+    # against caps of 200 overall and 20 per address): the excess gets 421 4.7.0 at once, and
+    # while the server is busy the idle ones are closed after busy-idle-timeout-seconds.
+    override = {
+        "receiver": {
+            "processes": 1,
+            "max-connections": 200,
+            "max-connections-per-ip": 20,
+            "busy-idle-timeout-seconds": 2,
+        }
+    }
+    receiver = start_receiver(tmp_path / "receiver", redis_server.port, override)
+    sockets: list[socket.socket] = []
+    try:
+        greetings: dict[str, int] = {}
+        sources = ["127.0.4.1"] * 30 + [f"127.0.3.{i // 20 + 1}" for i in range(270)]  # 1 x 30, then 14 x 20
+        for source in sources:
+            sock, reply = _open_idle(receiver.port, source)
+            sockets.append(sock)
+            kind = reply.decode().rstrip("\r\n").removesuffix(", try again later")
+            kind = kind[:3] if kind.startswith("220") else kind
+            greetings[kind] = greetings.get(kind, 0) + 1
+        report(f"\n300 idle connections (30 from one address): {greetings}")
+        assert greetings == {
+            "220": 200,
+            "421 4.7.0 Too many connections from your address": 10,
+            "421 4.7.0 Too many connections": 90,
+        }
+        assert receiver.metric('mailer_receiver_connections_refused_total{reason="per-ip"}') == 10
+        assert receiver.metric('mailer_receiver_connections_refused_total{reason="busy"}') == 90
+        started = time.monotonic()
+        # Every admitted idle session is ended (421 4.4.2) once it idles past the busy timeout
+        # (also those that connected while there was still room).
+        timed_out = 0
+        for sock in sockets:
+            sock.settimeout(15)
+            timed_out += b"421 4.4.2" in sock.makefile("rb").read()
+        assert timed_out == 200
+        assert time.monotonic() - started < 15
+        wait_until(lambda: receiver.metric("mailer_receiver_sessions") == 0, what="every idle session closed")
+        with receiver.authenticated(source="127.0.0.2") as client:  # and the door is open again
+            assert client.noop()[0] == 250
+    finally:
+        for sock in sockets:
+            sock.close()
+        assert receiver.stop() == 0, receiver.log()

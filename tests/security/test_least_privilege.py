@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 from prometheus_client import CollectorRegistry
 
 from backdata.parking import PARKED, Parking
@@ -314,3 +315,43 @@ def test_login_guard_as_its_user_is_shared_by_processes(acl_config: Config, acl_
         first.attempt(Attempt("192.0.2.9", "app"), lambda: False)
     refused = second.admit(Attempt("192.0.2.9", "other"))
     assert refused is not None and refused.reason == "locked-out"
+
+
+#: What each service must refuse when started with deploy/secret.example.yaml's placeholders.
+WEAK = {
+    "receiver": ["receiver.reliable-queue.redis: password: 9 characters; at least 16"],
+    "httpreceiver": [
+        "httpreceiver.reliable-queue.redis: password: 9 characters",
+        "common-config.address-secret: 9 bytes; at least 32 are required",
+    ],
+    "transformer": ["transformer.reliable-queue.redis: password", "common-config.address-secret: 9 bytes"],
+    "postfixlog": ["postfixlog.reliable-queue.redis: password: 9 characters"],
+    "mxserver": ["mxserver.reliable-queue.redis: password", "common-config.address-secret"],
+    "backdata": [
+        "backdata.reliable-queue.redis: password",
+        "backdata.webhook-secret: the key after whsec_ decodes to 6 bytes; at least 24 are required",
+    ],
+    "redis": ["redis.reliable-queue.redis: password: 9 characters", "receiver.reliable-queue.redis: password"],
+}
+
+
+@pytest.mark.parametrize("service", sorted(WEAK))
+def test_the_example_secrets_are_refused_at_start(tmp_path: Path, service: str) -> None:
+    # Issue 16: example secrets used to be accepted as they were (whsec_change-me is a 6-byte
+    # key).  Each service now refuses them, naming the file, the key and how to make a good one.
+    root = Path(__file__).resolve().parents[2]
+    secret = yaml.safe_load((root / "deploy" / "secret.example.yaml").read_text())
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    for key, value in secret["stringData"].items():
+        (secrets_dir / key).write_bytes(testing.rsa_pem() if key.startswith("dkim-") else value.encode())
+    customer = tmp_path / "inboxbooster-mailer-customer.yaml"
+    text = (root / "configs" / "inboxbooster-mailer-customer.yaml").read_text()
+    customer.write_text(text.replace("/secrets/", f"{secrets_dir}/"))
+    with pytest.raises(ConfigError) as info:
+        load_config(root / "configs" / "inboxbooster-mailer-global.yaml", customer, service=service)
+    problems = info.value.problems
+    for expected in WEAK[service]:
+        assert any(line.startswith(f"{customer}: ") and expected in line for line in problems), (expected, problems)
+    assert all("openssl rand" in line for line in problems if "at least" in line)
+    assert not any("CHANGE-ME" in line for line in problems)  # never the secret itself
