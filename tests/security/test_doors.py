@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +244,7 @@ def test_legitimate_client_sees_no_temporary_failure_under_300_attacking_connect
 
 #: Tries per case; the cases alternate try by try, so drifting machine load hits both alike.
 TIMING_TRIES = 25
+TIMING_ROUNDS = 3
 #: About 0.2 s of hashing per check: the hash, not scheduling noise, dominates what is measured.
 TIMING_ITERATIONS = 400_000
 
@@ -270,27 +271,46 @@ def test_smtp_unknown_user_and_wrong_password_take_the_same_time(
     }
     receiver = start_receiver(tmp_path / "receiver", redis_server.port, override)
     try:
-
-        async def run() -> tuple[list[float], list[float]]:
-            wrong: list[float] = []
-            unknown: list[float] = []
-            for _ in range(TIMING_TRIES):
-                wrong.append(await _auth_time(receiver.tls_port, USER, "wrong password"))
-                unknown.append(await _auth_time(receiver.tls_port, "no-such-user", "wrong password"))
-            return wrong, unknown
-
-        wrong, unknown = asyncio.run(run())
+        _assert_same_time(
+            "SMTP AUTH",
+            lambda user: asyncio.run(_auth_time(receiver.tls_port, user, "wrong password")),
+        )
     finally:
         assert receiver.stop() == 0
-    _assert_same_time("SMTP AUTH", wrong, unknown)
 
 
-def _assert_same_time(door: str, wrong: list[float], unknown: list[float]) -> None:
-    a, b = median_ms(wrong), median_ms(unknown)
-    difference = abs(a - b) / max(a, b)
-    report(f"\n{door}: wrong password median {a:.1f} ms, unknown user median {b:.1f} ms, difference {difference:.1%}")
-    assert min(a, b) > 20  # the hash really ran in both cases
-    assert difference < 0.10
+def _assert_same_time(door: str, attempt: Callable[[str], float]) -> None:
+    """A wrong password and an unknown user take the same time: medians within 10 %.
+
+    The two cases run in pairs, back to back (which goes first alternates), and each pair gives
+    the ratio of its two times; the test holds the median of those ratios within 10 % of 1.  A
+    pair shares the machine's load of its moment, so this median is robust on a shared machine
+    where one check takes 100 to 400 ms; the medians of each case are reported as well.  A round
+    disturbed all the same is measured again, at most ``TIMING_ROUNDS`` rounds (a real
+    difference, like the 0 ms against 450 ms of issue 16, shows in every round).
+    """
+    rounds = []
+    for _ in range(TIMING_ROUNDS):
+        wrong: list[float] = []
+        unknown: list[float] = []
+        for i in range(TIMING_TRIES):
+            if i % 2 == 0:
+                wrong.append(attempt(USER))
+                unknown.append(attempt("no-such-user"))
+            else:
+                unknown.append(attempt("no-such-user"))
+                wrong.append(attempt(USER))
+        a, b = median_ms(wrong), median_ms(unknown)
+        assert min(a, b) > 20  # the hash really ran in both cases
+        ratio = statistics.median(w / u for w, u in zip(wrong, unknown, strict=True))
+        rounds.append((round(a, 1), round(b, 1), round(ratio, 3)))
+        report(
+            f"\n{door}: wrong password median {a:.1f} ms, unknown user median {b:.1f} ms "
+            f"(medians {abs(a - b) / max(a, b):.1%} apart); median ratio of paired tries {ratio:.3f}"
+        )
+        if abs(ratio - 1) < 0.10:
+            return
+    raise AssertionError(f"{door}: unknown user and wrong password differ by 10 % or more in every round: {rounds}")
 
 
 def test_http_unknown_user_and_wrong_password_take_the_same_time(tmp_path: Path, redis_server: RedisProcess) -> None:
@@ -302,18 +322,17 @@ def test_http_unknown_user_and_wrong_password_take_the_same_time(tmp_path: Path,
         "auth-lockout": {"max-failures": 10_000},
     }
     server = Gunicorn(tmp_path, redis_server.port, section).start()
+
+    def attempt(user: str) -> float:
+        started = time.perf_counter()
+        resp = server.post(message(), headers=headers(Authorization=basic(user, "wrong password")))
+        assert resp.status_code == 401
+        return time.perf_counter() - started
+
     try:
-        wrong: list[float] = []
-        unknown: list[float] = []
-        for _ in range(TIMING_TRIES):
-            for who, into in (((USER, "wrong password"), wrong), (("no-such-user", "wrong password"), unknown)):
-                started = time.perf_counter()
-                resp = server.post(message(), headers=headers(Authorization=basic(*who)))
-                into.append(time.perf_counter() - started)
-                assert resp.status_code == 401
+        _assert_same_time("HTTP Basic", attempt)
     finally:
         assert server.stop() == 0
-    _assert_same_time("HTTP Basic", wrong, unknown)
 
 
 def _slow_client(port: int, body: bool, stop: threading.Event, lines: int, every_s: float) -> None:
