@@ -9,16 +9,25 @@ few seconds (Redis socket timeout 10 s), so set the pod's terminationGracePeriod
 ``graceful_timeout`` (30 s, the Kubernetes default, leaves 10 s of margin).
 """
 
-# Threaded workers (one process per core, from httpreceiver.workers): a request spends most of
-# its time waiting for Redis' fsync, when the GIL is free for the other threads; keep-alive
-# spares the reverse proxy a TCP connection per message.  Measured on 2 cores: about 20 % less
-# CPU per request than 4 sync workers (bench/httpreceiver).
-worker_class = "gthread"
-threads = 4
+# Worker model: gunicorn's asyncio worker (one process per core, from httpreceiver.workers).
+# Its event loop parses every connection and httpreceiver.bridge reads each request body, also
+# in the loop, before handing the complete request to one of httpreceiver.threads threads that
+# run the Flask app.  A client trickling its headers or body therefore holds a socket, never a
+# thread: 16 such clients used to take every thread of gthread workers (issue 16, probe 2).
+# The body must arrive within httpreceiver.request-timeout-seconds (408 after that); headers
+# are bounded in size by the limit_request_* settings below.
+worker_class = "asgi"
+# Open connections per worker (idle keep-alive and slow ones included); beyond this the
+# kernel's backlog holds new ones.  Put a reverse proxy with header timeouts in front for the
+# internet at large (the README's Kubernetes section).
+worker_connections = 1000
+# Our app handles the lifespan protocol (it shuts its thread pool down).
+asgi_lifespan = "on"
 # Longer than the reverse proxy's idle timeout (nginx upstream keepalive_timeout: 60 s), so the
 # proxy, not gunicorn, closes idle connections (no request races a closing connection).
 keepalive = 75
 graceful_timeout = 20
+# Worker heartbeat (the event loop notifies the master every second, however slow the clients).
 timeout = 30
 backlog = 2048
 limit_request_line = 8190

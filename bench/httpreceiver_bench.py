@@ -227,6 +227,8 @@ def _measure(root: Path, server: RedisProcess, args: argparse.Namespace, *, base
             "import runpy\n"
             f"_all = runpy.run_path({str(settings)!r})\n"
             "globals().update({k: v for k, v in _all.items() if not k.startswith('_') and not callable(v)})\n"
+            # A bare WSGI app: threaded workers (HttpReceiver's asyncio worker runs its own bridge).
+            "worker_class = 'gthread'\nthreads = 4\n"
         )
         env["BENCH_REDIS_PORT"] = str(server.port)
         command = [sys.executable, "-m", "gunicorn", "-c", str(root / "baseline_conf.py"), "--chdir", str(root),

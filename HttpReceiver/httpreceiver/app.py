@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntit
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from common.addressing import AddressSigner
-from common.authguard import AuthGuard
+from common.authguard import LoginGuard
 from common.config import Config
 from common.errors import TemporaryError
 from common.events import error_event
@@ -48,10 +48,11 @@ def create_app(
     ``PROMETHEUS_MULTIPROC_DIR`` whatever the registry).
     """
     section = section_of(config)
+    registry = registry if registry is not None else CollectorRegistry()
     if queues is None:
-        client = connect(config.redis_for(SERVICE), client_name=SERVICE)
+        client = connect(config.redis_for(SERVICE), client_name=SERVICE, registry=registry)
         queues = Queues(client, QueueSettings.from_config(config.global_))
-    metrics = HttpMetrics(registry if registry is not None else CollectorRegistry())
+    metrics = HttpMetrics(registry)
     idempotency = (
         IdempotencyStore(queues.client, section.idempotency_window_seconds)
         if section.idempotency_window_seconds > 0
@@ -62,7 +63,7 @@ def create_app(
         section,
         queues,
         Authenticator(section.auth_logins, section.api_keys),
-        AuthGuard(queues.client, SERVICE, section.auth_lockout),
+        LoginGuard(queues.client, SERVICE, section.auth_lockout),
         idempotency,
         metrics,
     )

@@ -8,7 +8,10 @@ refusal names its rule:
 
 =====  =================================================================================
 401    no or wrong credentials (HTTP Basic or a bearer API key)
-429    too many wrong credentials from this address (``httpreceiver.auth-lockout``; ``Retry-After``)
+429    too many wrong credentials from this address or for this account, or too many logins of
+       them being checked at once (``httpreceiver.auth-lockout``; ``Retry-After``); no password
+       was checked
+503    the login guard cannot reach Redis (``Retry-After``): no password is checked without it
 415    Content-Type is not application/octet-stream or message/rfc822
 413    larger than ``max-message-size`` (refused from Content-Length, before reading)
 400    a rule of :mod:`common.submission` failed (the body adds ``smtp_code`` and
@@ -29,14 +32,14 @@ from typing import Final
 
 from flask import Response, request
 
-from common.authguard import AuthGuard, seconds_text
+from common.authguard import Attempt, LoginGuard, Refused, seconds_text
 from common.config import Config
 from common.config.httpreceiver import HttpReceiverSection
 from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
 from common.payloads import SubmittedMail
 from common.queue import Queues
 from common.submission import Rejection, Submission, accept
-from httpreceiver.auth import Authenticator
+from httpreceiver.auth import Authenticator, Credentials
 from httpreceiver.idempotency import IdempotencyStore, Record, Reservation, fingerprint, valid_key
 from httpreceiver.metrics import HttpMetrics
 from httpreceiver.responses import error_answer, json_answer
@@ -58,7 +61,7 @@ class MailIntake:
         section: HttpReceiverSection,
         queues: Queues,
         authenticator: Authenticator,
-        guard: AuthGuard,
+        guard: LoginGuard,
         idempotency: IdempotencyStore | None,
         metrics: HttpMetrics,
     ) -> None:
@@ -95,33 +98,59 @@ class MailIntake:
         return self._queue(user, accepted.raw, accepted.submission, key)
 
     def _authenticate(self) -> str | Response:
-        """The caller's name, or the 401/429 answer (with the lockout of :mod:`common.authguard`)."""
-        credentials = request.headers.get("Authorization")
+        """The caller's name, or the 401/429/503 answer (login guard: :mod:`common.authguard`)."""
+        header = request.headers.get("Authorization")
         peer = request.remote_addr or "unknown"
-        # Checked before the credentials, so a locked-out guesser learns nothing even when right.
-        locked_for = self.guard.locked_for(peer) if credentials else 0.0
-        if locked_for > 0:
-            self.metrics.auth_failures.labels("locked-out").inc()
-            wait = seconds_text(locked_for)
-            return error_answer(
-                429,
-                "too-many-failed-logins",
-                f"too many wrong credentials from your address; try again in {wait} seconds",
-                {"Retry-After": wait},
-            )
-        user = self.auth.authenticate(credentials)
-        if user is not None:
-            self.guard.succeeded(peer)
-            return user
-        self.metrics.auth_failures.labels("bad-credentials" if credentials else "no-credentials").inc()
+        credentials = self.auth.parse(header)
+        if credentials is None:
+            return self._unauthorized("bad-credentials" if header else "no-credentials", peer)
+        attempt = Attempt(peer, credentials.account)
+        # Credentials that verified before skip the password check, never the guard.
+        name = self.auth.known(credentials)
+        if name is not None:
+            refused = self.guard.admit(attempt)
+            return name if refused is None else self._refused(refused, peer)
+        found: list[str] = []
+        outcome = self.guard.attempt(attempt, lambda: self._verify(credentials, found))
+        if isinstance(outcome, Refused):
+            return self._refused(outcome, peer)
+        if outcome.ok and found:
+            return found[0]
+        return self._unauthorized("bad-credentials", peer)
+
+    def _verify(self, credentials: Credentials, found: list[str]) -> bool:
+        name = self.auth.verify(credentials)
+        if name is not None:
+            found.append(name)
+        return name is not None
+
+    def _unauthorized(self, reason: str, peer: str) -> Response:
+        self.metrics.auth_failures.labels(reason).inc()
         log.warning("refused submission from %s: missing or wrong credentials", peer)
-        if credentials:
-            self.guard.failed(peer)
         return error_answer(
             401,
             "unauthorized",
             "HTTP Basic credentials (or a bearer API key) from httpreceiver.auth-logins are required",
             {"WWW-Authenticate": self.auth.challenge()},
+        )
+
+    def _refused(self, refused: Refused, peer: str) -> Response:
+        """No password was checked: 429 (lockout, too many attempts) or 503 (guard unavailable)."""
+        self.metrics.auth_failures.labels(refused.reason).inc()
+        wait = seconds_text(refused.retry_after_s)
+        log.info("refused a login from %s before any password check: %s", peer, refused.reason)
+        if refused.reason == "unavailable":
+            return error_answer(
+                503,
+                "auth-unavailable",
+                f"credentials cannot be checked right now; retry in {wait} seconds",
+                {"Retry-After": wait},
+            )
+        return error_answer(
+            429,
+            "too-many-failed-logins",
+            f"too many wrong credentials from your address or for this account; try again in {wait} seconds",
+            {"Retry-After": wait},
         )
 
     def _check_request(self) -> Response | None:

@@ -3,7 +3,9 @@
 * Settings come from the versioned ``gunicorn.conf.py`` (hooks, timeouts, worker class); the
   customer file overrides ``bind`` (``httpreceiver.bind``) and ``workers``.
 * Each worker builds its own app and Redis client after the fork (:meth:`load`).
-* Each worker runs ``threads`` request threads (gunicorn.conf.py).
+* Each worker is gunicorn's asyncio (``asgi``) worker: its event loop reads every request
+  completely, then one of ``httpreceiver.threads`` threads runs the Flask app on it
+  (:mod:`httpreceiver.bridge`) -- slow clients cost sockets, never threads.
 * The master serves ``/metrics`` (the sum over all workers, prometheus multiprocess mode),
   ``/healthz`` and ``/readyz`` on ``bind.inet-port-metrics``, a socket of its own: the API
   port never answers them, and a scrape never waits for a busy worker.
@@ -122,10 +124,16 @@ class HttpReceiverServer(Application):  # type: ignore[misc]  # gunicorn ships n
         self.cfg.set("default_proc_name", SERVICE)
 
     def load(self) -> Any:
-        """Build the Flask app (called in each worker, after the fork)."""
+        """Build the app (called in each worker, after the fork): Flask behind the ASGI bridge."""
         from httpreceiver.app import create_app  # imports prometheus_client: only once the env is set
+        from httpreceiver.bridge import WsgiBridge
 
-        return create_app(self.config)
+        return WsgiBridge(
+            create_app(self.config),
+            threads=self.section.threads,
+            max_body=self.section.max_message_size + 1,
+            body_timeout_s=self.section.request_timeout_seconds,
+        )
 
     def run(self) -> None:
         """Serve metrics from this (master) process, then run gunicorn until it stops."""

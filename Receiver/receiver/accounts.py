@@ -5,7 +5,10 @@ Django's ``pbkdf2_sha256$<iterations>$<salt>$<hash base64>`` format, which
 ``receiver --hash-password`` prints).  Hashing costs a large fraction of a second of CPU by
 design, so :meth:`Accounts.check` runs it in a thread (the event loop keeps serving other
 sessions) and remembers credentials that verified -- as an HMAC under a per-process random key,
-never the password -- so a client that logs in for every message pays the cost once.
+never the password -- so a client that logs in for every message pays the cost once
+(:meth:`Accounts.known`; the login guard still decides whether it may log in).  An unknown user
+name is checked against a dummy hash as costly as the dearest configured one, so a wrong name
+and a wrong password take the same time.
 """
 
 from __future__ import annotations
@@ -59,31 +62,33 @@ class Accounts:
     def __init__(self, logins: Iterable[AuthLogin]) -> None:
         self._stored = {login.username: login.password.get_secret_value() for login in logins}
         # Unknown users are checked against a dummy of the same cost: no timing oracle for names.
-        self._dummy = next((s for s in self._stored.values() if passwords.is_hashed(s)), "")
+        self._dummy = passwords.dummy_for(self._stored.values())
         self._cache_key = secrets.token_bytes(32)
         self._verified: set[bytes] = set()
 
     def __len__(self) -> int:
         return len(self._stored)
 
+    def _fingerprint(self, user: bytes, password: bytes) -> bytes:
+        return hmac.new(self._cache_key, user + b"\0" + password, hashlib.sha256).digest()
+
+    def known(self, user: bytes, password: bytes) -> bool:
+        """True when exactly these credentials verified before in this process (no password check)."""
+        return self._fingerprint(user, password) in self._verified
+
     async def check(self, user: bytes, password: bytes) -> bool:
-        """True when ``user``/``password`` is a configured account."""
+        """True when ``user``/``password`` is a configured account (the full, costly check)."""
         name = user.decode("utf-8", "surrogateescape")
         given = password.decode("utf-8", "surrogateescape")
         stored = self._stored.get(name)
         if stored is None:
             await self._verify(self._dummy, given)
             return False
-        if not passwords.is_hashed(stored):
-            return passwords.verify(stored, given)
-        fingerprint = hmac.new(self._cache_key, user + b"\0" + password, hashlib.sha256).digest()
-        if fingerprint in self._verified:
-            return True
         if not await self._verify(stored, given):
             return False
         if len(self._verified) >= _CACHE_LIMIT:
             self._verified.clear()
-        self._verified.add(fingerprint)
+        self._verified.add(self._fingerprint(user, password))
         return True
 
     @staticmethod

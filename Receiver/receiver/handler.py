@@ -26,7 +26,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, Envelope, TLSSetupException
 
 from common import logs
 from common import smtpreplies as replies
-from common.authguard import AsyncAuthGuard, seconds_text
+from common.authguard import AsyncLoginGuard, Attempt, Checked, Refused, seconds_text
 from common.config.base import SmtpAuthLockout
 from common.errors import QueueFullError, QueueUnavailableError
 from common.payloads import SubmittedMail
@@ -61,7 +61,7 @@ class SubmissionHandler:
         self,
         *,
         accounts: Accounts,
-        guard: AsyncAuthGuard,
+        guard: AsyncLoginGuard,
         lockout: SmtpAuthLockout,
         queues: AsyncQueues,
         queue_names: QueueNames,
@@ -83,16 +83,6 @@ class SubmissionHandler:
         return hook_names(type(self), ("handle_", "auth_"))
 
     # -- AUTH ------------------------------------------------------------------------------
-
-    async def handle_AUTH(
-        self, server: SubmissionSMTP, session: SubmissionSession, envelope: Envelope, args: list[str]
-    ) -> Any:
-        """Refuse AUTH from an address that is locked out (before any credentials are read)."""
-        locked_for = await self.guard.locked_for(session.peer_ip)
-        if locked_for > 0:
-            self.metrics.auth_failures.labels("locked-out").inc()
-            return replies.auth_locked_out(seconds_text(locked_for))
-        return MISSING
 
     async def auth_PLAIN(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:
         """AUTH PLAIN (RFC 4616), initial response or one challenge."""
@@ -126,23 +116,42 @@ class SubmissionHandler:
         return await self._verify(server, user, password)
 
     async def _verify(self, server: SubmissionSMTP, user: bytes, password: bytes) -> AuthResult:
+        """The login guard first (common.authguard), the password check only when it allows one."""
         session = server.state
-        if await self.accounts.check(user, password):
-            await self.guard.succeeded(session.peer_ip)
+        attempt = Attempt(session.peer_ip, user.decode("utf-8", "surrogateescape"))
+        outcome: Refused | Checked | None
+        if self.accounts.known(user, password):
+            outcome = await self.guard.admit(attempt)
+        else:
+            outcome = await self.guard.attempt(attempt, lambda: self.accounts.check(user, password))
+        if isinstance(outcome, Refused):
+            return self._refused(session, outcome)
+        if outcome is None or outcome.ok:
             return AuthResult(success=True, auth_data=user.decode("utf-8", "replace"), message=replies.AUTH_OK)
         session.auth_failures += 1
         self.metrics.warnings.inc()
         self.metrics.auth_failures.labels("bad-credentials").inc()
         log.warning("AUTH failed from %s (%d in this session)", session.peer_ip, session.auth_failures)
-        locked = await self.guard.failed(session.peer_ip)
         # Slows guessing; other sessions keep being served meanwhile.
         await asyncio.sleep(self.lockout.delay_seconds)
-        if locked:
+        if outcome.locked_out:
             message = replies.auth_locked_out(seconds_text(self.lockout.lockout_seconds))
         elif session.auth_failures >= self.max_auth_failures_per_session:
             message = replies.AUTH_TOO_MANY_IN_SESSION
         else:
             message = replies.AUTH_INVALID
+        return AuthResult(success=False, handled=False, message=message)
+
+    def _refused(self, session: SubmissionSession, refused: Refused) -> AuthResult:
+        """No password was checked: a temporary ``454 4.7.0`` saying why."""
+        self.metrics.auth_failures.labels(refused.reason).inc()
+        if refused.reason == "unavailable":
+            message = replies.AUTH_UNAVAILABLE
+        elif refused.reason == "busy":
+            message = replies.auth_busy(seconds_text(refused.retry_after_s))
+        else:
+            message = replies.auth_locked_out(seconds_text(refused.retry_after_s))
+        log.info("AUTH from %s refused before any password check: %s", session.peer_ip, refused.reason)
         return AuthResult(success=False, handled=False, message=message)
 
     # -- envelope ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry
 
-from common.authguard import AsyncAuthGuard
+from common.authguard import AsyncLoginGuard
 from common.config import Config
 from common.lifecycle import Stopper
 from common.queue import AsyncQueues, QueueSettings, connect_async
@@ -82,12 +82,14 @@ class ReceiverProcess:
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         stop = self.stopper.async_event()
-        client = connect_async(self.config.redis_for("receiver"), client_name="receiver")
+        client = connect_async(
+            self.config.redis_for("receiver"), client_name="receiver", registry=self.metrics.registry
+        )
         names = self.config.global_.reliable_queue.queue_names
         transformer = self.config.transformer
         handler = SubmissionHandler(
             accounts=Accounts(self.section.auth_logins),
-            guard=AsyncAuthGuard(client, "receiver", self.section.auth_lockout),
+            guard=AsyncLoginGuard(client, "receiver", self.section.auth_lockout),
             lockout=self.section.auth_lockout,
             queues=AsyncQueues(client, QueueSettings.from_config(self.config.global_)),
             queue_names=QueueNames(primary=names.primary_queue, default=names.default_queue),

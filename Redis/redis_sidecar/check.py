@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import redis
 
+from common import redisacl
 from common.config import Config
 from common.errors import ConfigError
 from common.queue import connect
@@ -47,6 +48,18 @@ def _offline(config: Config, store: ObjectStore | None) -> list[Finding]:
         found.append(Finding("ok", f"listens on {section.bind.inet_interface}:{section.bind.inet_port}"))
     except ConfigError as exc:
         found += [Finding("problem", line) for line in exc.problems]
+    try:
+        users = redisacl.users(config)
+    except ConfigError as exc:
+        found += [Finding("problem", line) for line in exc.problems]
+    else:
+        own = {user.service for user in users}
+        found += [Finding("ok", f"ACL user {u.name} for {u.service}") for u in users]
+        found += [
+            Finding("warning", f"{service} logs in as the default user (no reliable-queue.redis.username)")
+            for service in redisacl.SERVICES
+            if service not in own
+        ]
     if not section.config_file.is_file():
         found.append(Finding("problem", f"redis.config-file: {section.config_file} does not exist"))
     if shutil.which(section.redis_server) is None:

@@ -21,9 +21,17 @@ def section(config: Config) -> RedisSection:
 
 
 def local_server(config: Config) -> RedisServer:
-    """``redis.reliable-queue.redis`` when set, else 127.0.0.1:<bind port> with the shared password."""
+    """This pod's server, as the admin (the default user).
+
+    ``config.redis_for("redis")`` (the password of ``redis.reliable-queue.redis``, else of
+    ``common-config.redis``) on 127.0.0.1:<bind port>, unless ``redis.reliable-queue.redis``
+    names another host or port.
+    """
     own = section(config)
-    if own.reliable_queue is not None:
-        return own.reliable_queue.redis
-    shared = config.customer.common_config.redis or RedisServer()
-    return shared.model_copy(update={"hostname": "127.0.0.1", "port": own.bind.inet_port})
+    given = own.reliable_queue.redis.model_fields_set if own.reliable_queue is not None else set()
+    update: dict[str, object] = {}
+    if "hostname" not in given:
+        update["hostname"] = "127.0.0.1"
+    if "port" not in given:
+        update["port"] = own.bind.inet_port
+    return config.redis_for("redis").model_copy(update=update)

@@ -3,7 +3,9 @@
 Start: :func:`redis_sidecar.backup.restore` prepares the data directory (restores the bucket's
 backup into an empty one), then ``redis-server <config-file> -`` starts with the runtime
 settings written to its standard input -- the password never appears on a command line, in an
-environment listing or on disk.
+environment listing or on disk -- followed by one ACL ``user`` line per service
+(:mod:`common.redisacl`: its own password, as a SHA-256 hash, and only its commands and keys).
+The default user (this launcher, the exporter, backups, operators) keeps every right.
 
 Stop (SIGTERM/SIGINT): with object storage configured, a final backup (writes paused, SAVE,
 upload), then SIGTERM to redis-server, which fsyncs the AOF and exits; the launcher exits with
@@ -24,6 +26,7 @@ from typing import Final
 
 import redis
 
+from common import redisacl
 from common.config import Config
 from common.errors import ConfigError
 from common.lifecycle import Stopper
@@ -93,8 +96,8 @@ def runtime_settings(config: Config, memory_limit: int | None) -> dict[str, str]
     problems = []
     if server.username not in (None, "default"):
         problems.append(
-            f"{where}: redis password user {server.username!r}: the launcher sets only the default "
-            "user's password (requirepass); use an ACL file for other users"
+            f"{where}: redis.reliable-queue.redis.username: {server.username!r}: the Redis pod logs in as the "
+            "administrator (the default user, whose password the launcher sets); leave the user name out"
         )
     if server.password is None and not is_loopback(section.bind.inet_interface):
         problems.append(
@@ -132,6 +135,7 @@ class RedisLauncher:
         self.store = store
         self.layout = DataLayout(self.section.data_directory)
         self.settings = runtime_settings(config, container_memory_limit())
+        self.users = redisacl.user_lines(config)
         self.proc: subprocess.Popen[bytes] | None = None
         # SAVE of a large dataset takes longer than a queue command's timeout.
         local = connection.local_server(config).model_copy(update={"socket_timeout": 600.0})
@@ -160,10 +164,16 @@ class RedisLauncher:
         command = [self.section.redis_server, str(self.section.config_file), "-"]
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
         assert proc.stdin is not None
-        proc.stdin.write("".join(f"{k} {v}\n" for k, v in self.settings.items()).encode())
+        lines = [f"{k} {v}" for k, v in self.settings.items()] + self.users
+        proc.stdin.write("".join(line + "\n" for line in lines).encode())
         proc.stdin.close()
         shown = {k: ("(secret)" if k == "requirepass" else v) for k, v in self.settings.items()}
-        log.info("started redis-server (pid %d): %s", proc.pid, shown)
+        log.info(
+            "started redis-server (pid %d): %s; ACL users: %s",
+            proc.pid,
+            shown,
+            ", ".join(line.split()[1] for line in self.users) or "none (every service is the default user)",
+        )
         return proc
 
     def _backup(self, *, final: bool) -> bool:

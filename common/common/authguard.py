@@ -1,27 +1,46 @@
-"""Brute-force protection for password logins, per client address, shared by every process.
+"""Brute-force protection of password logins: fails closed and cannot be raced.
 
-Used in front of the two submission doors: Receiver's SMTP AUTH (asyncio, :class:`AsyncAuthGuard`)
-and HttpReceiver's HTTP Basic / bearer keys (threads, :class:`AuthGuard`).  State lives in Redis
-so that every process and every pod of a service sees the same counts (keys in
-:mod:`common.keys`)::
+Used in front of the two submission doors: Receiver's SMTP AUTH (asyncio, :class:`AsyncLoginGuard`)
+and HttpReceiver's HTTP Basic / bearer keys (threads, :class:`LoginGuard`).  State lives in Redis
+so that every process and every pod of a service sees the same counts.  Each login is counted
+for two *subjects*, the client address and the account (bearer keys: the address only), each
+with three keys (:mod:`common.keys`)::
 
-  IB:<service>:authfail:<ip>   failed logins in the current window (expires window-seconds
-                               after the first failure)
-  IB:<service>:lockout:<ip>    present while the address is locked out (lockout-seconds)
+  IB:<service>:authfail:<kind>:<id>     failed logins within ``window-seconds`` of the first
+  IB:<service>:authflight:<kind>:<id>   logins being checked right now (reservations)
+  IB:<service>:lockout:<kind>:<id>      present while the subject is locked out
 
-After ``max-failures`` failures within the window the address is refused for
-``lockout-seconds``, even with the right credentials.  Recording a failure is one Lua call, so
-concurrent failures from many processes are counted exactly.  When Redis is unreachable the
-guard lets the attempt through (logins never depend on Redis) and logs a warning.
+``<kind>`` is ``ip`` (the normalised address) or ``user`` (:func:`account_id`, a digest of the
+name).  One login goes like this:
+
+1. **Reserve** (one Lua call, atomic): refused when either subject is locked out, or when its
+   failures plus the logins in flight already reach ``max-failures``; otherwise both flight
+   counters go up.  Only then is the password checked -- so however many attempts arrive in
+   parallel, at most ``max-failures`` passwords are checked per address and per account within
+   the window.
+2. **Finish** (one Lua call): the reservation is returned; a failure is counted for both
+   subjects and locks out each that reached ``max-failures`` for ``lockout-seconds``.  A
+   success removes nothing but its own reservation: one account's success never clears the
+   failures of another (or of the address).
+
+Credentials that already verified in this process (the caller's cache) skip the password check
+and the reservation, but not the guard: :meth:`LoginGuard.admit` refuses them under the same
+conditions (a correct guess beyond the budget is refused like any other).
+
+When Redis cannot answer (down, timeout, pool exhausted) the guard **fails closed**: the login
+is refused as temporarily unavailable (SMTP ``454 4.7.0``, HTTP ``503`` with ``Retry-After``)
+and no password is checked.  ``lockout-seconds: 0`` switches the guard off (tests only).
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import math
-import time
-from typing import Final
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
 import redis
 import redis.asyncio
@@ -38,19 +57,61 @@ REDIS_ERRORS: Final = (
     redis.exceptions.ResponseError,
 )
 
-#: Most addresses a process remembers as recently clean (:class:`AuthGuard`).
-_CLEAN_CACHE_SIZE: Final = 10_000
+#: A reservation nobody returns (its process died) stops counting after this long.
+FLIGHT_TTL_MS: Final = 60_000
+#: Retry-After of a temporary refusal: Redis unavailable / too many logins in flight.
+RETRY_UNAVAILABLE_S: Final = 5.0
+RETRY_BUSY_S: Final = 2.0
 
-#: KEYS: failures, lockout.  ARGV: window ms, max failures, lockout ms.
-#: Returns the failure count when this failure locked the address out, else 0.
-_RECORD_FAILURE: Final = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-if count < tonumber(ARGV[2]) or tonumber(ARGV[3]) <= 0 then return 0 end
-redis.call('SET', KEYS[2], count, 'PX', ARGV[3])
-redis.call('DEL', KEYS[1])
-return count
+#: KEYS: (fail, flight, lock) per subject.  ARGV: max failures.
+#: Returns {0, 0} when every subject has budget left, {1, ms} locked out, {2, ms} budget in use.
+_STATE: Final = """
+local max = tonumber(ARGV[1])
+for i = 1, #KEYS, 3 do
+  local locked = redis.call('PTTL', KEYS[i + 2])
+  if locked > 0 then return {1, locked} end
+  local failed = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local flying = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
+  if failed + flying >= max then
+    if failed >= max then return {2, redis.call('PTTL', KEYS[i])} end
+    return {2, -1}
+  end
+end
 """
+_CHECK: Final = _STATE + "return {0, 0}\n"
+#: ARGV: max failures, flight ttl ms.  As _CHECK, and on {0, 0} one reservation per subject.
+_RESERVE: Final = (
+    _STATE
+    + """
+for i = 1, #KEYS, 3 do
+  redis.call('INCR', KEYS[i + 1])
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[2])
+end
+return {0, 0}
+"""
+)
+#: KEYS: as above.  ARGV: failed (0/1), max failures, window ms, lockout ms.
+#: Returns, per subject, the failure count that locked it out now (0: not locked now).
+_FINISH: Final = """
+local out = {}
+for i = 1, #KEYS, 3 do
+  if redis.call('DECR', KEYS[i + 1]) <= 0 then redis.call('DEL', KEYS[i + 1]) end
+  local locked = 0
+  if ARGV[1] == '1' then
+    local count = redis.call('INCR', KEYS[i])
+    if count == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+    if count >= tonumber(ARGV[2]) then
+      redis.call('SET', KEYS[i + 2], count, 'PX', ARGV[4])
+      redis.call('DEL', KEYS[i])
+      locked = count
+    end
+  end
+  out[#out + 1] = locked
+end
+return out
+"""
+
+Reason = Literal["locked-out", "busy", "unavailable"]
 
 
 def client_key(peer_ip: str) -> str:
@@ -64,14 +125,24 @@ def client_key(peer_ip: str) -> str:
     return addr.compressed
 
 
-def failures_key(service: str, ip: str) -> str:
-    """Failed-login counter of one client address."""
-    return keys.service_key(service, "authfail", client_key(ip))
+def account_id(name: str) -> str:
+    """The account's id in key names: a digest, so no client-chosen bytes reach Redis keys."""
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def lockout_key(service: str, ip: str) -> str:
-    """Lockout marker of one client address."""
-    return keys.service_key(service, "lockout", client_key(ip))
+def failures_key(service: str, kind: str, ident: str) -> str:
+    """Failed-login counter of one subject (``kind`` ip or user)."""
+    return keys.service_key(service, "authfail", kind, ident)
+
+
+def flight_key(service: str, kind: str, ident: str) -> str:
+    """Logins of one subject being checked right now."""
+    return keys.service_key(service, "authflight", kind, ident)
+
+
+def lockout_key(service: str, kind: str, ident: str) -> str:
+    """Lockout marker of one subject."""
+    return keys.service_key(service, "lockout", kind, ident)
 
 
 def seconds_text(seconds: float) -> str:
@@ -79,114 +150,186 @@ def seconds_text(seconds: float) -> str:
     return str(max(math.ceil(seconds), 1))
 
 
+@dataclass(frozen=True)
+class Refused:
+    """The login was not attempted: why, and when to try again."""
+
+    reason: Reason
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
+class Checked:
+    """The password was checked: the result, and whether this failure locked a subject out."""
+
+    ok: bool
+    locked_out: bool = False
+
+
+Outcome = Refused | Checked
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Who logs in: the client address and the account (None for a bearer key)."""
+
+    ip: str
+    account: str | None = None
+
+
 class _Guard:
-    """What both flavours share: the keys and the Lua call's arguments."""
+    """What both flavours share: key lists, arguments, and reading the scripts' answers."""
 
     def __init__(self, service: str, settings: AuthLockout) -> None:
         self.service = service
         self.settings = settings
 
-    def _failure_call(self, ip: str) -> tuple[str, int, str, str, int, int, int]:
-        window_ms = max(int(self.settings.window_seconds * 1000), 1)
-        lockout_ms = int(self.settings.lockout_seconds * 1000)
-        return (
-            _RECORD_FAILURE,
-            2,
-            failures_key(self.service, ip),
-            lockout_key(self.service, ip),
-            window_ms,
-            self.settings.max_failures,
-            lockout_ms,
-        )
+    @property
+    def enabled(self) -> bool:
+        """False with ``lockout-seconds: 0``."""
+        return self.settings.lockout_seconds > 0
 
-    def _locked(self, ip: str, count: int) -> bool:
-        if count:
+    def _subjects(self, attempt: Attempt) -> list[tuple[str, str]]:
+        subjects = [("ip", client_key(attempt.ip))]
+        if attempt.account is not None:
+            subjects.append(("user", account_id(attempt.account)))
+        return subjects
+
+    def _keys(self, attempt: Attempt) -> list[str]:
+        out: list[str] = []
+        for kind, ident in self._subjects(attempt):
+            out += [
+                failures_key(self.service, kind, ident),
+                flight_key(self.service, kind, ident),
+                lockout_key(self.service, kind, ident),
+            ]
+        return out
+
+    def _check_args(self, attempt: Attempt) -> tuple[Any, ...]:
+        names = self._keys(attempt)
+        return (_CHECK, len(names), *names, self.settings.max_failures)
+
+    def _reserve_args(self, attempt: Attempt) -> tuple[Any, ...]:
+        names = self._keys(attempt)
+        return (_RESERVE, len(names), *names, self.settings.max_failures, FLIGHT_TTL_MS)
+
+    def _finish_args(self, attempt: Attempt, failed: bool) -> tuple[Any, ...]:
+        names = self._keys(attempt)
+        window_ms = max(int(self.settings.window_seconds * 1000), 1)
+        lockout_ms = max(int(self.settings.lockout_seconds * 1000), 1)
+        return (_FINISH, len(names), *names, int(failed), self.settings.max_failures, window_ms, lockout_ms)
+
+    def _state(self, reply: Any, attempt: Attempt) -> Refused | None:
+        code, ms = int(reply[0]), int(reply[1])
+        if code == 0:
+            return None
+        if code == 1:
+            return Refused("locked-out", ms / 1000.0)
+        log.warning(
+            "%s: login from %s refused: %d failed or running logins reached max-failures",
+            self.service,
+            attempt.ip,
+            self.settings.max_failures,
+        )
+        return Refused("busy", ms / 1000.0 if ms > 0 else RETRY_BUSY_S)
+
+    def _unavailable(self, exc: Exception) -> Refused:
+        log.warning("%s: cannot check the login lockout (Redis: %s); refusing the login", self.service, exc)
+        return Refused("unavailable", RETRY_UNAVAILABLE_S)
+
+    def _finished(self, reply: Any, attempt: Attempt, failed: bool) -> Checked:
+        counts = [int(c) for c in reply] if isinstance(reply, list) else []
+        locked = [kind for (kind, _), count in zip(self._subjects(attempt), counts, strict=False) if count]
+        if locked:
             log.warning(
-                "%s: logins locked out for %ss after %d failures from %s",
+                "%s: logins locked out for %ss after %d failures (%s; address %s)",
                 self.service,
                 self.settings.lockout_seconds,
-                count,
-                ip,
+                self.settings.max_failures,
+                " and ".join("address" if kind == "ip" else "account" for kind in locked),
+                attempt.ip,
             )
-        return bool(count)
+        return Checked(ok=not failed, locked_out=bool(locked))
 
 
-class AuthGuard(_Guard):
-    """The guard for a synchronous Redis client (HttpReceiver's threads, one guard per process).
+class LoginGuard(_Guard):
+    """The guard for a synchronous Redis client (HttpReceiver's request threads)."""
 
-    An HTTP client authenticates on every request, so asking Redis each time would cost a round
-    trip per submission.  An address that just logged in successfully is remembered as clean
-    for ``clean_for_s`` and not checked again meanwhile; any failure from it in this process
-    forgets that at once.  So only an address that knows valid credentials, and only during
-    that short time after a success, can skip the check (at most one guess per process before
-    its first failure sends it back to Redis).  The failure count itself is never skipped.
-    """
-
-    def __init__(self, client: redis.Redis, service: str, settings: AuthLockout, *, clean_for_s: float = 1.0) -> None:
+    def __init__(self, client: redis.Redis, service: str, settings: AuthLockout) -> None:
         super().__init__(service, settings)
         self.client = client
-        self.clean_for_s = clean_for_s
-        self._clean_until: dict[str, float] = {}
 
-    def locked_for(self, ip: str) -> float:
-        """Seconds ``ip`` stays locked out (0 when it may try)."""
-        if self._clean_until.get(ip, 0.0) > time.monotonic():
-            return 0.0
+    def admit(self, attempt: Attempt) -> Refused | None:
+        """For credentials known to be right (no password check): refused like any other login?"""
+        if not self.enabled:
+            return None
         try:
-            ttl_ms = int(self.client.pttl(lockout_key(self.service, ip)))
+            return self._state(self.client.eval(*self._check_args(attempt)), attempt)
         except REDIS_ERRORS as exc:
-            log.warning("cannot check the login lockout (Redis: %s); allowing the attempt", exc)
-            return 0.0
-        return max(ttl_ms, 0) / 1000.0
+            return self._unavailable(exc)
 
-    def succeeded(self, ip: str) -> None:
-        """``ip`` (just checked by :meth:`locked_for`) logged in: remember it as clean for a moment."""
-        if len(self._clean_until) >= _CLEAN_CACHE_SIZE:
-            now = time.monotonic()
-            self._clean_until = {key: until for key, until in self._clean_until.items() if until > now}
-            if len(self._clean_until) >= _CLEAN_CACHE_SIZE:
-                return
-        self._clean_until[ip] = time.monotonic() + self.clean_for_s
-
-    def failed(self, ip: str) -> bool:
-        """Record a failed login; True when it locked the address out."""
-        self._clean_until.pop(ip, None)
+    def attempt(self, attempt: Attempt, verify: Callable[[], bool]) -> Outcome:
+        """Reserve, then (only then) call ``verify``, then count the result."""
+        if not self.enabled:
+            return Checked(verify())
         try:
-            count = int(self.client.eval(*self._failure_call(ip)))
+            refused = self._state(self.client.eval(*self._reserve_args(attempt)), attempt)
         except REDIS_ERRORS as exc:
-            log.warning("cannot record a failed login (Redis: %s)", exc)
-            return False
-        return self._locked(ip, count)
+            return self._unavailable(exc)
+        if refused is not None:
+            return refused
+        failed = True
+        try:
+            failed = not verify()
+        finally:
+            reply = self._finish(attempt, failed)
+        return self._finished(reply, attempt, failed)
+
+    def _finish(self, attempt: Attempt, failed: bool) -> Any:
+        try:
+            return self.client.eval(*self._finish_args(attempt, failed))
+        except REDIS_ERRORS as exc:
+            # The reservation expires by itself (FLIGHT_TTL_MS); until then it still counts.
+            log.warning("%s: cannot record a login result (Redis: %s)", self.service, exc)
+            return []
 
 
-class AsyncAuthGuard(_Guard):
+class AsyncLoginGuard(_Guard):
     """The guard for an asyncio Redis client (Receiver's SMTP sessions)."""
 
     def __init__(self, client: redis.asyncio.Redis, service: str, settings: AuthLockout) -> None:
         super().__init__(service, settings)
         self.client = client
 
-    async def locked_for(self, ip: str) -> float:
-        """Seconds ``ip`` stays locked out (0 when it may try)."""
+    async def admit(self, attempt: Attempt) -> Refused | None:
+        """See :meth:`LoginGuard.admit`."""
+        if not self.enabled:
+            return None
         try:
-            ttl_ms = int(await self.client.pttl(lockout_key(self.service, ip)))
+            return self._state(await self.client.eval(*self._check_args(attempt)), attempt)
         except REDIS_ERRORS as exc:
-            log.warning("cannot check the login lockout (Redis: %s); allowing the attempt", exc)
-            return 0.0
-        return max(ttl_ms, 0) / 1000.0
+            return self._unavailable(exc)
 
-    async def failed(self, ip: str) -> bool:
-        """Record a failed login; True when it locked the address out."""
+    async def attempt(self, attempt: Attempt, verify: Callable[[], Awaitable[bool]]) -> Outcome:
+        """See :meth:`LoginGuard.attempt`."""
+        if not self.enabled:
+            return Checked(await verify())
         try:
-            count = int(await self.client.eval(*self._failure_call(ip)))
+            refused = self._state(await self.client.eval(*self._reserve_args(attempt)), attempt)
         except REDIS_ERRORS as exc:
-            log.warning("cannot record a failed login (Redis: %s)", exc)
-            return False
-        return self._locked(ip, count)
+            return self._unavailable(exc)
+        if refused is not None:
+            return refused
+        failed = True
+        try:
+            failed = not await verify()
+        finally:
+            reply = await self._finish(attempt, failed)
+        return self._finished(reply, attempt, failed)
 
-    async def succeeded(self, ip: str) -> None:
-        """A successful login clears the address's failure count."""
+    async def _finish(self, attempt: Attempt, failed: bool) -> Any:
         try:
-            await self.client.delete(failures_key(self.service, ip))
+            return await self.client.eval(*self._finish_args(attempt, failed))
         except REDIS_ERRORS as exc:
-            log.debug("cannot clear login failures (Redis: %s)", exc)
+            log.warning("%s: cannot record a login result (Redis: %s)", self.service, exc)
+            return []

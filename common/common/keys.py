@@ -23,8 +23,10 @@ Other keys::
   IB:postfixlog:progress:<entry id>          HASH    PostfixLog: recipient -> sent/queued/refused (TTL)
   IB:postfixlog:log-position                 HASH    PostfixLog: instance -> log position (inode:offset:fingerprint)
   IB:httpreceiver:idem:<user>:<key>          STRING  HttpReceiver: Idempotency-Key -> first answer (TTL 24 h)
-  IB:<service>:authfail:<ip>                 STRING  Receiver, HttpReceiver: failed logins per client address (TTL)
-  IB:<service>:lockout:<ip>                  STRING  Receiver, HttpReceiver: lockout marker per client address (TTL)
+  IB:<service>:authfail:<kind>:<id>          STRING  Receiver, HttpReceiver: failed logins per client address
+                                                     (kind ip) and per account (kind user; TTL window; common.authguard)
+  IB:<service>:authflight:<kind>:<id>        STRING  Receiver, HttpReceiver: logins being checked right now (TTL 60 s)
+  IB:<service>:lockout:<kind>:<id>           STRING  Receiver, HttpReceiver: lockout marker per address / account (TTL)
   IB:health:<service>:<consumer>             STRING  worker heartbeat (TTL)
   IB:backdata:parked                         STREAM  BackData: events the webhook refused alone, with due time
   IB:backdata:bounce-manager                 STREAM  BackData: records for the bounce manager (group backdata)

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import secrets
 import sys
+from collections.abc import Iterable
 from typing import Final
 
 ALGORITHM: Final = "pbkdf2_sha256"
@@ -43,6 +44,21 @@ def hash_password(password: str, *, iterations: int = DEFAULT_ITERATIONS, salt: 
         raise ValueError("the salt must not contain '$'")
     derived = hashlib.pbkdf2_hmac("sha256", _bytes(password), _bytes(salt), iterations)
     return f"{ALGORITHM}${iterations}${salt}${base64.b64encode(derived).decode()}"
+
+
+def dummy_for(stored: Iterable[str]) -> str:
+    """A value to check unknown user names against, as costly as the dearest configured hash.
+
+    Checking an unknown name against it takes as long as a wrong password for a real account,
+    so the time of an answer does not tell which names exist.  "" when nothing is hashed
+    (plain passwords are compared in constant time and cost next to nothing either way).
+    """
+    iterations = 0
+    for value in stored:
+        parts = value.split("$")
+        if is_hashed(value) and len(parts) == 4 and parts[1].isdigit():
+            iterations = max(iterations, min(int(parts[1]), _MAX_ITERATIONS))
+    return hash_password(secrets.token_urlsafe(16), iterations=iterations) if iterations else ""
 
 
 def verify(stored: str, given: str) -> bool:

@@ -27,6 +27,12 @@ crashes its consumer cannot loop forever.
 Duplicate window (at-least-once): an entry is processed twice when its consumer dies after
 producing side effects but before :meth:`Consumer.complete` returns, or when it is claimed
 while its slow owner is still working on it.
+
+Clients (:func:`connect`, :func:`connect_async`) hold at most ``max-connections`` connections
+(``common-config.redis`` or the service's ``reliable-queue.redis``).  A caller that finds them
+all busy waits up to ``pool-timeout-seconds`` for one; after that it gets
+:class:`PoolExhaustedError` (a ``ConnectionError``: receivers answer with a temporary failure),
+a warning in the log and ``mailer_redis_pool_exhausted_total{client}``.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import redis
 import redis.asyncio
@@ -49,6 +56,11 @@ from common import keys, logs
 from common.config.base import RedisServer
 from common.config.globalfile import GlobalConfig
 from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
+
+if TYPE_CHECKING:
+    # Never imported at run time from here: prometheus_client picks its multiprocess mode when
+    # first imported (HttpReceiver's master imports this module before setting it up).
+    from prometheus_client import CollectorRegistry, Counter
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +161,114 @@ class QueueStats:
         return max(self.length - self.pending, 0)
 
 
-def connect(server: RedisServer, *, client_name: str | None = None) -> redis.Redis:
-    """A synchronous client for ``server`` (bytes responses)."""
-    return redis.Redis(**_client_kwargs(server, client_name))
+class PoolExhaustedError(redis.exceptions.ConnectionError):
+    """Every pooled connection stayed busy for ``pool-timeout-seconds``."""
 
 
-def connect_async(server: RedisServer, *, client_name: str | None = None) -> redis.asyncio.Redis:
-    """An asyncio client for ``server`` (bytes responses)."""
-    return redis.asyncio.Redis(**_client_kwargs(server, client_name))
+_POOL_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
+
+
+class _PoolWatch:
+    """What happens when a pool runs dry: one warning line and a counted event."""
+
+    def __init__(self, server: RedisServer, client_name: str | None, registry: CollectorRegistry | None) -> None:
+        self.server = server
+        self.client = client_name or "redis"
+        self.counter: Counter | None = None
+        if registry is not None:
+            from prometheus_client import Counter
+
+            counter = _POOL_METRICS.get(registry)
+            if counter is None:
+                counter = _POOL_METRICS[registry] = Counter(
+                    "mailer_redis_pool_exhausted",
+                    "Redis commands refused because every pooled connection stayed busy (max-connections)",
+                    ["client"],
+                    registry=registry,
+                )
+            self.counter = counter
+
+    def exhausted(self, exc: redis.exceptions.ConnectionError) -> PoolExhaustedError:
+        if self.counter is not None:
+            self.counter.labels(self.client).inc()
+        log.warning(
+            "Redis connection pool of %s exhausted: all %d connections busy for %.1fs "
+            "(raise reliable-queue.redis.max-connections if this is not an attack)",
+            self.client,
+            self.server.max_connections,
+            self.server.pool_timeout_seconds,
+        )
+        return PoolExhaustedError(
+            f"no Redis connection free within {self.server.pool_timeout_seconds:g}s "
+            f"(all {self.server.max_connections} busy): {exc}"
+        )
+
+
+class _BlockingPool(redis.BlockingConnectionPool):
+    """redis-py's blocking pool, reporting exhaustion (:class:`_PoolWatch`)."""
+
+    def __init__(self, watch: _PoolWatch, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+        self._watch = watch
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """A pooled connection, waiting up to the pool timeout."""
+        try:
+            return super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except PoolExhaustedError:
+            raise
+        except redis.exceptions.ConnectionError as exc:
+            if "No connection available" not in str(exc):
+                raise
+            raise self._watch.exhausted(exc) from exc
+
+
+class _AsyncBlockingPool(redis.asyncio.BlockingConnectionPool):
+    """The asyncio flavour of :class:`_BlockingPool`."""
+
+    def __init__(self, watch: _PoolWatch, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._watch = watch
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """A pooled connection, waiting up to the pool timeout."""
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except PoolExhaustedError:
+            raise
+        except redis.exceptions.ConnectionError as exc:
+            if "No connection available" not in str(exc):
+                raise
+            raise self._watch.exhausted(exc) from exc
+
+
+def connect(
+    server: RedisServer, *, client_name: str | None = None, registry: CollectorRegistry | None = None
+) -> redis.Redis:
+    """A synchronous client for ``server`` (bytes responses), its pool sized by ``max-connections``.
+
+    ``registry`` receives ``mailer_redis_pool_exhausted_total`` (counted when the pool runs dry).
+    """
+    pool = _BlockingPool(
+        _PoolWatch(server, client_name, registry),
+        max_connections=server.max_connections,
+        timeout=server.pool_timeout_seconds,
+        **_client_kwargs(server, client_name),
+    )
+    return redis.Redis.from_pool(pool)
+
+
+def connect_async(
+    server: RedisServer, *, client_name: str | None = None, registry: CollectorRegistry | None = None
+) -> redis.asyncio.Redis:
+    """An asyncio client for ``server`` (bytes responses); see :func:`connect`."""
+    pool = _AsyncBlockingPool(
+        _PoolWatch(server, client_name, registry),
+        max_connections=server.max_connections,
+        timeout=server.pool_timeout_seconds,
+        **_client_kwargs(server, client_name),
+    )
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def _client_kwargs(server: RedisServer, client_name: str | None) -> dict[str, Any]:
@@ -173,6 +285,9 @@ def _client_kwargs(server: RedisServer, client_name: str | None) -> dict[str, An
         "retry": Retry(NoBackoff(), 1),
         "health_check_interval": 30,
         "client_name": client_name,
+        # No CLIENT SETINFO on connect: service users are not granted it (common.redisacl), and
+        # a refused command would fill Redis' ACL LOG on every connection.
+        "driver_info": None,
     }
 
 

@@ -37,6 +37,11 @@ QUEUE_FULL: Final = "452 4.3.1 Mail queue is full, try again later"
 QUEUE_UNAVAILABLE: Final = "451 4.3.0 Mail queue temporarily unavailable, try again later"
 
 
+def auth_busy(seconds: str) -> str:
+    """AUTH refused: the failures and logins in progress of this address or account reached the limit."""
+    return f"454 4.7.0 Too many login attempts, try again in {seconds} seconds"
+
+
 def auth_locked_out(seconds: str) -> str:
     """An address (or account) is locked out after too many failed logins."""
     return f"454 4.7.0 Too many failed logins, try again in {seconds} seconds"

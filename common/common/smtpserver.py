@@ -5,7 +5,8 @@ What both listeners need beyond aiosmtpd, written once:
 * **Connection limits** (:class:`Sessions`): a global and a per-client-address cap; a client
   over either gets ``421 4.7.0`` at connect and is disconnected, counted by reason.
 * **Session limits**: an idle timeout per command (shortened to ``busy-idle-timeout-seconds``
-  while more than half of the connection slots are in use, as Postfix does under stress), a
+  while more than half of the connection slots are in use, as Postfix does under stress --
+  also for the sessions already waiting when that happens), a
   total session length that no NOOP loop can renew (a transaction in progress is finished
   first), and per-command budgets for commands that do nothing (NOOP, RSET, HELP, VRFY, EXPN).
   Timeouts end with a ``421 4.4.2`` reply, not a silent close.
@@ -115,9 +116,17 @@ class Sessions:
             self.on_refused(REFUSED_PER_IP)
             log.info("refused a connection from %s: %d sessions open from that address", peer_ip, self.per_ip[peer_ip])
             return replies.TOO_MANY_FROM_ADDRESS
+        was_busy = self.busy
         self.open.add(protocol)
         if peer_ip:
             self.per_ip[peer_ip] += 1
+        if self.busy and not was_busy:
+            # Sessions that connected while there was room (and have been silent since) would
+            # keep their long idle timeout: shorten it now, or silent connections opened
+            # before the rush hold half the slots for idle-timeout-seconds.
+            for other in self.open:
+                if other is not protocol and not other.in_transaction:
+                    other.shorten_idle_timeout()
         self.empty.clear()
         self.on_count(len(self.open))
         return None
@@ -258,6 +267,13 @@ class BaseSMTP(SMTP):
         if duration is None and self._sessions.busy:
             duration = self._sessions.limits.busy_idle_timeout_s
         super()._reset_timeout(duration)
+
+    def shorten_idle_timeout(self) -> None:
+        """The process just became busy: wait at most ``busy-idle-timeout-seconds`` from now."""
+        if self.transport is not None and self._timeout_handle is not None:
+            remaining = self._timeout_handle.when() - self.loop.time()
+            if remaining > self._sessions.limits.busy_idle_timeout_s:
+                self._reset_timeout(self._sessions.limits.busy_idle_timeout_s)
 
     def _timeout_cb(self) -> None:
         """Idle too long: say why, then close (aiosmtpd closes silently)."""

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from common.addressing import AddressSigner
+from devtools import testing
 from devtools.testing import RETURN_PATH_DOMAIN, SENDER_DOMAIN
 
 REPO: Final = Path(__file__).resolve().parents[2]
 CORPUS: Final = REPO / "tests/data/mx"
-SECRET: Final = b"test-address-secret"
+SECRET: Final = testing.ADDRESS_SECRET.encode()
 SIGNER: Final = AddressSigner(SECRET)
 FORGER: Final = AddressSigner(b"not-the-secret")
 #: Our outbound Postfix in the corpus (``postfixlog.string-replacer.main-cf.myhostname``).

@@ -66,6 +66,7 @@ class RedisProcess:
         password: str | None = None,
         config_file: Path | None = None,
         extra: dict[str, str] | None = None,
+        users: list[str] | None = None,
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
@@ -73,6 +74,8 @@ class RedisProcess:
         self.password = password
         self.config_file = config_file
         self.extra = extra or {}
+        #: ACL ``user`` directives (common.redisacl; passwords only as hashes).
+        self.users = users or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -99,6 +102,8 @@ class RedisProcess:
         }
         if self.password:
             settings["requirepass"] = self.password
+        if self.users:
+            settings["include"] = str(self.directory / "users.acl.conf")
         for key, value in settings.items():
             args += [f"--{key}", value]
         return args
@@ -106,6 +111,10 @@ class RedisProcess:
     def start(self, timeout_s: float = 10.0) -> RedisProcess:
         """Start and wait until it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.users:
+            acl = self.directory / "users.acl.conf"
+            acl.touch(mode=0o600)
+            acl.write_text("".join(line + "\n" for line in self.users))
         # A session of its own: Ctrl-C in the terminal of `./mailer up` reaches only the stack,
         # which stops Redis last (after PostfixLog has handed Postfix' queue back to it).
         self.proc = subprocess.Popen(

@@ -4,7 +4,8 @@
 files with a fresh DKIM key, a state directory per service, logs -- then starts, in the order of
 the original README's deployment section:
 
-1. Redis (AOF, ``appendfsync always``) and its sidecar exporter,
+1. Redis (AOF, ``appendfsync always``; one ACL user per service, :mod:`common.redisacl`, each
+   service logging in with its own generated password) and its sidecar exporter,
 2. the demo peers: an SMTP sink that plays "the internet" and a webhook receiver that records
    every event in ``run/events.jsonl``,
 3. BackData, MxServer, PostfixLog (which runs a private Postfix relaying only to the sink),
@@ -39,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from common import logs
+from common import logs, redisacl
+from common.config import load_config
 from common.version import __version__
 from devtools import testing
 from devtools.servers import RedisProcess, free_port, port_open, wait_until
@@ -145,15 +147,19 @@ def stack_customer_config(directory: Path, ports: Mapping[str, int]) -> dict[str
 
     key = directory / f"dkim-{testing.SENDER_DOMAIN}.pem"
     key.write_bytes(generate_rsa_pem(2048))
+    # Least privilege as in production: every service logs in as its own Redis user.
+    users = testing.redis_users(redisacl.SERVICES)
     return testing.merge(
         config,
         {
-            "common-config": {"address-secret": os.urandom(16).hex()},
+            **users,
+            "common-config": {"address-secret": os.urandom(32).hex()},
             "transformer": {
+                **users["transformer"],
                 "unsubscribe-url": f"http://127.0.0.1:{ports['httpreceiver']}/unsubscribe/{{{{token}}}}",
             },
-            "mxserver": {"eml-directory": str(directory.parent / "state" / "mxserver-eml")},
-            "postfixlog": {"instance-directory": str(directory.parent / "state" / "postfix")},
+            "mxserver": {**users["mxserver"], "eml-directory": str(directory.parent / "state" / "mxserver-eml")},
+            "postfixlog": {**users["postfixlog"], "instance-directory": str(directory.parent / "state" / "postfix")},
             "redis": {"prometheus": {"inet-interface": "127.0.0.1", "inet-port": ports["redis-metrics"]}},
         },
     )
@@ -242,7 +248,8 @@ class Stack:
             raise RuntimeError(f"ports already in use: {', '.join(busy)} (is another stack running?)")
         self.echo(f"starting Redis on 127.0.0.1:{self.ports['redis']}")
         try:
-            self.redis = RedisProcess(self.run_dir / "state" / "redis", self.ports["redis"]).start()
+            users = redisacl.user_lines(load_config(self.global_file, self.customer_file))
+            self.redis = RedisProcess(self.run_dir / "state" / "redis", self.ports["redis"], users=users).start()
             if self.peers:
                 self._start_peers()
             for name in self.services:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import secrets
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,10 @@ RETURN_PATH_DOMAIN = "bounces.example.test"
 SELECTOR = "mailer"
 RECEIVER_USER = "app"
 RECEIVER_PASSWORD = "correct horse battery staple"
+#: Services with a Redis user of their own (as common.redisacl.SERVICES).
+REDIS_SERVICES = ("receiver", "httpreceiver", "transformer", "postfixlog", "mxserver", "backdata")
+#: ``common-config.address-secret`` of test configurations (32 bytes at least, as required).
+ADDRESS_SECRET = "test-address-secret-0123456789abcdef"
 
 
 @functools.cache
@@ -78,7 +83,7 @@ def customer_config(
     return {
         "common-config": {
             "redis": {"hostname": "127.0.0.1", "port": redis_port},
-            "address-secret": "test-address-secret",
+            "address-secret": ADDRESS_SECRET,
         },
         "receiver": {
             "bind": {"inet-interface": "127.0.0.1", "inet-port": ports.get("receiver", 0)},
@@ -134,6 +139,18 @@ def customer_config(
             "prometheus": metrics("backdata"),
         },
         "redis": {"reliable-queue": redis_block, "prometheus": metrics("redis")},
+    }
+
+
+def redis_users(services: tuple[str, ...] = REDIS_SERVICES) -> dict[str, Any]:
+    """A customer-file override giving each service its own Redis ACL user and a fresh password.
+
+    ``common.redisacl`` turns these into ``user`` lines; the local stack and the least-privilege
+    tests run Redis with them.
+    """
+    return {
+        service: {"reliable-queue": {"redis": {"username": service, "password": secrets.token_urlsafe(24)}}}
+        for service in services
     }
 
 

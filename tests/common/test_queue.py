@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from common import keys
+from common.config import RedisServer
 from common.errors import QueueFullError, QueueUnavailableError
-from common.queue import Consumer, Entry, Output, Queues, QueueSettings
-from devtools.servers import free_port, wait_until
+from common.queue import (
+    Consumer,
+    Entry,
+    Output,
+    PoolExhaustedError,
+    Queues,
+    QueueSettings,
+    connect,
+    redis_errors,
+)
+from devtools.servers import RedisProcess, free_port, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -147,3 +161,41 @@ def test_default_queue_used_when_priority_is_empty(queues: Queues) -> None:
     consumer.setup()
     batch = consumer.read()
     assert [e.queue for e in batch] == ["P1", "P1"]
+
+
+def test_pool_is_sized_from_config_and_reports_exhaustion(
+    redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    # max-connections bounds a process's connections; a caller finding them all busy waits
+    # pool-timeout-seconds, then gets a temporary failure, one warning and a counted event.
+    server = RedisServer(hostname="127.0.0.1", port=redis_server.port, max_connections=2, pool_timeout_seconds=0.3)
+    registry = CollectorRegistry()
+    client = connect(server, client_name="pooltest", registry=registry)
+    blockers = [threading.Thread(target=client.blpop, args=(["IB:test:never"], 2)) for _ in range(2)]
+    for thread in blockers:
+        thread.start()
+    try:
+        wait_until(lambda: _clients_named(redis_server, "pooltest") == 2, what="two busy connections")
+        started = time.monotonic()
+        with pytest.raises(PoolExhaustedError, match="all 2 busy"):
+            client.ping()
+        assert time.monotonic() - started >= 0.3
+        with pytest.raises(QueueUnavailableError), redis_errors("enqueue"):
+            client.ping()
+    finally:
+        for thread in blockers:
+            thread.join()
+    assert client.ping() is True  # the connections are free again
+    assert registry.get_sample_value("mailer_redis_pool_exhausted_total", {"client": "pooltest"}) == 2
+    assert "Redis connection pool of pooltest exhausted: all 2 connections busy" in caplog.text
+    assert _clients_named(redis_server, "pooltest") == 2  # never more than max-connections
+    client.close()
+
+
+def _clients_named(redis_server: RedisProcess, name: str) -> int:
+    admin = redis.Redis(port=redis_server.port)
+    try:
+        clients: list[dict[str, object]] = admin.client_list()  # type: ignore[assignment]
+        return sum(1 for c in clients if c.get("name") == name)
+    finally:
+        admin.close()

@@ -50,9 +50,18 @@ class Server:
         return asyncio.run_coroutine_threadsafe(self.sessions.drain([self.server], grace_s), self.loop).result(20)
 
     def close(self) -> None:
-        self.server.close()
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+    async def _stop(self) -> None:
+        """Close the listener and every session, and let their tasks finish (no pending tasks left)."""
+        self.server.close()
+        if self.sessions is not None:
+            self.sessions.abort_all()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
 
 
 @pytest.fixture
@@ -161,6 +170,21 @@ def test_busy_process_shortens_the_idle_timeout(start) -> None:
     assert line(socks[2]).startswith(b"250")
     started = time.monotonic()
     assert line(socks[2]).startswith(b"421 4.4.2")
+    assert time.monotonic() - started < 5
+
+
+def test_becoming_busy_shortens_the_wait_of_sessions_already_idle(start) -> None:
+    # Silent connections opened while there was room must not keep their long idle timeout
+    # once the process is busy (else they hold half the slots for idle-timeout-seconds).
+    server = start(max_connections=4, idle_timeout_s=30, busy_idle_timeout_s=0.5)
+    early = [server.connect(f"127.0.0.{i}") for i in range(2, 4)]  # 2 of 4: not busy yet
+    for sock in early:
+        assert line(sock).startswith(b"220")
+    late = server.connect("127.0.0.4")  # 3 of 4: busy
+    assert line(late).startswith(b"220")
+    started = time.monotonic()
+    for sock in early:
+        assert line(sock).startswith(b"421 4.4.2")
     assert time.monotonic() - started < 5
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from devtools.stack import Stack, free_ports
 
@@ -35,5 +36,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack.start()
     try:
         yield stack
+        # Every service ran as its own Redis ACL user (common.redisacl): none was ever refused.
+        admin = redis.Redis(port=stack.ports["redis"])
+        try:
+            denied = admin.acl_log()
+        finally:
+            admin.close()
+        assert denied == [], f"Redis refused commands of a service user: {denied}"
     finally:
         stack.stop()

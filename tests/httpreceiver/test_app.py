@@ -20,6 +20,8 @@ from devtools.servers import free_port, wait_until
 from tests.httpreceiver.conftest import (
     P0,
     P1,
+    PASSWORD,
+    USER,
     AppUnderTest,
     basic,
     entries,
@@ -103,9 +105,14 @@ def test_auth_is_checked_before_anything_else(hr: AppUnderTest) -> None:
 
 
 def test_brute_force_lockout(make_app: Callable[..., AppUnderTest]) -> None:
-    # Three wrong passwords from one address lock it out: 429 with Retry-After, even with the
-    # right password; other addresses are unaffected; the lockout expires.
-    app = make_app({"auth-lockout": {"max-failures": 3, "window-seconds": 60, "lockout-seconds": 2}})
+    # Three wrong passwords from one address lock out the address and the account: 429 with
+    # Retry-After, even with the right password; another account from another address is
+    # unaffected; the lockout expires.
+    second = {"username": "second", "password": "second password, long enough"}
+    logins = [{"username": USER, "password": PASSWORD}, second]
+    app = make_app(
+        {"auth-lockout": {"max-failures": 3, "window-seconds": 60, "lockout-seconds": 2}, "auth-logins": logins}
+    )
     attacker, other = {"REMOTE_ADDR": "127.0.0.7"}, {"REMOTE_ADDR": "127.0.0.8"}
     wrong = headers(Authorization=basic(password="guess"))
     for _ in range(3):
@@ -116,7 +123,11 @@ def test_brute_force_lockout(make_app: Callable[..., AppUnderTest]) -> None:
     assert 1 <= int(resp.headers["Retry-After"]) <= 2
     assert app.redis.xlen(P1) == 0
     assert app.metric("mailer_httpreceiver_auth_failures_total", {"reason": "locked-out"}) == 1
-    assert app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=other).status_code == 200
+    as_second = headers(Authorization=basic(second["username"], second["password"]))
+    # The address is locked for every account, the account from every address.
+    assert app.client.post("/v1/mail/send", data=message(), headers=as_second, environ_base=attacker).status_code == 429
+    assert app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=other).status_code == 429
+    assert app.client.post("/v1/mail/send", data=message(), headers=as_second, environ_base=other).status_code == 200
     wait_until(
         lambda: (
             app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=attacker).status_code
@@ -127,28 +138,37 @@ def test_brute_force_lockout(make_app: Callable[..., AppUnderTest]) -> None:
     )
 
 
-def test_lockout_set_by_another_process_applies_after_any_failure(make_app: Callable[..., AppUnderTest]) -> None:
-    # A process remembers a just-logged-in address as clean for a second (no Redis round trip
-    # per request); a wrong password from that address makes it ask Redis again at once.
+def test_lockout_set_by_another_process_applies_at_once(make_app: Callable[..., AppUnderTest]) -> None:
+    # Credentials this process verified before skip the password check but never the guard: a
+    # lockout another worker set applies to the very next request.
     app = make_app({"auth-lockout": {"max-failures": 5, "lockout-seconds": 60}})
     client_ip = {"REMOTE_ADDR": "127.0.0.10"}
     assert (
         app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=client_ip).status_code == 200
     )
-    app.redis.set(lockout_key("httpreceiver", "127.0.0.10"), 5, px=60_000)  # another worker locked it out
-    wrong = headers(Authorization=basic(password="guess"))
-    assert app.client.post("/v1/mail/send", data=message(), headers=wrong, environ_base=client_ip).status_code == 401
+    app.redis.set(lockout_key("httpreceiver", "ip", "127.0.0.10"), 5, px=60_000)  # another worker locked it out
     assert (
         app.client.post("/v1/mail/send", data=message(), headers=headers(), environ_base=client_ip).status_code == 429
     )
     assert app.redis.xlen(P1) == 1
 
 
+def test_login_guard_fails_closed_when_redis_is_unavailable(make_app: Callable[..., AppUnderTest]) -> None:
+    # Without the counters no password is checked: 503 with Retry-After, not a login.
+    down = Queues(connect(RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1)), QueueSettings())
+    app = make_app(queues=down)
+    resp = app.client.post("/v1/mail/send", data=message(), headers=headers())
+    assert resp.status_code == 503
+    assert resp.get_json()["error"] == "auth-unavailable"
+    assert resp.headers["Retry-After"] == "5"
+    assert app.metric("httpreceiver_auth_failures_total", {"reason": "unavailable"}) == 1
+
+
 def test_lockout_uses_the_forwarded_address_behind_trusted_proxies(make_app: Callable[..., AppUnderTest]) -> None:
     # Behind one proxy, failures count against the client in X-Forwarded-For, not the proxy.
     app = make_app({"auth-lockout": {"max-failures": 2, "lockout-seconds": 60}, "trusted-proxy-hops": 1})
     proxy = {"REMOTE_ADDR": "127.0.0.9"}
-    wrong = headers(Authorization=basic(password="guess"), X_Forwarded_For="192.0.2.1")
+    wrong = headers(Authorization=basic("nobody", "guess"), X_Forwarded_For="192.0.2.1")
     for _ in range(2):
         assert app.client.post("/v1/mail/send", data=message(), headers=wrong, environ_base=proxy).status_code == 401
     locked = headers(X_Forwarded_For="192.0.2.1")
@@ -232,9 +252,10 @@ def test_size_limit_of_a_chunked_body(make_app: Callable[..., AppUnderTest]) -> 
 
 
 def test_redis_down_gives_503_with_retry_after(make_app: Callable[..., AppUnderTest]) -> None:
-    # A Redis address where nothing listens: connection refused, nothing can be queued.
+    # A Redis address where nothing listens: connection refused, nothing can be queued (the
+    # login guard is off here: with it on, the login is refused first, as the test above shows).
     down = Queues(connect(RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1)), QueueSettings())
-    app = make_app(queues=down)
+    app = make_app({"auth-lockout": {"lockout-seconds": 0}}, queues=down)
     resp = app.client.post("/v1/mail/send", data=message(), headers=headers())
     assert resp.status_code == 503
     assert resp.headers["Retry-After"] == "5"

@@ -22,7 +22,7 @@ from tests.httpreceiver.conftest import EVENTS, P0, P1, Gunicorn, basic, entries
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-SIGNER = AddressSigner(b"test-address-secret")
+SIGNER = AddressSigner(b"test-address-secret-0123456789abcdef")
 
 
 def test_every_answer_of_the_send_endpoint(gunicorn: Gunicorn, redis_client: redis.Redis) -> None:
@@ -118,7 +118,8 @@ def test_redis_down_gives_503_then_accepts_after_restart(tmp_path: Path) -> None
         own.stop()
         down = server.post(message("during"))
         assert down.status_code == 503
-        assert down.json()["error"] == "queue-unavailable"
+        # The login guard asks Redis first and fails closed (no password is checked without it).
+        assert down.json()["error"] == "auth-unavailable"
         assert int(down.headers["Retry-After"]) > 0
         assert requests.get(server.metrics_url + "/readyz", timeout=5).status_code == 503
         own.start()

@@ -18,7 +18,7 @@ from tests.httpreceiver.conftest import EVENTS, AppUnderTest, entries
 
 pytestmark = pytest.mark.redis
 
-SIGNER = AddressSigner(b"test-address-secret")  # common-config.address-secret of the test config
+SIGNER = AddressSigner(b"test-address-secret-0123456789abcdef")  # common-config.address-secret of the test config
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 
 

@@ -207,12 +207,65 @@ def _ingress(policies: list[dict[str, Any]], labels: dict[str, str]) -> list[tup
     return allowed
 
 
+def _egress(policies: list[dict[str, Any]], labels: dict[str, str]) -> set[tuple[int, str]]:
+    """(port, destination) a pod with ``labels`` may reach: anywhere, redis, kube-dns."""
+    allowed: set[tuple[int, str]] = set()
+    for policy in policies:
+        if not _selects(policy["spec"]["podSelector"], labels):
+            continue
+        for rule in policy["spec"].get("egress", []):
+            for peer in rule["to"]:
+                if "ipBlock" in peer:
+                    assert peer["ipBlock"]["cidr"] in ("0.0.0.0/0", "::/0") and "except" not in peer["ipBlock"]
+                    where = "anywhere"
+                elif peer.get("podSelector") == {"matchLabels": {"app": "redis"}} and "namespaceSelector" not in peer:
+                    where = "redis"
+                else:
+                    assert peer == {
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                    }, peer
+                    where = "dns"
+                allowed |= {(port["port"], where) for port in rule["ports"]}
+    return allowed
+
+
+def test_egress_only_where_each_pod_must_go() -> None:
+    # Issue 16: no egress policy let a pod taken over reach anything.  Now: DNS and Redis for all,
+    # port 25 for Postfix, 443/80 for BackData's webhook, 443 for Redis' object storage.
+    policies = load_yaml(ROOT / "deploy" / "base" / "network-policies.yaml")
+    pods = {m.pod: pod_of(m)["metadata"]["labels"] for m in MODULES}
+    for name, labels in pods.items():
+        # Every pod is under the default deny for egress too.
+        assert any(
+            _selects(p["spec"]["podSelector"], labels)
+            and p["spec"]["policyTypes"] == ["Egress"]
+            and "egress" not in p["spec"]
+            for p in policies
+        ), name
+    base = {(53, "dns"), (6379, "redis")}
+    assert {name: _egress(policies, labels) for name, labels in pods.items()} == {
+        "redis": {(53, "dns"), (443, "anywhere")},
+        "backdata": base | {(443, "anywhere"), (80, "anywhere")},
+        "mxserver": base,
+        "postfix": base | {(25, "anywhere")},
+        "transformer": base,
+        "receiver": base,
+        "httpreceiver": base,
+    }
+
+
 def test_network_policies_isolate_postfix_and_redis() -> None:
     policies = load_yaml(ROOT / "deploy" / "base" / "network-policies.yaml")
     pods = {m.pod: pod_of(m)["metadata"]["labels"] for m in MODULES}
     for name, labels in pods.items():
         # Every pod is under the default deny: only the listed ports get in.
-        assert any(_selects(p["spec"]["podSelector"], labels) and "ingress" not in p["spec"] for p in policies), name
+        assert any(
+            _selects(p["spec"]["podSelector"], labels)
+            and p["spec"]["policyTypes"] == ["Ingress"]
+            and "ingress" not in p["spec"]
+            for p in policies
+        ), name
     # Postfix relays for whoever reaches it: nothing but metrics, and never from outside.
     postfix = _ingress(policies, pods["postfix"])
     assert {port for port, _ in postfix} == {9090}
@@ -249,12 +302,11 @@ def test_pod_conventions(module: Any) -> None:
     assert spec["automountServiceAccountToken"] is False
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["configs"] == {"name": "configs", "configMap": {"name": "inboxbooster-config"}}
-    # Passwords and keys: readable by the service user (fsGroup) only, and the Secret is optional.
-    assert volumes["secrets"]["secret"] == {
-        "secretName": "inboxbooster-secrets",
-        "optional": True,
-        "defaultMode": 0o440,
-    }
+    # Passwords and keys: readable by the service user (fsGroup) only, and the Secret is optional;
+    # which keys each pod gets is tests/infra/test_secrets.py's business.
+    secret = dict(volumes["secrets"]["secret"])
+    assert secret.pop("items")
+    assert secret == {"secretName": "inboxbooster-secrets", "optional": True, "defaultMode": 0o440}
     for container in spec["containers"]:
         security = container["securityContext"]
         assert security["allowPrivilegeEscalation"] is False

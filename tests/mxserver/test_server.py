@@ -354,7 +354,7 @@ def test_secret_kept_in_redis_is_used_when_not_configured(
     tmp_path: Path,
 ) -> None:
     # Without common-config.address-secret every service shares the one in Redis (IB:address-secret).
-    redis_client.set("IB:address-secret", b"test-address-secret")
+    redis_client.set("IB:address-secret", b"test-address-secret-0123456789abcdef")
     config = make_config(
         {"common-config": {"address-secret": None}, "mxserver": {"eml-directory": str(tmp_path / "eml")}},
         service="mxserver",

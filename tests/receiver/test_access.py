@@ -10,11 +10,13 @@ import time
 import pytest
 import redis
 
-from common.authguard import failures_key, lockout_key
+from common.authguard import account_id, failures_key, lockout_key
 from devtools import testing
 from devtools.servers import wait_until
 from tests.receiver.conftest import (
     CLIENT_NAME,
+    HASHED_PASSWORD,
+    HASHED_USER,
     P1,
     PASSWORD,
     TRUSTED_SOURCE,
@@ -137,32 +139,37 @@ def test_wrong_password_gets_535_and_a_warning_count(fresh: RunningReceiver) -> 
     assert "wrong" not in fresh.log()
 
 
-def _attempt(receiver: RunningReceiver, password: str, source: str) -> tuple[int, bytes]:
+def _attempt(receiver: RunningReceiver, password: str, source: str, user: str = USER) -> tuple[int, bytes]:
     with receiver.smtp(source=source) as client:
         client.ehlo()
         client.starttls(context=client_tls())
         client.ehlo()
-        plain = base64.b64encode(f"\0{USER}\0{password}".encode()).decode()
+        plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         return client.docmd("AUTH", f"PLAIN {plain}")
 
 
 def test_brute_force_lockout(fresh: RunningReceiver, redis_client: redis.Redis) -> None:
-    # max-failures 3 within the window -> the address gets 454 4.7.0 for lockout-seconds (2 s),
-    # even with the right password; other addresses are not affected; then it may log in again.
+    # max-failures 3 within the window -> the address and the account get 454 4.7.0 for
+    # lockout-seconds (2 s), even with the right password; another account from another address
+    # is not affected; then the address may log in again.
     attacker = "127.0.0.3"
     started = time.monotonic()
     codes = [_attempt(fresh, f"guess{i}", attacker)[0] for i in range(3)]
     assert codes == [535, 535, 454]
     # Every failure was delayed (delay-seconds 0.05).
     assert time.monotonic() - started >= 0.15
-    assert redis_client.exists(lockout_key("receiver", attacker))
-    assert not redis_client.exists(failures_key("receiver", attacker))
+    assert redis_client.exists(lockout_key("receiver", "ip", attacker))
+    assert redis_client.exists(lockout_key("receiver", "user", account_id(USER)))
+    assert not redis_client.exists(failures_key("receiver", "ip", attacker))
     code, text = _attempt(fresh, PASSWORD, attacker)
     assert code == 454 and text.startswith(b"4.7.0 Too many failed logins"), text
-    assert _attempt(fresh, PASSWORD, "127.0.0.1")[0] == 235
-    assert fresh.metric('mailer_receiver_auth_failures_total{reason="locked-out"}') >= 1
+    assert _attempt(fresh, PASSWORD, "127.0.0.1")[0] == 454  # the account, from anywhere
+    assert _attempt(fresh, HASHED_PASSWORD, "127.0.0.1", HASHED_USER)[0] == 235
+    assert fresh.metric('mailer_receiver_auth_failures_total{reason="locked-out"}') >= 2
     wait_until(
-        lambda: not redis_client.exists(lockout_key("receiver", attacker)), timeout_s=10, what="the lockout to expire"
+        lambda: not redis_client.exists(lockout_key("receiver", "ip", attacker)),
+        timeout_s=10,
+        what="the lockout to expire",
     )
     assert _attempt(fresh, PASSWORD, attacker)[0] == 235
 
@@ -183,12 +190,16 @@ def test_too_many_failures_in_one_session_close_it(fresh: RunningReceiver) -> No
             client.noop()
 
 
-def test_successful_login_clears_the_failure_count(fresh: RunningReceiver, redis_client: redis.Redis) -> None:
+def test_a_successful_login_never_clears_failures(fresh: RunningReceiver, redis_client: redis.Redis) -> None:
+    # One valid account must not let an attacker keep guessing another: a success returns only
+    # its own reservation; the failures of the address and of the other account stay counted.
     source = "127.0.0.5"
     assert _attempt(fresh, "bad", source)[0] == 535
-    assert redis_client.get(failures_key("receiver", source)) == b"1"
+    assert _attempt(fresh, HASHED_PASSWORD, source, HASHED_USER)[0] == 235
     assert _attempt(fresh, PASSWORD, source)[0] == 235
-    assert not redis_client.exists(failures_key("receiver", source))
+    assert redis_client.get(failures_key("receiver", "ip", source)) == b"1"
+    assert redis_client.get(failures_key("receiver", "user", account_id(USER))) == b"1"
+    assert not redis_client.keys("IB:receiver:authflight:*")  # every reservation returned
 
 
 def test_failed_tls_handshake_closes_only_that_connection(fresh: RunningReceiver) -> None:

@@ -123,7 +123,7 @@ def test_protocol_finds_every_hook_despite_the_short_dir() -> None:
     protocol = asyncio.run(build())
     assert set(protocol._smtp_methods) >= {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "AUTH", "STARTTLS", "QUIT", "RSET"}
     assert {name: m.is_builtin for name, m in protocol._auth_methods.items()} == {"PLAIN": False, "LOGIN": False}
-    assert set(protocol._handle_hooks) == {"AUTH", "MAIL", "RCPT", "DATA", "exception"}
+    assert set(protocol._handle_hooks) == {"MAIL", "RCPT", "DATA", "exception"}
 
 
 def _login(name: str, password: str) -> AuthLogin:

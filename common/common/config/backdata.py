@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Final
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
-from common.config.base import Prometheus, ReliableQueueClient, StrictModel
+from common.config.base import Prometheus, ReliableQueueClient, StrictModel, secret_text
 
 #: Prefix of Standard Webhooks secrets (the rest is the base64 key).
-WHSEC_PREFIX = "whsec_"
+WHSEC_PREFIX: Final = "whsec_"
+#: Shortest accepted webhook key in bytes (Standard Webhooks generates 24 to 64).
+MIN_WEBHOOK_KEY: Final = 24
 
 
 def webhook_key(secret: str) -> bytes:
@@ -73,6 +76,12 @@ class BackDataSection(StrictModel):
     @field_validator("webhook_secret", "webhook_secret_previous")
     @classmethod
     def _secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            webhook_key(value.get_secret_value())
+        text = secret_text(value)
+        if text is not None:
+            key = webhook_key(text)
+            if len(key) < MIN_WEBHOOK_KEY:
+                raise ValueError(
+                    f"the key after whsec_ decodes to {len(key)} bytes; at least {MIN_WEBHOOK_KEY} are required; "
+                    'generate one with `echo "whsec_$(openssl rand -base64 32)"`'
+                )
         return value

@@ -7,7 +7,20 @@ attributes.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+import ipaddress
+import re
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from common.errors import ConfigError
+
+#: ``${env:NAME}`` / ``${file:/path}``: a value the loader reads from the environment or a file.
+REFERENCE: Final = re.compile(r"^\$\{(env|file):([^}]+)\}$")
+#: How to make a good secret (named in every weak-secret error).
+GENERATE_HINT: Final = "generate one with `openssl rand -base64 32`"
+#: Shortest Redis password accepted when Redis is not on loopback.
+MIN_REDIS_PASSWORD: Final = 16
 
 
 def kebab(name: str) -> str:
@@ -31,6 +44,45 @@ class StrictModel(BaseModel):
 Port = int
 
 
+class UnresolvedSecret(SecretStr):
+    """A ``${file:…}``/``${env:…}`` reference this service does not read and could not resolve.
+
+    Each pod mounts only the secrets its service uses (DESIGN §8), but every pod reads the one
+    customer file; references in sections a service never reads stay unresolved.  Reading one
+    is a bug (the service uses a secret it was not given) and raises :class:`ConfigError`.
+    """
+
+    def get_secret_value(self) -> str:
+        """Never a value.
+
+        Raises:
+            ConfigError: always, naming the reference.
+        """
+        raise ConfigError([f"{super().get_secret_value()} is not available to this service (not mounted)"])
+
+
+def secret_text(value: SecretStr | None) -> str | None:
+    """The secret's text, or None: absent, unresolved, or a reference not expanded yet.
+
+    (A model validated without :func:`common.config.load_config` still holds ``${…}`` text.)
+    Validators skip None.
+    """
+    if value is None or isinstance(value, UnresolvedSecret):
+        return None
+    text = value.get_secret_value()
+    return None if REFERENCE.match(text.strip()) else text
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class RedisServer(StrictModel):
     """Where a service finds Redis (``<service>.reliable-queue.redis``)."""
 
@@ -39,9 +91,33 @@ class RedisServer(StrictModel):
     password: SecretStr | None = Field(
         None, description="Redis password (use ${env:VAR} or ${file:/path} to keep it out of YAML)."
     )
-    username: str | None = Field(None, description="Redis ACL user name (Redis 6+).")
+    username: str | None = Field(
+        None, description="Redis ACL user name; each service has its own (common.redisacl), default: the default user."
+    )
     db: int = Field(0, ge=0, description="Redis database number.")
     socket_timeout: float = Field(10.0, gt=0, description="Seconds before a Redis command is considered failed.")
+    max_connections: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description=(
+            "Connections one process keeps to Redis at most (its pool); a caller finding them all busy "
+            "waits up to pool-timeout-seconds, then gets a temporary failure."
+        ),
+    )
+    pool_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest wait for a free pooled connection when all max-connections are busy."
+    )
+
+    @model_validator(mode="after")
+    def _strong_password(self) -> RedisServer:
+        password = secret_text(self.password)
+        if password is not None and len(password) < MIN_REDIS_PASSWORD and not is_loopback_host(self.hostname):
+            raise ValueError(
+                f"password: {len(password)} characters; at least {MIN_REDIS_PASSWORD} are required when Redis "
+                f"is not on loopback (hostname {self.hostname!r}); {GENERATE_HINT}"
+            )
+        return self
 
 
 class ReliableQueueClient(StrictModel):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from common.config.base import RedisServer, StrictModel
+from common.config.base import GENERATE_HINT, RedisServer, StrictModel, secret_text
+
+#: Shortest configured address secret (bytes): the HMAC key of every return path and unsubscribe tag.
+MIN_ADDRESS_SECRET: Final = 32
 
 
 class ObjectStorage(StrictModel):
@@ -46,7 +49,10 @@ class CommonConfig(StrictModel):
     )
     address_secret: SecretStr | None = Field(
         None,
-        description="HMAC secret of return-path/unsubscribe tags; generated and kept in Redis if unset.",
+        description=(
+            f"HMAC secret of return-path/unsubscribe tags (at least {MIN_ADDRESS_SECRET} bytes); "
+            "generated and kept in Redis if unset."
+        ),
     )
     binding_retention_days: float = Field(
         30.0,
@@ -56,3 +62,11 @@ class CommonConfig(StrictModel):
             "spam reports and unsubscribes -- also redacted ones -- resolve to the right recipient."
         ),
     )
+
+    @field_validator("address_secret")
+    @classmethod
+    def _strong_address_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        text = secret_text(value)
+        if text is not None and len(text.encode()) < MIN_ADDRESS_SECRET:
+            raise ValueError(f"{len(text.encode())} bytes; at least {MIN_ADDRESS_SECRET} are required; {GENERATE_HINT}")
+        return value

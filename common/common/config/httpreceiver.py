@@ -45,7 +45,21 @@ class HttpReceiverSection(StrictModel):
         description="Reverse proxies in front that append X-Forwarded-For (the client address used by auth-lockout).",
     )
     workers: int = Field(
-        0, ge=0, le=256, description="gunicorn worker processes, each with 4 threads (0 = one per core)."
+        0,
+        ge=0,
+        le=256,
+        description="gunicorn worker processes, each an asyncio loop plus `threads` (0 = one per core).",
+    )
+    threads: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Threads per worker that run complete requests (the event loop reads each request first).",
+    )
+    request_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A request body must arrive within this time after its headers, else 408 (slow clients).",
     )
     unsubscribe_rate_limit: int = Field(
         30,

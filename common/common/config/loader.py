@@ -7,12 +7,17 @@ Each problem line names the file and the key path, e.g.::
 String values of the form ``${env:NAME}`` or ``${file:/path}`` are replaced by the environment
 variable or the file's content (trailing newline removed), so secrets can live in a Kubernetes
 Secret instead of the ConfigMap.
+
+Least privilege (DESIGN §8): every pod reads the same customer file but mounts only the secrets
+its service uses.  A service resolves the references under the key paths it reads
+(:data:`READS`) and must find them; a reference elsewhere is resolved when its file or variable
+is there, and otherwise becomes an :class:`~common.config.base.UnresolvedSecret` that fails
+loudly if anything ever reads it.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from typing import Any, Final
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from common.config.base import RedisServer
+from common.config.base import REFERENCE, RedisServer, UnresolvedSecret
 from common.config.customer import CustomerConfig
 from common.config.globalfile import GlobalConfig
 from common.config.transformer import TransformerSection
@@ -41,7 +46,24 @@ REQUIRED_SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "redis": ("redis",),
 }
 
-_REFERENCE = re.compile(r"^\$\{(env|file):([^}]+)\}$")
+#: Customer-file key paths whose ``${…}`` references each service resolves ("*": any section).
+#: The pod of a service mounts exactly the secrets referenced under these paths.
+READS: Final[Mapping[str, tuple[str, ...]]] = {
+    "receiver": ("receiver", "transformer.domain-settings", "common-config.redis"),
+    "httpreceiver": (
+        "httpreceiver",
+        "transformer.domain-settings",
+        "common-config.redis",
+        "common-config.address-secret",
+    ),
+    "transformer": ("transformer", "common-config.redis", "common-config.address-secret"),
+    "postfixlog": ("postfixlog", "common-config.redis"),
+    "mxserver": ("mxserver", "transformer.domain-settings", "common-config.redis", "common-config.address-secret"),
+    "backdata": ("backdata", "common-config.redis"),
+    # The Redis pod: its own section, the backups, and every service's Redis user (ACL).
+    "redis": ("redis", "common-config.redis", "common-config.object-storage", "*.reliable-queue.redis"),
+}
+
 _SECRET_WORDS = ("password", "secret", "key", "token")
 
 
@@ -64,15 +86,18 @@ class Config:
         return path if path.is_absolute() else self.config_dir / path
 
     def redis_for(self, service: str) -> RedisServer:
-        """Redis settings of a service: its own block, else ``common-config.redis``, else defaults."""
+        """Redis settings of a service.
+
+        ``common-config.redis`` (else the defaults) with what the service's own
+        ``reliable-queue.redis`` sets on top (typically its ACL user and password).
+        """
+        shared = self.customer.common_config.redis or RedisServer()
         section = getattr(self.customer, service, None)
         client = getattr(section, "reliable_queue", None)
-        if client is not None:
-            server: RedisServer = client.redis
-            return server
-        if self.customer.common_config.redis is not None:
-            return self.customer.common_config.redis
-        return RedisServer()
+        if client is None:
+            return shared
+        own: RedisServer = client.redis
+        return shared.model_copy(update={name: getattr(own, name) for name in own.model_fields_set})
 
     @property
     def transformer(self) -> TransformerSection:
@@ -96,8 +121,8 @@ def load_config(
     """
     global_path, customer_path = Path(global_path), Path(customer_path)
     problems: list[str] = []
-    global_cfg = _load_model(global_path, GlobalConfig, problems)
-    customer_cfg = _load_model(customer_path, CustomerConfig, problems)
+    global_cfg = _load_model(global_path, GlobalConfig, problems, _Scope(None))
+    customer_cfg = _load_model(customer_path, CustomerConfig, problems, _Scope(service))
     if isinstance(customer_cfg, CustomerConfig):
         problems.extend(_check_customer(customer_cfg, customer_path, service))
     if problems or not isinstance(global_cfg, GlobalConfig) or not isinstance(customer_cfg, CustomerConfig):
@@ -105,7 +130,24 @@ def load_config(
     return Config(global_cfg, customer_cfg, global_path, customer_path)
 
 
-def _load_model(path: Path, model: type[BaseModel], problems: list[str]) -> BaseModel | None:
+@dataclass(frozen=True)
+class _Scope:
+    """Which references a service must resolve (:data:`READS`; None: every one)."""
+
+    service: str | None
+
+    def requires(self, where: tuple[str | int, ...]) -> bool:
+        if self.service is None or self.service not in READS:
+            return True
+        keys = [part for part in where if isinstance(part, str)]
+        return any(_under(keys, read.split(".")) for read in READS[self.service])
+
+
+def _under(keys: list[str], prefix: list[str]) -> bool:
+    return len(keys) >= len(prefix) and all(p in ("*", k) for p, k in zip(prefix, keys, strict=False))
+
+
+def _load_model(path: Path, model: type[BaseModel], problems: list[str], scope: _Scope) -> BaseModel | None:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -127,7 +169,7 @@ def _load_model(path: Path, model: type[BaseModel], problems: list[str]) -> Base
         problems.append(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
         return None
     before = len(problems)
-    data = _expand(data, (), path, problems)
+    data = _expand(data, (), path, problems, scope)
     if len(problems) > before:
         return None
     try:
@@ -137,28 +179,31 @@ def _load_model(path: Path, model: type[BaseModel], problems: list[str]) -> Base
         return None
 
 
-def _expand(value: Any, where: tuple[str | int, ...], path: Path, problems: list[str]) -> Any:
+def _expand(value: Any, where: tuple[str | int, ...], path: Path, problems: list[str], scope: _Scope) -> Any:
     """Replace ``${env:NAME}`` / ``${file:PATH}`` strings, recursively."""
     if isinstance(value, dict):
-        return {k: _expand(v, (*where, str(k)), path, problems) for k, v in value.items()}
+        return {k: _expand(v, (*where, str(k)), path, problems, scope) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, (*where, i), path, problems) for i, v in enumerate(value)]
+        return [_expand(v, (*where, i), path, problems, scope) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
-    match = _REFERENCE.match(value.strip())
+    match = REFERENCE.match(value.strip())
     if match is None:
         return value
     kind, name = match.group(1), match.group(2).strip()
     if kind == "env":
-        if name not in os.environ:
-            problems.append(f"{path}: {_dotted(where)}: environment variable {name} is not set")
-            return value
-        return os.environ[name]
-    try:
-        return Path(name).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        problems.append(f"{path}: {_dotted(where)}: cannot read {name}: {exc.strerror or exc}")
+        if name in os.environ:
+            return os.environ[name]
+        problem = f"environment variable {name} is not set"
+    else:
+        try:
+            return Path(name).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            problem = f"cannot read {name}: {exc.strerror or exc}"
+    if scope.requires(where):
+        problems.append(f"{path}: {_dotted(where)}: {problem}")
         return value
+    return UnresolvedSecret(f"{path}: {_dotted(where)}: {value.strip()}")
 
 
 def _dotted(loc: Iterable[str | int]) -> str:
