@@ -32,7 +32,7 @@ Clients (:func:`connect`, :func:`connect_async`) hold at most ``max-connections`
 (``common-config.redis`` or the service's ``reliable-queue.redis``).  A caller that finds them
 all busy waits up to ``pool-timeout-seconds`` for one; after that it gets
 :class:`PoolExhaustedError` (a ``ConnectionError``: receivers answer with a temporary failure),
-a warning in the log and ``mailer_redis_pool_exhausted_total{client}``.
+a warning in the log and ``mailer_<service>_redis_pool_exhausted_total{client}``.
 """
 
 from __future__ import annotations
@@ -180,8 +180,10 @@ class _PoolWatch:
 
             counter = _POOL_METRICS.get(registry)
             if counter is None:
+                # Client names start with the service's name ("receiver", "httpreceiver-probe"…).
+                service = self.client.split("-", 1)[0]
                 counter = _POOL_METRICS[registry] = Counter(
-                    "mailer_redis_pool_exhausted",
+                    f"mailer_{service}_redis_pool_exhausted",
                     "Redis commands refused because every pooled connection stayed busy (max-connections)",
                     ["client"],
                     registry=registry,
@@ -247,7 +249,7 @@ def connect(
 ) -> redis.Redis:
     """A synchronous client for ``server`` (bytes responses), its pool sized by ``max-connections``.
 
-    ``registry`` receives ``mailer_redis_pool_exhausted_total`` (counted when the pool runs dry).
+    ``registry`` receives ``mailer_<service>_redis_pool_exhausted_total`` (counted when the pool runs dry).
     """
     pool = _BlockingPool(
         _PoolWatch(server, client_name, registry),

@@ -186,7 +186,7 @@ def test_pool_is_sized_from_config_and_reports_exhaustion(
         for thread in blockers:
             thread.join()
     assert client.ping() is True  # the connections are free again
-    assert registry.get_sample_value("mailer_redis_pool_exhausted_total", {"client": "pooltest"}) == 2
+    assert registry.get_sample_value("mailer_pooltest_redis_pool_exhausted_total", {"client": "pooltest"}) == 2
     assert "Redis connection pool of pooltest exhausted: all 2 connections busy" in caplog.text
     assert _clients_named(redis_server, "pooltest") == 2  # never more than max-connections
     client.close()

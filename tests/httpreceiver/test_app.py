@@ -161,7 +161,7 @@ def test_login_guard_fails_closed_when_redis_is_unavailable(make_app: Callable[.
     assert resp.status_code == 503
     assert resp.get_json()["error"] == "auth-unavailable"
     assert resp.headers["Retry-After"] == "5"
-    assert app.metric("httpreceiver_auth_failures_total", {"reason": "unavailable"}) == 1
+    assert app.metric("mailer_httpreceiver_auth_failures_total", {"reason": "unavailable"}) == 1
 
 
 def test_lockout_uses_the_forwarded_address_behind_trusted_proxies(make_app: Callable[..., AppUnderTest]) -> None:

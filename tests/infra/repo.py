@@ -49,15 +49,15 @@ REDIS_EXPORTER_IMAGE = "oliver006/redis_exporter:v1.67.0"
 
 #: Kustomize directories and the kinds each must produce (kind -> count).
 VARIANTS = {
-    ".": {"Pod": 7, "Service": 9, "ServiceMonitor": 7, "PrometheusRule": 1, "NetworkPolicy": 13},
-    "deploy/without-monitoring": {"Pod": 7, "Service": 9, "NetworkPolicy": 13},
+    ".": {"Pod": 7, "Service": 9, "ServiceMonitor": 7, "PrometheusRule": 1, "NetworkPolicy": 14},
+    "deploy/without-monitoring": {"Pod": 7, "Service": 9, "NetworkPolicy": 14},
     "deploy/scaled": {
         "Deployment": 5,
         "StatefulSet": 2,
         "Service": 9,
         "ServiceMonitor": 7,
         "PrometheusRule": 1,
-        "NetworkPolicy": 13,
+        "NetworkPolicy": 14,
     },
 }
 

@@ -25,7 +25,7 @@ from common.events import decode_event
 from devtools import testing
 from devtools.servers import RedisProcess, free_port, port_open, wait_until
 
-SECRET = "security-test-secret"
+SECRET = "security-test-secret-0123456789abcdef"
 SIGNER = AddressSigner(SECRET.encode())
 DOMAIN = testing.RETURN_PATH_DOMAIN
 FBL = f"fbl@{DOMAIN}"

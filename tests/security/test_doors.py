@@ -46,7 +46,7 @@ SENDER = f"app@{testing.SENDER_DOMAIN}"
 HASH_ITERATIONS = 20_000
 #: The documented defaults of receiver.auth-lockout / httpreceiver.auth-lockout.
 DEFAULT_LOCKOUT = {"max-failures": 5, "window-seconds": 300, "lockout-seconds": 900}
-POOL_EXHAUSTED = 'mailer_redis_pool_exhausted_total{client="receiver"}'
+POOL_EXHAUSTED = 'mailer_receiver_redis_pool_exhausted_total{client="receiver"}'
 
 
 def _metric(receiver: RunningReceiver, reason: str) -> int:
