@@ -95,19 +95,23 @@ def normalise_address(address: str) -> str:
     return address.strip().strip("<>").strip().lower()
 
 
+#: Characters of an address part: printable ASCII but ``/ < > @`` and space, or U+00A1-U+FFFF
+#: (the API's contract uses the same classes, ``HttpReceiver/httpreceiver/openapi.yaml``).
+ADDRESS_CHARS: Final = "!-.0-;=?A-~\u00a1-\uffff"
+#: Characters of a scope: printable ASCII but ``/`` and space, or U+00A1-U+FFFF.
+SCOPE_CHARS: Final = "!-.0-~\u00a1-\uffff"
+_ADDRESS: Final = re.compile(f"[{ADDRESS_CHARS}]+@[{ADDRESS_CHARS}]+")
+_SCOPE: Final = re.compile(f"[{SCOPE_CHARS}]+")
+
+
 def valid_address(address: str) -> bool:
     """True for something that can be a recipient address (``local@domain``, no space or control)."""
-    local, at, domain = address.rpartition("@")
-    return (
-        bool(at and local and domain)
-        and len(address) <= MAX_ADDRESS
-        and not any(c.isspace() or ord(c) < 32 or c in "<>/" for c in address)
-    )
+    return len(address) <= MAX_ADDRESS and _ADDRESS.fullmatch(address) is not None
 
 
 def valid_scope(scope: str) -> bool:
     """True for a usable scope (From domain or stream id)."""
-    return 0 < len(scope) <= MAX_SCOPE and not any(c.isspace() or ord(c) < 32 or c == "/" for c in scope)
+    return len(scope) <= MAX_SCOPE and _SCOPE.fullmatch(scope) is not None
 
 
 @dataclass(frozen=True)
