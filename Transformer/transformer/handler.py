@@ -256,7 +256,7 @@ class TransformHandler:
         return Output(self.event_queue, event.to_fields())
 
 
-_MESSAGE_ID: Final = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]{1,300}>)", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID: Final = re.compile(rb"^Message-ID:\s*(<[^>\r\n]{1,300}>)", re.IGNORECASE | re.MULTILINE)
 
 
 def _message_id(raw: bytes) -> str | None:
