@@ -15,8 +15,9 @@
 
 ``--compare-trace`` measures what the per-message timeline (``common.trace``) costs instead:
 two stacks, one with ``common-config.trace.enabled`` and one without, take turns with the same
-``smtp-source`` load; it prints both rates, the CPU per message of Redis and of every service,
-and the Redis memory of one message's timeline (``MEMORY USAGE`` of a sample of keys).
+load (``loadgen``: every message its own X-Uuid, so every message its own timeline); it prints
+both rates, the CPU per message of Redis and of every service, and the Redis memory of one
+message's timeline (``MEMORY USAGE`` of a sample of keys).
 """
 
 from __future__ import annotations
@@ -348,12 +349,14 @@ class TracedStack:
         self.rates: list[float] = []
         self.cpu: dict[str, float] = dict.fromkeys(cpu_snapshot(self.pids), 0.0)
 
-    def round(self, n: int, sessions: int, message: Path) -> float:
+    def round(self, n: int, sessions: int, size: int) -> float:
+        """``n`` messages, each its own X-Uuid (one timeline each, as in production)."""
+        messages = batch(f"t{len(self.rates)}{'on' if self.traced else 'off'}", n, size)
+        uuids = {u for u, _, _ in messages}
         before = cpu_snapshot(self.pids)
-        target = self.watch.delivered_of("benchsource") + n
         started = time.monotonic()
-        smtp_source(self.ports["receiver"], n, sessions, message)
-        wait_until(lambda: self.watch.delivered_of("benchsource") >= target, timeout_s=900, interval_s=0.1)
+        loadgen.submit("127.0.0.1", self.ports["receiver"], messages, sessions=sessions)
+        wait_until(lambda: self.watch.delivered(uuids) >= n, timeout_s=900, interval_s=0.1)
         self.rates.append(n / (time.monotonic() - started))
         after = cpu_snapshot(self.pids)
         for name in self.cpu:
@@ -384,17 +387,16 @@ class TracedStack:
 
 def compare_trace(work: Path, args: argparse.Namespace) -> None:
     """``--compare-trace``: the pipeline with and without timelines, taking turns."""
-    message = message_file(work, args.size)
-    say("stacks with and without common-config.trace, taking turns (same smtp-source load)")
+    say("stacks with and without common-config.trace, taking turns (same load: loadgen, one X-Uuid per message)")
     on, off = TracedStack(work, True, args), TracedStack(work, False, args)
     try:
         for stack in (on, off):
-            stack.round(200, args.sessions, message)  # warm-up, not counted
+            stack.round(200, args.sessions, args.size)  # warm-up, not counted
             stack.rates.clear()
             stack.cpu = dict.fromkeys(stack.cpu, 0.0)
         for round_ in range(1, args.rounds + 1):
             for stack in (on, off) if round_ % 2 else (off, on):
-                stack.round(args.messages, args.sessions, message)
+                stack.round(args.messages, args.sessions, args.size)
             say(f"   round {round_}: trace on {on.rates[-1]:6,.0f} msg/s, trace off {off.rates[-1]:6,.0f} msg/s")
         count, size, entries = on.trace_bytes()
     finally:
