@@ -132,11 +132,10 @@ def test_the_timeline_of_a_message_and_a_clear_404_for_an_unknown_one(hr: AppUnd
 
 
 def test_redis_down_is_a_503_with_retry_after(make_app) -> None:
-    import redis as redis_lib
+    from common.config.base import RedisServer
+    from common.queue import Queues, QueueSettings, connect
 
-    from common.queue import Queues, QueueSettings
-
-    dead = redis_lib.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    dead = connect(RedisServer(hostname="127.0.0.1", port=1, socket_timeout=0.5))  # nothing listens there
     app = make_app(queues=Queues(dead, QueueSettings()))
     reply = app.client.get("/v1/suppressions", headers=AUTH)
     assert reply.status_code == 503 and reply.headers["Retry-After"] == "5"

@@ -139,7 +139,7 @@ def test_missing_inputs_are_warnings_and_a_silent_dns_is_a_failure(config: Confi
     # A server that does not answer: every lookup fails, loudly.
     silent = DnsServer({}, address="127.0.0.1", port=0)  # bound but never started
     try:
-        status, lines = run(config, silent)
+        status, lines = run(config, silent, "--dns-timeout", "0.05")
     finally:
         silent.sock.close()
     assert status == 1 and all(line.startswith("FAIL") for line in lines[:-1]) and "did not answer" in lines[0]
