@@ -189,6 +189,9 @@ def call_limits() -> dict[str, int]:
     """Aiosmtpd ``command_call_limit``: budgets for commands that change nothing, large for the rest."""
     limits: collections.defaultdict[str, int] = collections.defaultdict(lambda: OTHER_COMMAND_BUDGET)
     limits.update(IDLE_COMMAND_BUDGET)
+    # aiosmtpd reads the default with .get("*", 20), which a defaultdict does not answer: without
+    # "*" every other command (MAIL, RCPT, DATA) was limited to 20 per session.
+    limits["*"] = OTHER_COMMAND_BUDGET
     return limits
 
 

@@ -182,3 +182,12 @@ def test_drain_answers_421_to_idle_sessions_and_finishes_transactions(start) -> 
     assert line(busy).startswith(b"421 4.3.2")  # closed right after its transaction
     draining.join(10)
     assert result == [0]
+
+
+def test_every_command_without_its_own_budget_gets_the_large_one() -> None:
+    # aiosmtpd looks the default up with .get("*", 20): MAIL, RCPT and DATA must not stop at 20.
+    from common.smtpserver import OTHER_COMMAND_BUDGET, call_limits
+
+    limits = call_limits()
+    assert limits.get("*", 20) == OTHER_COMMAND_BUDGET
+    assert limits["NOOP"] == 50 and limits["MAIL"] == OTHER_COMMAND_BUDGET
