@@ -313,12 +313,16 @@ def _csv(entries: list[Entry]) -> str:
 
 
 def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or not {"address", "email"} & {f.strip() for f in reader.fieldnames}:
-        yield 1, "the first line must name the columns, at least address (and scope, reason, first, last…)"
-        return
-    for row in reader:
-        yield reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    # newline="": the csv module sees the line ends itself (a bare CR inside a field is data).
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if reader.fieldnames is None or not {"address", "email"} & {f.strip() for f in reader.fieldnames}:
+            yield 1, "the first line must name the columns, at least address (and scope, reason, first, last…)"
+            return
+        for row in reader:
+            yield reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    except csv.Error as exc:
+        yield reader.line_num, f"not CSV: {exc}"
 
 
 def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:

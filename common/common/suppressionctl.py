@@ -146,8 +146,12 @@ def _import(args: argparse.Namespace, lst: SuppressionList, out: TextIO) -> int:
     kind = args.format or ("csv" if str(args.file).lower().endswith(".csv") else "jsonl")
     rows: list[tuple[int, Any]]
     if kind == "csv":
-        reader = csv.DictReader(io.StringIO(text))
-        rows = [(reader.line_num, row) for row in reader]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        try:
+            rows.extend((reader.line_num, row) for row in reader)
+        except csv.Error as exc:
+            rows.append((reader.line_num, f"not CSV: {exc}"))
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
