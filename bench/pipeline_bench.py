@@ -12,6 +12,12 @@
 3. Their ratio (goal >= 0.8), then submit-to-event latency (p50/p99) at half the measured
    rate with a load generator that gives every message its own X-Uuid, and CPU seconds per
    message of every service (process trees, from /proc) during the pipeline rounds.
+
+``--compare-trace`` measures what the per-message timeline (``common.trace``) costs instead:
+two stacks, one with ``common-config.trace.enabled`` and one without, take turns with the same
+load (``loadgen``: every message its own X-Uuid, so every message its own timeline); it prints
+both rates, the CPU per message of Redis and of every service, and the Redis memory of one
+message's timeline (``MEMORY USAGE`` of a sample of keys).
 """
 
 from __future__ import annotations
@@ -321,6 +327,98 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         alone.close()
 
 
+class TracedStack:
+    """One whole stack with tracing on or off, its sink and its webhook."""
+
+    def __init__(self, work: Path, traced: bool, args: argparse.Namespace) -> None:
+        self.traced = traced
+        self.ports = free_ports()
+        override = {
+            "receiver": {"trusted-networks": ["127.0.0.1/32"], "processes": args.receiver_processes},
+            "transformer": {"unsubscribe-url": None},
+            "common-config": {"trace": {"enabled": traced}},
+        }
+        self.stack = Stack(
+            work / f"stack-{'on' if traced else 'off'}", ports=self.ports, peers=False, customer_override=override
+        )
+        self.stack.start()
+        self.sink = smtp_sink(self.ports["sink"])
+        self.watch = DeliveredWatch()
+        self.hook = WebhookReceiver("127.0.0.1", self.ports["webhook"], responder=self.watch).start()
+        self.pids = service_pids(self.stack)
+        self.rates: list[float] = []
+        self.cpu: dict[str, float] = dict.fromkeys(cpu_snapshot(self.pids), 0.0)
+
+    def round(self, n: int, sessions: int, size: int) -> float:
+        """``n`` messages, each its own X-Uuid (one timeline each, as in production)."""
+        messages = batch(f"t{len(self.rates)}{'on' if self.traced else 'off'}", n, size)
+        uuids = {u for u, _, _ in messages}
+        before = cpu_snapshot(self.pids)
+        started = time.monotonic()
+        loadgen.submit("127.0.0.1", self.ports["receiver"], messages, sessions=sessions)
+        wait_until(lambda: self.watch.delivered(uuids) >= n, timeout_s=900, interval_s=0.1)
+        self.rates.append(n / (time.monotonic() - started))
+        after = cpu_snapshot(self.pids)
+        for name in self.cpu:
+            self.cpu[name] += after[name] - before[name]
+        return self.rates[-1]
+
+    def trace_bytes(self) -> tuple[int, float, float]:
+        """(traced uuids, mean bytes per timeline, mean entries per timeline) from a sample."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.ports["redis"])
+        try:
+            names = [k for k in client.scan_iter(match="IB:trace:*", count=1000)][:200]
+            if not names:
+                return 0, 0.0, 0.0
+            sizes = [int(client.memory_usage(k, samples=0) or 0) for k in names]
+            entries = [int(client.llen(k)) for k in names]
+            return len(names), statistics.mean(sizes), statistics.mean(entries)
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self.hook.stop()
+        self.stack.stop()
+        self.sink.terminate()
+        self.sink.wait(10)
+
+
+def compare_trace(work: Path, args: argparse.Namespace) -> None:
+    """``--compare-trace``: the pipeline with and without timelines, taking turns."""
+    say("stacks with and without common-config.trace, taking turns (same load: loadgen, one X-Uuid per message)")
+    on, off = TracedStack(work, True, args), TracedStack(work, False, args)
+    try:
+        for stack in (on, off):
+            stack.round(200, args.sessions, args.size)  # warm-up, not counted
+            stack.rates.clear()
+            stack.cpu = dict.fromkeys(stack.cpu, 0.0)
+        for round_ in range(1, args.rounds + 1):
+            for stack in (on, off) if round_ % 2 else (off, on):
+                stack.round(args.messages, args.sessions, args.size)
+            say(f"   round {round_}: trace on {on.rates[-1]:6,.0f} msg/s, trace off {off.rates[-1]:6,.0f} msg/s")
+        count, size, entries = on.trace_bytes()
+    finally:
+        on.close()
+        off.close()
+    total = args.messages * args.rounds
+    rate_on, rate_off = statistics.median(on.rates), statistics.median(off.rates)
+    say("")
+    say("results (medians of the rounds)")
+    say(f"  pipeline with timelines      {rate_on:8,.0f} msg/s")
+    say(f"  pipeline without timelines   {rate_off:8,.0f} msg/s   (cost {100 * (1 - rate_on / rate_off):+.1f} %)")
+    say("  CPU per message (ms)                on     off")
+    for name in sorted(on.cpu, key=lambda n: -on.cpu[n]):
+        say(f"    {name:32s} {on.cpu[name] / total * 1000:6.3f}  {off.cpu.get(name, 0.0) / total * 1000:6.3f}")
+    cpu_on, cpu_off = sum(on.cpu.values()) / total * 1000, sum(off.cpu.values()) / total * 1000
+    say(f"    {'total':32s} {cpu_on:6.3f}  {cpu_off:6.3f}")
+    say(
+        f"  Redis memory per timeline: {size:,.0f} bytes ({entries:.1f} entries; sample of {count} keys): "
+        f"{size * 1_000_000 * 7 / 1e9:,.1f} GB for a million messages a day kept 7 days"
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
@@ -333,7 +431,15 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--receiver-processes", type=int, default=0, help="receiver.processes (0 = one per core)")
+    parser.add_argument(
+        "--compare-trace", action="store_true", help="measure the cost of the per-message timelines instead"
+    )
     args = parser.parse_args()
+    if args.compare_trace:
+        with tempfile.TemporaryDirectory(prefix="bench-pipeline-", dir="/var/tmp") as tmp:
+            os.chmod(tmp, 0o755)
+            compare_trace(Path(tmp), args)
+        return
     say(
         f"pipeline benchmark on {os.cpu_count()} cores: {args.rounds} rounds of {args.messages} messages of "
         f"{args.size} bytes, smtp-source -s {args.sessions}, DKIM RSA-2048, Redis appendfsync always"

@@ -22,6 +22,15 @@ For each batch:
 3. Age limit: an event is retried until ``max-age-seconds`` after its ``timestamp`` (after
    ``replayed-at`` for a replayed event); a failed attempt after that dead-letters it.
 
+Before the first POST of a batch, its ``bounce`` (``suppress: true``), ``spam-report`` and
+``unsubscribe`` events feed the suppression list (:mod:`common.suppression`) in one pipelined
+round trip -- *before* and independently of the webhook's answer, so an endpoint that is down
+for days never delays the list (a feed is idempotent and happens once per ``event_id``: a marker
+``IB:suppr-fed:<event id>`` lives ``max-age-seconds`` plus a day).  If Redis cannot take the
+feed, nothing is posted and the batch waits.  Every event's webhook answer (delivered, parked,
+retrying, dead-lettered) goes into its message's timeline (:mod:`common.trace`): in the
+completion's MULTI/EXEC, or -- for a batch that waits -- in one pipeline with the wait.
+
 Stopping (SIGTERM) never interrupts a POST: the one in flight completes or times out; the
 events not yet delivered stay pending in Redis and are read again at the next start.
 """
@@ -41,10 +50,14 @@ from backdata.metrics import BackDataMetrics
 from backdata.parking import SINCE, Parking
 from backdata.poster import Poster, PostResult
 from backdata.signing import batch_id
-from common.errors import PermanentError
+from common import binding, keys, logs, trace
+from common.binding import Sent
+from common.errors import PermanentError, TemporaryError
 from common.events import EVENT_KINDS, decode_event, make_event_id, public
 from common.lifecycle import Stopper
-from common.queue import REPLAYED_AT, Entry, Output
+from common.queue import REPLAYED_AT, Entry, ListAppend, Output, Write, redis_errors
+from common.suppression import SuppressionList, normalise_address, reason_of, valid_address, valid_scope
+from common.trace import TraceSettings
 from common.worker import Done, Fail, Outcome, Retry
 
 log = logging.getLogger(__name__)
@@ -60,6 +73,10 @@ class Item:
     body: bytes
     since: float
     deadline: float
+    #: The webhook's answer to the latest POST holding this event.
+    answer: str = ""
+    #: Trace entry of the suppression-list feed this event just made.
+    listed: str | None = None
 
     @property
     def kind(self) -> str:
@@ -96,6 +113,8 @@ class WebhookHandler:
         budget_s: float,
         bounce_manager: bool = False,
         heartbeat: Callable[[], None] | None = None,
+        suppression: SuppressionList | None = None,
+        trace_settings: TraceSettings = trace.DISABLED,
     ) -> None:
         self.poster = poster
         self.parking = parking
@@ -105,6 +124,11 @@ class WebhookHandler:
         self.budget_s = budget_s
         self.bounce_manager = bounce_manager
         self.heartbeat = heartbeat or (lambda: None)
+        self.suppression = suppression if suppression is not None and suppression.settings.enabled else None
+        self.trace = trace_settings
+        #: How long an event's feed marker lives: longer than the event can be retried.
+        self.fed_ttl_s = int(max_age_s) + 86400
+        self.redis: Any = suppression.redis if suppression is not None else None
 
     # -- the worker's interface ----------------------------------------------------------------
 
@@ -123,12 +147,123 @@ class WebhookHandler:
                 log.exception("cannot prepare %s %s", entry.queue, entry.id)
                 outcomes[index] = Retry(f"{type(exc).__name__}: {exc}", counts=True)
         if items:
+            try:
+                self._feed(items)
+            except TemporaryError as exc:
+                log.warning("cannot feed the suppression list (%s); the batch waits", exc)
+                return [o if o is not None else Retry(f"suppression list: {exc}") for o in outcomes]
             self._settle(self._deliver(items), len(items), outcomes)
+            self._trace_waiting(items, outcomes)
         return [o if o is not None else Retry("no outcome", counts=True) for o in outcomes]
 
     def dead_letter_outputs(self, entry: Entry, reason: str) -> Sequence[Output]:
         """Nothing: an undeliverable event must not produce another event for the same webhook."""
         return ()
+
+    # -- the suppression list and the timelines ------------------------------------------------
+
+    def _feed(self, items: list[Item]) -> None:
+        """Feed the list from the batch's suppressing events (see the module docstring).
+
+        Raises:
+            TemporaryError: Redis did not take it.
+        """
+        if self.suppression is None:
+            return
+        todo = [(item, reason) for item in items if (reason := reason_of(item.event)) is not None]
+        if not todo:
+            return
+        with redis_errors("feed the suppression list"):
+            sent = self._sent_records([item for item, _ in todo if not item.event.get("fd")])
+            pipe = self.redis.pipeline(transaction=False)
+            fed: list[tuple[Item, str, str, str]] = []
+            for item, reason in todo:
+                target = self._target(item, sent)
+                if target is None:
+                    continue
+                scope, address = target
+                self.suppression.feed(
+                    pipe,
+                    scope=scope,
+                    address=address,
+                    reason=reason,
+                    at=_timestamp(item.event) or time.time(),
+                    event_id=item.event_id,
+                    uuid=_text(item.event.get("uuid")),
+                    once_for_s=self.fed_ttl_s,
+                )
+                fed.append((item, reason, scope, address))
+            results = pipe.execute() if fed else []
+        for (item, reason, scope, address), written in zip(fed, results, strict=True):
+            if written:
+                self.metrics.fed.labels(reason).inc()
+                item.listed = trace.entry("listed", recipient=address, reason=reason, scope=scope)
+                log.info(
+                    "event %s (%s) put its recipient on the suppression list of %s",
+                    item.event_id,
+                    item.kind,
+                    scope,
+                    extra=logs.fields(uuid=_text(item.event.get("uuid")), recipient=address, event_id=item.event_id),
+                )
+
+    def _sent_records(self, items: list[Item]) -> dict[str, list[Sent]]:
+        """The Transformer's records of the uuids whose events do not name their From domain."""
+        uuids = sorted({u for item in items if (u := _text(item.event.get("uuid")))})
+        if not uuids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for uuid in uuids:
+            pipe.hgetall(keys.sent_record(uuid))
+        return {uuid: binding.decode_record(raw) for uuid, raw in zip(uuids, pipe.execute(), strict=True)}
+
+    def _target(self, item: Item, sent: dict[str, list[Sent]]) -> tuple[str, str] | None:
+        """(scope, address) an event's entry goes to, or None (logged) when it names none."""
+        assert self.suppression is not None
+        event = item.event
+        address = normalise_address(_text(event.get("recipient")) or _text(event.get("email")) or "")
+        from_domain, stream_id = _text(event.get("fd")), _text(event.get("stream_id"))
+        if not from_domain:
+            for record in sent.get(_text(event.get("uuid")) or "", []):
+                if record.recipient.lower() == address:
+                    from_domain, stream_id = record.from_domain, stream_id or record.stream_id
+        scope = self.suppression.settings.scope_of(from_domain, stream_id)
+        if scope is None or not valid_address(address) or not valid_scope(scope):
+            log.warning(
+                "event %s (%s) names no usable recipient or sending domain; not on the suppression list",
+                item.event_id,
+                item.kind,
+            )
+            return None
+        return scope, address
+
+    def _steps(self, item: Item, outcome: str) -> list[ListAppend]:
+        """Trace writes of one event: its webhook answer, and its feed of the list."""
+        uuid = _text(item.event.get("uuid"))
+        step = trace.entry(
+            "webhook",
+            event=item.kind,
+            event_id=item.event_id,
+            recipient=_text(item.event.get("recipient")),
+            outcome=outcome,
+            answer=item.answer or None,
+        )
+        return trace.append(self.trace, uuid, *([item.listed] if item.listed else []), step)
+
+    def _trace_waiting(self, items: list[Item], outcomes: list[Outcome | None]) -> None:
+        """Timeline entries of events that wait for another POST (one pipeline; best effort)."""
+        waiting = [item for item in items if isinstance(outcomes[item.index], Retry)]
+        if not waiting or not self.trace.enabled or self.redis is None:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for item in waiting:
+            for write in self._steps(item, "retrying"):
+                write.write(pipe)
+            item.listed = None
+        try:
+            with redis_errors("trace waiting events"):
+                pipe.execute()
+        except TemporaryError as exc:
+            log.debug("timeline entries of %d waiting events not written: %s", len(waiting), exc)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -168,6 +303,8 @@ class WebhookHandler:
             first = False
             result = self._post(group)
             self.heartbeat()
+            for item in group:
+                item.answer = result.reason
             if result.ok:
                 attempt.delivered.extend(group)
             elif result.transient:
@@ -210,7 +347,7 @@ class WebhookHandler:
     def _settle(self, attempt: Attempt, total: int, outcomes: list[Outcome | None]) -> None:
         now = time.time()
         for item in attempt.delivered:
-            outcomes[item.index] = Done(self._records(item))
+            outcomes[item.index] = Done([*self._records(item), *self._steps(item, "delivered")])
         rejected = attempt.rejected
         if rejected and not attempt.delivered and not attempt.unresolved and total > 1:
             # Every event refused on its own: most likely the endpoint refuses everything.
@@ -229,7 +366,7 @@ class WebhookHandler:
                 park = self.parking.output(
                     item.entry, result.reason, since=item.since, not_after=item.deadline, now=now
                 )
-                outcomes[item.index] = Done([park])
+                outcomes[item.index] = Done([park, *self._steps(item, "parked")])
                 self.metrics.parked.inc()
                 log.info("parked event %s (%s): %s", item.event_id, item.kind, result.reason)
         failure = attempt.failure
@@ -248,10 +385,10 @@ class WebhookHandler:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.since))
         return Fail(
             f"not delivered within max-age-seconds={self.max_age_s:g} (counted from {since}); last error: {reason}",
-            self._records(item),
+            [*self._records(item), *self._steps(item, "dead-lettered")],
         )
 
-    def _records(self, item: Item) -> list[Output]:
+    def _records(self, item: Item) -> list[Write]:
         """The bounce-manager record of a delivered (or expired) event, if it has one."""
         if not self.bounce_manager:
             return []
@@ -269,6 +406,10 @@ def _timestamp(event: dict[str, Any]) -> float | None:
     if isinstance(stamp, int | float) and not isinstance(stamp, bool) and stamp > 0:
         return float(stamp)
     return None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _number(raw: bytes | None) -> float | None:

@@ -7,7 +7,9 @@ not an event at all -- dead-lettered); ``successfully_pushed_events_total`` /
 ``failed_pushed_events_total`` (events in POSTs answered 2xx / not, every attempt counts);
 ``number_of_events_currently_posting`` (events in the POST in flight).
 
-New: ``mailer_backdata_deferred_events_total``; ``mailer_backdata_event_age_seconds`` (event timestamp ->
+New: ``mailer_backdata_deferred_events_total``, ``mailer_backdata_suppressed_events_total``;
+``mailer_backdata_suppression_entries_fed_total{reason}`` (:mod:`common.suppression`);
+``mailer_backdata_event_age_seconds`` (event timestamp ->
 delivered); ``mailer_backdata_post_seconds``; ``mailer_backdata_posts_total{target,outcome}``;
 ``mailer_backdata_parked_events_total``; ``mailer_backdata_dead_lettered_events_total{reason}``;
 and, read from Redis at scrape time, ``mailer_backdata_backlog_events{state}`` (waiting,
@@ -47,7 +49,13 @@ class BackDataMetrics:
             "spam-report": counter("spam_report_events", "spam-report events posted to the webhook"),
             "unsubscribe": counter("unsubscribe_events", "unsubscribe events posted to the webhook"),
             "deferred": counter("mailer_backdata_deferred_events", "deferred events posted to the webhook"),
+            "suppressed": counter("mailer_backdata_suppressed_events", "suppressed events posted to the webhook"),
         }
+        self.fed = counter(
+            "mailer_backdata_suppression_entries_fed",
+            "events that put their recipient on the suppression list, by reason",
+            ("reason",),
+        )
         self.malformed = counter("malformed_events", "events of unknown type (forwarded) or unreadable (dead-lettered)")
         self.pushed_ok = counter("successfully_pushed_events", "events in webhook POSTs answered 2xx")
         self.pushed_failed = counter(

@@ -1,7 +1,8 @@
 """BackData assembled: the webhook worker (main thread) and the bounce-manager worker (a thread).
 
 Consumes ``EVENT_QUEUE`` (group ``backdata``) and, with a bounce manager configured,
-``IB:backdata:bounce-manager``.  Both loops share one stop flag: on SIGTERM each finishes the
+``IB:backdata:bounce-manager``; feeds the suppression list (``IB:suppr:*``) and appends webhook
+answers to the timelines (``IB:trace:<uuid>``).  Both loops share one stop flag: on SIGTERM each finishes the
 POST in flight (at most ``timeout-seconds``), leaves what is not delivered pending in Redis,
 and :meth:`BackData.run` returns.
 """
@@ -26,6 +27,8 @@ from common.config.backdata import BackDataSection
 from common.queue import Queues, QueueSettings, connect, consumer_name
 from common.retry import RetryPolicy
 from common.service import Context
+from common.suppression import SuppressionList, SuppressionSettings
+from common.trace import TraceSettings
 from common.worker import Worker, WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,8 @@ class BackData:
             budget_s=settings.claim_idle_ms / 2000,
             bounce_manager=section.bounce_manager is not None,
             heartbeat=heartbeat,
+            suppression=SuppressionList(client, SuppressionSettings.from_config(config)),
+            trace_settings=TraceSettings.from_config(config),
         )
         self.worker = Worker(consumer, handler, stopper, policy=policy, metrics=worker_metrics, heartbeat=heartbeat)
         self.side: Worker | None = None

@@ -3,7 +3,10 @@
 Routes (API port ``httpreceiver.bind.inet-port``):
 
 * ``POST /v1/mail/send`` -- :mod:`httpreceiver.intake` (to ``IB-MAIL-QUEUE-P0``/``P1``);
-* ``GET|POST /unsubscribe/<token>`` -- :mod:`httpreceiver.unsubscribe` (to ``EVENT_QUEUE``).
+* ``GET|POST /unsubscribe/<token>`` -- :mod:`httpreceiver.unsubscribe` (to ``EVENT_QUEUE``);
+* ``/v1/suppressions…`` and ``GET /v1/messages/<uuid>`` -- :mod:`httpreceiver.control` (the
+  suppression list and message timelines, same credentials as sending);
+* ``GET /v1/openapi.json`` -- the API contract (:mod:`httpreceiver.contract`), public.
 
 Metrics and health are not served here but by the gunicorn master on the metrics port
 (:mod:`httpreceiver.server`).
@@ -25,7 +28,11 @@ from common.config import Config
 from common.errors import TemporaryError
 from common.events import error_event
 from common.queue import Queues, QueueSettings, connect
+from common.suppression import SuppressionList, SuppressionSettings
+from common.trace import TraceSettings
+from httpreceiver import contract
 from httpreceiver.auth import Authenticator
+from httpreceiver.control import ControlApi
 from httpreceiver.idempotency import IdempotencyStore
 from httpreceiver.intake import MailIntake
 from httpreceiver.metrics import HttpMetrics
@@ -68,6 +75,12 @@ def create_app(
         metrics,
     )
     unsubscribe = OneClickUnsubscribe(config, queues, metrics, signer, rate_limit=section.unsubscribe_rate_limit)
+    control = ControlApi(
+        SuppressionList(queues.client, SuppressionSettings.from_config(config)),
+        TraceSettings.from_config(config),
+        intake.authenticate,
+        max_import_bytes=section.max_message_size,
+    )
 
     app = Flask(SERVICE)
     if section.trusted_proxy_hops:
@@ -79,6 +92,12 @@ def create_app(
     app.add_url_rule("/v1/mail/send", "send", intake.send, methods=["POST"])
     app.add_url_rule("/unsubscribe/<token>", "unsubscribe-page", unsubscribe.page, methods=["GET"])
     app.add_url_rule("/unsubscribe/<token>", "unsubscribe", unsubscribe.post, methods=["POST"])
+    app.add_url_rule("/v1/suppressions", "suppressions", control.listing, methods=["GET"])
+    app.add_url_rule("/v1/suppressions/export", "suppressions-export", control.export, methods=["GET"])
+    app.add_url_rule("/v1/suppressions/import", "suppressions-import", control.import_, methods=["POST"])
+    app.add_url_rule("/v1/suppressions/<scope>/<address>", "suppression", control.one, methods=["GET", "PUT", "DELETE"])
+    app.add_url_rule("/v1/messages/<uuid>", "message", control.message, methods=["GET"])
+    app.add_url_rule("/v1/openapi.json", "openapi", contract.serve, methods=["GET"])
 
     @app.before_request
     def _start() -> None:

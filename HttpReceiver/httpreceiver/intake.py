@@ -2,7 +2,8 @@
 
 Produces ``reliable-queue.queue-names.primary-queue`` (``X-Priority: 0``) or ``default-queue``
 entries (:class:`common.payloads.SubmittedMail`: the body as the intake rule both doors share,
-:func:`common.submission.accept`, returns it -- byte for byte but for CRLF line endings).  The
+:func:`common.submission.accept`, returns it -- byte for byte but for CRLF line endings), with
+the first entry of the message's timeline (``IB:trace:<uuid>``) in the same MULTI/EXEC.  The
 client gets ``200 {"uuid", "queue"}`` only after Redis has the entry (AOF, DESIGN §2); every
 refusal names its rule:
 
@@ -32,6 +33,7 @@ from typing import Final
 
 from flask import Response, request
 
+from common import trace
 from common.authguard import Attempt, LoginGuard, Refused, seconds_text
 from common.config import Config
 from common.config.httpreceiver import HttpReceiverSection
@@ -39,6 +41,7 @@ from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
 from common.payloads import SubmittedMail
 from common.queue import Queues
 from common.submission import Rejection, Submission, accept
+from common.trace import TraceSettings
 from httpreceiver.auth import Authenticator, Credentials
 from httpreceiver.idempotency import IdempotencyStore, Record, Reservation, fingerprint, valid_key
 from httpreceiver.metrics import HttpMetrics
@@ -73,6 +76,7 @@ class MailIntake:
         self.guard = guard
         self.idempotency = idempotency
         self.metrics = metrics
+        self.trace = TraceSettings.from_config(config)
         transformer = config.transformer
         self._configured = lambda domain: transformer.domain(domain) is not None
 
@@ -96,6 +100,10 @@ class MailIntake:
             return self.refuse(exc.http_status, exc.rule, exc.message, details=exc.details())
         key = request.headers.get("Idempotency-Key") if self.idempotency is not None else None
         return self._queue(user, accepted.raw, accepted.submission, key)
+
+    def authenticate(self) -> str | Response:
+        """The caller's name, or the 401/429 answer (every authenticated endpoint uses this)."""
+        return self._authenticate()
 
     def _authenticate(self) -> str | Response:
         """The caller's name, or the 401/429/503 answer (login guard: :mod:`common.authguard`)."""
@@ -187,7 +195,10 @@ class MailIntake:
             raw=raw, uuid=submission.uuid, priority=submission.priority, via="http", submitted_at=time.time()
         )
         try:
-            self.queues.enqueue(queue, entry.to_fields())
+            step = trace.entry(
+                "accepted", door="http", queue=queue, bytes=len(raw), recipients=len(submission.recipients)
+            )
+            self.queues.enqueue(queue, entry.to_fields(), with_writes=trace.append(self.trace, submission.uuid, step))
         except TemporaryError as exc:
             if reservation is not None and self.idempotency is not None:
                 with contextlib.suppress(QueueUnavailableError):

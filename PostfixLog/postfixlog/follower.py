@@ -1,6 +1,8 @@
 """Follow Postfix' maillog file and turn it into events on ``EVENT_QUEUE``.
 
-Produces ``delivered``/``bounce``/``deferred`` events (see :mod:`postfixlog.interpreter`).
+Produces ``delivered``/``bounce``/``deferred`` events (see :mod:`postfixlog.interpreter`) and
+an ``attempt`` entry in the message's timeline (``IB:trace:<uuid>``, :mod:`common.trace`) for
+every status line, in the same script call.
 
 Exactly once: the follower reads a chunk of complete lines, and writes the chunk's events, its
 record updates and the new position (``IB:postfixlog:log-position``) in one MULTI/EXEC.  After a
@@ -29,8 +31,10 @@ from typing import Any, BinaryIO, Final, Protocol
 
 import redis
 
+from common import keys as common_keys
 from common.errors import TemporaryError
 from common.queue import redis_errors
+from common.trace import DISABLED, TraceSettings
 from postfixlog import records
 from postfixlog.interpreter import Effects, Interpreter
 from postfixlog.logparser import Line, parse
@@ -229,6 +233,7 @@ class LogFollower:
         rotate_bytes: int = 0,
         chunk_bytes: int = 1 << 20,
         poll_s: float = 0.1,
+        trace_settings: TraceSettings = DISABLED,
     ) -> None:
         self.reader = reader
         self.redis: Any = client
@@ -240,6 +245,7 @@ class LogFollower:
         self.rotate_bytes = rotate_bytes
         self.chunk_bytes = chunk_bytes
         self.poll_s = poll_s
+        self.trace = trace_settings
         self.interpreter = Interpreter()
         self.last_progress = time.monotonic()
         self._progress = threading.Condition()
@@ -362,11 +368,20 @@ class LogFollower:
             ],
             "del": [key(records.qid_key(qid)) for qid in sorted(effects.qid_deletes)],
             "events": [event.to_json().decode() for event in effects.events],
+            "traces": [[key(common_keys.trace(uuid)), step] for uuid, step in effects.traces]
+            if self.trace.enabled
+            else [],
             "instance": self.instance_name,
             "pos": position.encode(),
         }
+        args: list[str | int] = [
+            json.dumps(change, separators=(",", ":")),
+            self.qid_ttl_s,
+            self.trace.ttl_s,
+            self.trace.max_entries,
+        ]
         with redis_errors("commit log events"):
-            self._commit_script(keys=keys, args=[json.dumps(change, separators=(",", ":")), self.qid_ttl_s])
+            self._commit_script(keys=keys, args=args)
         for event in effects.events:
             log.info(
                 "%s %s uuid=%s status=%s%s",

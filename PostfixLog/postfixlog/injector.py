@@ -1,8 +1,10 @@
 """Hand ``INCOMING-TO-POSTFIX`` entries to the local Postfix over SMTP.
 
 Consumes ``INCOMING-TO-POSTFIX`` (group ``postfixlog``, :class:`common.payloads.OutboundMail`);
-produces ``bounce`` events on ``EVENT_QUEUE`` for recipients Postfix itself refuses (5xx), and
-``error`` events with entries it dead-letters.
+produces ``bounce`` events on ``EVENT_QUEUE`` for recipients Postfix itself refuses (5xx),
+``error`` events with entries it dead-letters, and the ``injected`` (with Postfix' queue id) and
+``refused`` entries of the message's timeline (``IB:trace:<uuid>``), written with the entry's
+acknowledgement.
 
 Each recipient is one SMTP transaction (MAIL FROM = the return path, ``NOTIFY=NEVER``,
 ``ENVID=<uuid>``, ``XFORWARD IDENT=<token>``) on one of ``connections`` reusable, pipelining
@@ -39,11 +41,13 @@ from typing import Any, Protocol
 
 import redis
 
+from common import trace
 from common.bounces import classify
 from common.errors import PermanentError, TemporaryError
 from common.events import Event, error_event, make_event_id
 from common.payloads import OutboundMail
-from common.queue import Entry, Output, redis_errors
+from common.queue import Entry, Output, Write, redis_errors
+from common.trace import DISABLED, TraceSettings
 from common.worker import Done, Fail, Outcome, Retry
 from postfixlog import records
 from postfixlog.records import Delivery, Progress
@@ -132,6 +136,7 @@ class Injector:
         timeout_s: float = 60.0,
         local_hostname: str = "postfixlog.localhost",
         metrics: InjectorMetrics | None = None,
+        trace_settings: TraceSettings = DISABLED,
     ) -> None:
         self.redis: Any = client
         self.host = host
@@ -142,6 +147,7 @@ class Injector:
         self.timeout_s = timeout_s
         self.local_hostname = local_hostname
         self.metrics: InjectorMetrics = metrics or NoMetrics()
+        self.trace = trace_settings
         self._pool = SmtpPool(host, port, size=connections, local_hostname=local_hostname, timeout_s=timeout_s)
         #: Progress Redis did not take yet (entry id -> recipient -> encoded Progress).
         self._unsaved: dict[str, dict[str, str]] = {}
@@ -389,7 +395,10 @@ class Injector:
         tokens = [job.token for job in state.jobs] + state.earlier_tokens
         self._completed.append((state.entry.queue, state.entry.id, tokens))
         log.debug("uuid=%s handed to Postfix: %s", state.mail.uuid, state.accepted)
-        return Done([Output(self.event_queue, e.to_fields()) for e in self._refusal_events(state)])
+        steps = [trace.entry("injected", recipient=r, queue_id=q) for r, q in sorted(state.accepted.items())]
+        steps += [trace.entry("refused", recipient=r, reply=reply) for r, reply in sorted(state.refused.items())]
+        events: list[Write] = [Output(self.event_queue, e.to_fields()) for e in self._refusal_events(state)]
+        return Done([*events, *trace.append(self.trace, state.mail.uuid, *steps)])
 
     def _refusal_events(self, state: _EntryState) -> list[Event]:
         events = []

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from common import trace
 from common.bounces import BounceType, classify
 from common.events import Event, EventKind, make_event_id
 from postfixlog.logparser import Line
@@ -47,6 +48,8 @@ class Effects:
     tx_updates: dict[str, dict[str, str]] = field(default_factory=dict)
     qid_deletes: set[str] = field(default_factory=set)
     counts: Counter[str] = field(default_factory=Counter)
+    #: Timeline entries (uuid, JSON) of the delivery attempts seen (:mod:`common.trace`).
+    traces: list[tuple[str, str]] = field(default_factory=list)
 
     def update_qid(self, queue_id: str, fields: Mapping[str, str]) -> None:
         """Add fields to write into a queue id's record."""
@@ -154,6 +157,7 @@ class Interpreter:
             if delivery.accepted and not delivery.final and line.program.endswith("qmgr"):
                 effects.events.append(self._inferred(line, qid, delivery))
                 effects.counts["event:delivered-inferred"] += 1
+                effects.traces.append((delivery.uuid, _attempt(qid, delivery, "sent", line, inferred=True)))
             effects.qid_deletes.add(qid)
             effects.qid_updates.pop(qid, None)
             return None
@@ -163,6 +167,8 @@ class Interpreter:
             return delivery
         effects.events.append(event)
         effects.counts[f"event:{event.event}"] += 1
+        status = "expired" if line.kind == "expired" or line.status == "expired" else line.status or ""
+        effects.traces.append((delivery.uuid, _attempt(qid, delivery, status, line)))
         if event.event != "deferred":
             effects.update_qid(qid, {"fin": "1"})
             return replace(delivery, final=True)
@@ -227,6 +233,27 @@ class Interpreter:
             classification=verdict.classification,
             suppress=False,
         )
+
+
+def _attempt(qid: str, delivery: Delivery, status: str, line: Line, *, inferred: bool = False) -> str:
+    """The timeline entry of one status line."""
+    if inferred:
+        return trace.entry(
+            "attempt",
+            recipient=delivery.recipient,
+            queue_id=qid,
+            status=status,
+            reply="status line lost; Postfix removed the message after delivering it",
+        )
+    return trace.entry(
+        "attempt",
+        recipient=delivery.recipient,
+        queue_id=qid,
+        status=status,
+        relay=line.relay,
+        dsn=line.dsn,
+        reply=line.text or None,
+    )
 
 
 def _event(

@@ -86,7 +86,9 @@ return 1
 #: The log follower's commit for one chunk of lines, atomic with the new position.
 #: KEYS event queue, position hash, then the records named in ARGV[1] (JSON: "link" token ->
 #: queue id, written only into injection records that still exist; "set" record -> fields;
-#: "del" records; "events" event JSON strings; "pos" position) by their index in KEYS.
+#: "del" records; "events" event JSON strings; "traces" [timeline key, entry] appended to the
+#: messages' timelines (ARGV[3] their TTL, ARGV[4] their length cap); "pos" position) by their
+#: index in KEYS.
 COMMIT_SCRIPT: Final = """
 local c = cjson.decode(ARGV[1])
 local ttl = ARGV[2]
@@ -101,6 +103,12 @@ for _, set in ipairs(c.set) do
 end
 for _, index in ipairs(c.del) do redis.call('DEL', KEYS[index]) end
 for _, event in ipairs(c.events) do redis.call('XADD', KEYS[1], '*', 'data', event) end
+for _, step in ipairs(c.traces) do
+  local key = KEYS[step[1]]
+  redis.call('RPUSH', key, step[2])
+  redis.call('LTRIM', key, -tonumber(ARGV[4]), -1)
+  redis.call('EXPIRE', key, ARGV[3])
+end
 redis.call('HSET', KEYS[2], c.instance, c.pos)
 return #c.events
 """

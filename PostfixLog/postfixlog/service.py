@@ -32,6 +32,7 @@ from common.metrics import Health
 from common.queue import Consumer, Queues, QueueSettings, connect, consumer_name, redis_errors
 from common.retry import DEPENDENCY
 from common.service import Context
+from common.trace import TraceSettings
 from common.worker import Worker, WorkerMetrics
 from postfixlog import records
 from postfixlog.follower import LogFollower, LogReader
@@ -139,6 +140,7 @@ class PostfixLogService:
         self.event_queue = config.global_.backdata.queue_name
         lifetime = section.string_replacer.main_cf.get("maximal_queue_lifetime", "12h")
         qid_ttl = records.qid_ttl_s(lifetime)
+        trace_settings = TraceSettings.from_config(config)
         self.metrics = PostfixLogMetrics(registry, self.instance.queue_counts)
         self.follower = LogFollower(
             LogReader(self.instance.log_path),
@@ -149,6 +151,7 @@ class PostfixLogService:
             metrics=self.metrics,
             rotate=self.instance.rotate_log,
             rotate_bytes=section.log_rotate_bytes,
+            trace_settings=trace_settings,
         )
         self.requeuer = Requeuer(self.instance, self.redis, incoming_queue=self.incoming)
         self.injector = Injector(
@@ -161,6 +164,7 @@ class PostfixLogService:
             connections=section.postfix.connections,
             timeout_s=section.postfix.timeout_seconds,
             metrics=self.metrics,
+            trace_settings=trace_settings,
         )
         queues = Queues(self.redis, QueueSettings.from_config(config.global_))
         # Batches of several rounds per connection: the sessions idle only between batches.

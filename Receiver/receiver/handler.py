@@ -1,7 +1,8 @@
 """The aiosmtpd handler: AUTH, envelope checks and the durable hand-off of each message.
 
 Produces ``IB-MAIL-QUEUE-P0`` (``X-Priority: 0``) and ``IB-MAIL-QUEUE-P1`` (the names of the
-global file) entries of type :class:`~common.payloads.SubmittedMail`; consumes nothing.
+global file) entries of type :class:`~common.payloads.SubmittedMail`, and the first entry of
+the message's timeline (``IB:trace:<uuid>``, same MULTI/EXEC); consumes nothing.
 
 A message gets ``250`` only after Redis has acknowledged the entry (with AOF
 ``appendfsync always`` that means it is on disk).  The bytes queued are the ones received
@@ -24,7 +25,7 @@ from typing import Any, Final
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, TLSSetupException
 
-from common import logs
+from common import logs, trace
 from common import smtpreplies as replies
 from common.authguard import AsyncLoginGuard, Attempt, Checked, Refused, seconds_text
 from common.config.base import SmtpAuthLockout
@@ -33,6 +34,7 @@ from common.payloads import SubmittedMail
 from common.queue import AsyncQueues
 from common.smtpserver import hook_names
 from common.submission import Rejection, accept
+from common.trace import TraceSettings
 from receiver.accounts import Accounts
 from receiver.metrics import ReceiverMetrics
 from receiver.protocol import SubmissionSession, SubmissionSMTP
@@ -68,6 +70,7 @@ class SubmissionHandler:
         is_configured_domain: Callable[[str], bool],
         metrics: ReceiverMetrics,
         max_auth_failures_per_session: int,
+        trace_settings: TraceSettings = trace.DISABLED,
     ) -> None:
         self.accounts = accounts
         self.guard = guard
@@ -77,6 +80,7 @@ class SubmissionHandler:
         self.is_configured_domain = is_configured_domain
         self.metrics = metrics
         self.max_auth_failures_per_session = max_auth_failures_per_session
+        self.trace = trace_settings
 
     def __dir__(self) -> list[str]:
         """Only the hooks aiosmtpd scans for on every connection (see ``SubmissionSMTP.__dir__``)."""
@@ -205,7 +209,12 @@ class SubmissionHandler:
         )
         started = time.perf_counter()
         try:
-            entry_id = await self.queues.enqueue(queue, mail.to_fields())
+            step = trace.entry(
+                "accepted", door="smtp", queue=queue, bytes=len(raw), recipients=len(submission.recipients)
+            )
+            entry_id = await self.queues.enqueue(
+                queue, mail.to_fields(), with_writes=trace.append(self.trace, submission.uuid, step)
+            )
         except QueueFullError as exc:
             self._temporary("queue-full", submission.uuid, queue, exc)
             return replies.QUEUE_FULL

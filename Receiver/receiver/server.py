@@ -24,6 +24,7 @@ from common.config import Config
 from common.lifecycle import Stopper
 from common.queue import AsyncQueues, QueueSettings, connect_async
 from common.smtpserver import Limits, Sessions
+from common.trace import TraceSettings
 from receiver.accounts import Accounts
 from receiver.handler import QueueNames, SubmissionHandler
 from receiver.metrics import ReceiverMetrics
@@ -96,6 +97,7 @@ class ReceiverProcess:
             is_configured_domain=lambda domain: transformer.domain(domain) is not None,
             metrics=self.metrics,
             max_auth_failures_per_session=MAX_AUTH_FAILURES_PER_SESSION,
+            trace_settings=TraceSettings.from_config(self.config),
         )
         sessions = Sessions(
             self.limits,

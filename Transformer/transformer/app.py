@@ -1,8 +1,10 @@
 """Wiring: configuration -> Redis, keys, handler, consumer, worker loop.
 
 Consumes ``reliable-queue.queue-names.primary-queue`` then ``default-queue`` (consumer group
-``transformer``); produces ``postfix.incoming-queue-name`` and, for unprocessable messages,
-``backdata.queue-name``.  One process uses one core; scale with more processes (replicas).
+``transformer``); produces ``postfix.incoming-queue-name`` and, for unprocessable messages
+and suppressed recipients, ``backdata.queue-name``; reads the suppression list
+(``IB:suppr:*``) and appends to the timelines (``IB:trace:<uuid>``).  One process uses one
+core; scale with more processes (replicas).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from common import binding, keys
 from common.addressing import wait_for_secret
 from common.queue import Consumer, Queues, QueueSettings, connect, consumer_name
 from common.service import Context
+from common.suppression import SuppressionList, SuppressionSettings
+from common.trace import TraceSettings
 from common.worker import Worker, WorkerMetrics
 from transformer.handler import SERVICE, TransformHandler
 from transformer.metrics import TransformerMetrics
@@ -60,6 +64,8 @@ class TransformerService:
                 outgoing_queue=config.global_.postfix.incoming_queue_name,
                 event_queue=config.global_.backdata.queue_name,
                 metrics=self.metrics,
+                suppression=SuppressionList(self.client, SuppressionSettings.from_config(config)),
+                trace_settings=TraceSettings.from_config(config),
             )
             log.info(
                 "transforming %s then %s into %s for %d domain(s)",

@@ -13,6 +13,10 @@ key) and prints, ready for a zone file:
 
 ``transformer-dkim records`` prints the same records for every domain of an existing
 configuration, from its key files.
+
+``transformer-dkim check`` looks the records up and compares them with the configuration (DKIM
+keys, SPF, DMARC and its alignment, MX, the HELO name's A and PTR): one line per check, OK, WARN
+or FAIL with the record to publish; exit status 1 when a check failed (:mod:`transformer.dnscheck`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from common.dkimkeys import (
     public_key_record,
 )
 from common.version import __version__
+from transformer import dnscheck
 
 TTL = 3600
 _TXT_CHUNK = 255
@@ -165,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--mx-host", help="host name of MxServer (default mxserver.<domain>)")
+    common.add_argument("--mx-host", help="host name of MxServer (default mxserver.<domain>; check: mxserver.hostname)")
     common.add_argument(
         "--sending-ip",
         action="append",
@@ -182,8 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output-dir", type=Path, default=Path("."), help="where to write the key files")
     gen.add_argument("--force", action="store_true", help="replace existing key files")
     rec = sub.add_parser("records", parents=[common], help="print the DNS records of a configuration")
-    rec.add_argument("--global-config-file", type=Path, default=None, help="default: as for every service")
-    rec.add_argument("--customer-config-file", type=Path, default=None, help="default: as for every service")
+    check = sub.add_parser(
+        "check", parents=[common], help="look the records up and compare them with the configuration"
+    )
+    check.add_argument(
+        "--helo-name", help="Postfix' HELO name (default: common-config.dns-check, then main-cf myhostname)"
+    )
+    check.add_argument("--nameserver", help="ask this DNS server (IP or IP:PORT) instead of the system's resolver")
+    check.add_argument("--dns-timeout", type=float, default=3.0, help="seconds to wait for each answer (default 3)")
+    for parser in (rec, check):
+        parser.add_argument("--global-config-file", type=Path, default=None, help="default: as for every service")
+        parser.add_argument("--customer-config-file", type=Path, default=None, help="default: as for every service")
     return p
 
 
@@ -201,7 +215,21 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     stream = out or sys.stdout
     if args.command == "generate":
         return _generate(args, stream)
+    if args.command == "check":
+        return _check(args, stream)
     return _records(args, stream)
+
+
+def _check(args: argparse.Namespace, out: TextIO) -> int:
+    config = cli.load(args, "transformer", check_only=False, announce=True)
+    targets = dnscheck.Targets.of(config, sending_ips=args.sending_ip, mx_host=args.mx_host, helo_name=args.helo_name)
+    checks = dnscheck.check_all(config, dnscheck.Dns(args.nameserver, timeout_s=args.dns_timeout), targets)
+    for check in checks:
+        out.write(check.line() + "\n")
+    failed = sum(1 for c in checks if c.level == "FAIL")
+    warned = sum(1 for c in checks if c.level == "WARN")
+    out.write(f"{len(checks)} checks: {failed} failed, {warned} warnings\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ part the beacon could not enter, an ignored config entry).
 (:mod:`transformer.wire`) had to re-encode so that no MTA after us changes a byte,
 ``mailer_transformer_smtputf8_total`` the messages that need SMTPUTF8 (a non-ASCII local part),
 ``mailer_transformer_customer_signatures_total{outcome="kept|removed"}`` the customers' own
-DKIM-Signatures (:mod:`transformer.customersig`).
+DKIM-Signatures (:mod:`transformer.customersig`), ``mailer_transformer_suppressed_total{reason}``
+the recipients not sent to because of the suppression list (:mod:`common.suppression`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class TransformerMetrics:
             "mailer_transformer_customer_signatures",
             "The sender's own DKIM-Signatures: kept (nothing they cover changed) or removed",
             ["outcome"],
+            registry=registry,
+        )
+        self.suppressed = Counter(
+            "mailer_transformer_suppressed",
+            "Recipients not sent to: on the suppression list (a suppressed event instead)",
+            ["reason"],
             registry=registry,
         )
         self.signing_seconds = Histogram(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import Header
@@ -82,7 +82,7 @@ class Unprocessable(PermanentError):
 
 @dataclass(frozen=True)
 class Transformed:
-    """The signed copies of a message (one per recipient) and what happened on the way."""
+    """The signed copies of a message (one per recipient sent to) and what happened on the way."""
 
     mails: tuple[OutboundMail, ...]
     record: HashWrite
@@ -91,11 +91,34 @@ class Transformed:
     sign_seconds: float
     wire_form: wire.WireReport = field(default_factory=wire.WireReport)
     customer_signatures: tuple[customersig.Verdict, ...] = ()
+    uuid: str = ""
+    stream_id: str | None = None
+    from_domain: str = ""
 
     @property
     def mail(self) -> OutboundMail:
-        """The first recipient's copy."""
+        """The first recipient's copy (there is none when every recipient was suppressed).
+
+        Raises:
+            IndexError: no copy was made.
+        """
         return self.mails[0]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A parsed and edited message before its per-recipient copies are signed."""
+
+    submitted: SubmittedMail
+    msg: RawMessage
+    as_sent: customersig.Snapshot
+    profile: DomainProfile
+    uuid: str
+    stream_id: str | None
+    recipients: tuple[str, ...]
+    warnings: tuple[str, ...]
+    beacons: int
+    wire_form: wire.WireReport
 
 
 class MessageTransformer:
@@ -123,7 +146,15 @@ class MessageTransformer:
         self._removed = frozenset(removed)
 
     def transform(self, submitted: SubmittedMail) -> Transformed:
-        """Transform and sign one message.
+        """Transform and sign one message: a copy for every recipient.
+
+        Raises:
+            Unprocessable: see :meth:`prepare`.
+        """
+        return self.sign(self.prepare(submitted))
+
+    def prepare(self, submitted: SubmittedMail) -> Prepared:
+        """Every step but the per-recipient copies (so the caller can check its recipients first).
 
         Raises:
             Unprocessable: the message cannot be parsed, has no usable X-Uuid, From address,
@@ -159,17 +190,38 @@ class MessageTransformer:
             report = wire.make_wire_safe(msg)
         except wire.WireError as exc:
             raise Unprocessable(str(exc), uuid=uuid, stream_id=stream_id) from None
+        return Prepared(submitted, msg, as_sent, profile, uuid, stream_id, rcpts, tuple(warnings), beacons, report)
+
+    def sign(self, prepared: Prepared, skip: Container[str] = ()) -> Transformed:
+        """The signed copies of a prepared message, for every recipient not in ``skip``."""
+        msg, profile, uuid, stream_id = prepared.msg, prepared.profile, prepared.uuid, prepared.stream_id
+        rcpts = tuple(r for r in prepared.recipients if r not in skip)
         started = time.perf_counter()
-        body_hash = profile.signer.body_hash(msg.body)
-        meta = {"priority": str(submitted.priority), **({"smtputf8": "yes"} if report.smtputf8 else {})}
-        copies = [
-            self._copy(msg, as_sent, profile, uuid, stream_id, rcpt, body_hash, submitted, meta) for rcpt in rcpts
-        ]
+        copies = []
+        if rcpts:
+            body_hash = profile.signer.body_hash(msg.body)
+            report = prepared.wire_form
+            meta = {"priority": str(prepared.submitted.priority), **({"smtputf8": "yes"} if report.smtputf8 else {})}
+            copies = [
+                self._copy(msg, prepared.as_sent, profile, uuid, stream_id, rcpt, body_hash, prepared.submitted, meta)
+                for rcpt in rcpts
+            ]
         sign_seconds = time.perf_counter() - started
         record = binding.record_write(uuid, rcpts, stream_id, profile.domain, self.binding_ttl_s)
         mails = tuple(mail for mail, _ in copies)
-        verdicts = copies[0][1]  # the same for every copy: they differ only in headers we write
-        return Transformed(mails, record, tuple(warnings), beacons, sign_seconds, report, verdicts)
+        verdicts = copies[0][1] if copies else ()  # the same for every copy: they differ only in headers we write
+        return Transformed(
+            mails,
+            record,
+            prepared.warnings,
+            prepared.beacons,
+            sign_seconds,
+            prepared.wire_form,
+            verdicts,
+            uuid=uuid,
+            stream_id=stream_id,
+            from_domain=profile.domain,
+        )
 
     def _copy(
         self,

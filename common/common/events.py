@@ -3,7 +3,12 @@
 Shape (DESIGN §5): the original's fields -- ``event``, ``uuid``, ``timestamp``, ``ip``,
 ``reason``, ``type`` (hard|soft|unroutable|autoreply), ``email`` (spam-report), ``msg`` and
 ``service`` (error) -- plus ``event_id``, ``recipient``, ``stream_id``, ``status`` (enhanced
-status code), ``classification`` (see :mod:`common.bounces`) and ``suppress``.
+status code), ``classification`` (see :mod:`common.bounces`) and ``suppress``; ``suppressed``
+(the Transformer did not send to a recipient on the suppression list, :mod:`common.suppression`)
+carries ``reason`` (the list's reason), ``since`` and ``scope``.
+
+Every field of every type is published as a JSON Schema (``common/common/contracts/``); the
+tests hold every event the stack produces to it.
 
 ``fd`` (the From domain) is internal: BackData uses it for the bounce manager and strips it,
 with every other name in :data:`INTERNAL_FIELDS`, before posting.
@@ -19,18 +24,22 @@ import time
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from common.bounces import BounceType
 from common.errors import PermanentError
 
-EventKind = Literal["delivered", "bounce", "deferred", "unsubscribe", "spam-report", "error"]
+EventKind = Literal["delivered", "bounce", "deferred", "unsubscribe", "spam-report", "error", "suppressed"]
 EVENT_KINDS: Final[frozenset[str]] = frozenset(
-    ("delivered", "bounce", "deferred", "unsubscribe", "spam-report", "error")
+    ("delivered", "bounce", "deferred", "unsubscribe", "spam-report", "error", "suppressed")
 )
 
 #: Fields that never reach the customer.
 INTERNAL_FIELDS: Final = frozenset(("fd", "rcpt"))
+
+#: The published JSON Schema of every event type (one ``oneOf`` over ``$defs.<type>``).
+SCHEMA_PATH: Final = Path(__file__).with_name("contracts") / "events.schema.json"
 
 
 def make_event_id(*parts: str) -> str:

@@ -32,6 +32,20 @@ Other keys::
   IB:backdata:bounce-manager                 STREAM  BackData: records for the bounce manager (group backdata)
   IB:backdata:bounce-manager:dead            STREAM  BackData: bounce-manager records past max-age
   IB:redis:last-backup                       STRING  Redis sidecar: time of the last periodic/manual backup
+  IB:suppr:<reason>:<scope>:<address>        STRING  suppression entry (JSON; TTL retention of the reason;
+                                                     common.suppression): written by BackData (from
+                                                     events), HttpReceiver and mailer-suppressions (API,
+                                                     CLI); read by the Transformer (MGET per batch),
+                                                     HttpReceiver and mailer-suppressions (SCAN, GET, DEL)
+  IB:suppr-fed:<event id>                    STRING  BackData: this event already fed the list (TTL
+                                                     backdata.max-age-seconds + 1 day)
+  IB:trace:<uuid>                            LIST    timeline of one message (JSON entries; TTL
+                                                     common-config.trace.retention-days; common.trace):
+                                                     appended by Receiver, HttpReceiver, Transformer,
+                                                     PostfixLog (injector, log follower) and BackData in
+                                                     the transactions that move the message; read by
+                                                     HttpReceiver (GET /v1/messages/<uuid>) and
+                                                     mailer-queue trace
 """
 
 from __future__ import annotations
@@ -67,6 +81,25 @@ def sent_record(uuid: str) -> str:
 
 #: BackData's feed of the customer's bounce manager (a stream with group ``backdata``).
 BOUNCE_MANAGER_STREAM: Final = service_key("backdata", "bounce-manager")
+
+
+#: Prefix of suppression entries (:mod:`common.suppression`).
+SUPPRESSION_PREFIX: Final = f"{PREFIX}:suppr:"
+
+
+def suppression(reason: str, scope: str, address: str) -> str:
+    """One suppression entry: an address of a scope (From domain or stream id), for one reason."""
+    return f"{SUPPRESSION_PREFIX}{reason}:{scope}:{address}"
+
+
+def suppression_fed(event_id: str) -> str:
+    """Marker: the event ``event_id`` has fed the suppression list (it feeds it once)."""
+    return f"{PREFIX}:suppr-fed:{event_id}"
+
+
+def trace(uuid: str) -> str:
+    """The timeline of the message ``uuid`` (:mod:`common.trace`)."""
+    return f"{PREFIX}:trace:{uuid}"
 
 
 def heartbeat(service: str, consumer: str) -> str:

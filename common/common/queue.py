@@ -142,8 +142,29 @@ class HashWrite:
             pipe.expire(self.key, self.ttl_s)
 
 
+@dataclass(frozen=True)
+class ListAppend:
+    """Values to append to a bounded, expiring list when an input is completed.
+
+    RPUSH, LTRIM to the newest ``max_length`` values, EXPIRE: the per-message timeline of
+    :mod:`common.trace`, written in the transaction that moves the message.
+    """
+
+    key: str
+    values: Sequence[str]
+    max_length: int
+    ttl_s: int
+
+    def write(self, pipe: Any) -> None:
+        """Queue the RPUSH, LTRIM and EXPIRE on a MULTI/EXEC pipeline."""
+        if self.values:
+            pipe.rpush(self.key, *self.values)
+            pipe.ltrim(self.key, -self.max_length, -1)
+            pipe.expire(self.key, self.ttl_s)
+
+
 #: What a completed (or dead-lettered) entry writes, atomically with its acknowledgement.
-Write = Output | HashWrite
+Write = Output | HashWrite | ListAppend
 
 
 @dataclass(frozen=True)
@@ -358,16 +379,18 @@ class Queues:
         self.settings = settings
         self._limit = _Limit(settings.max_length)
 
-    def enqueue(self, queue: str, fields: Fields, *, limit: bool = True) -> str:
-        """Add one entry; returns its id.
+    def enqueue(self, queue: str, fields: Fields, *, limit: bool = True, with_writes: Sequence[Write] = ()) -> str:
+        """Add one entry (and ``with_writes``, e.g. its trace entry, in the same MULTI/EXEC); returns its id.
 
         Raises:
             QueueFullError: the queue is at its length limit.
             QueueUnavailableError: Redis is down or refused the write.
         """
-        return self.enqueue_many(queue, [fields], limit=limit)[0]
+        return self.enqueue_many(queue, [fields], limit=limit, with_writes=with_writes)[0]
 
-    def enqueue_many(self, queue: str, batch: Sequence[Fields], *, limit: bool = True) -> list[str]:
+    def enqueue_many(
+        self, queue: str, batch: Sequence[Fields], *, limit: bool = True, with_writes: Sequence[Write] = ()
+    ) -> list[str]:
         """Add entries in one round trip (all or nothing); returns their ids.
 
         Raises:
@@ -384,10 +407,12 @@ class Queues:
             pipe.xlen(queue)
             for fields in batch:
                 pipe.xadd(queue, dict(fields))
+            for write in with_writes:
+                write.write(pipe)
             reply = pipe.execute()
         if limit:
             self._limit.update(queue, int(reply[0]), len(batch))
-        return [_decode_id(i) for i in reply[1:]]
+        return [_decode_id(i) for i in reply[1 : len(batch) + 1]]
 
     def ensure_group(self, queue: str, group: str) -> None:
         """Create the stream and its consumer group if they do not exist."""
@@ -477,11 +502,15 @@ class AsyncQueues:
         self.settings = settings
         self._limit = _Limit(settings.max_length)
 
-    async def enqueue(self, queue: str, fields: Fields, *, limit: bool = True) -> str:
+    async def enqueue(
+        self, queue: str, fields: Fields, *, limit: bool = True, with_writes: Sequence[Write] = ()
+    ) -> str:
         """Add one entry; see :meth:`Queues.enqueue`."""
-        return (await self.enqueue_many(queue, [fields], limit=limit))[0]
+        return (await self.enqueue_many(queue, [fields], limit=limit, with_writes=with_writes))[0]
 
-    async def enqueue_many(self, queue: str, batch: Sequence[Fields], *, limit: bool = True) -> list[str]:
+    async def enqueue_many(
+        self, queue: str, batch: Sequence[Fields], *, limit: bool = True, with_writes: Sequence[Write] = ()
+    ) -> list[str]:
         """Add entries in one round trip (all or nothing); see :meth:`Queues.enqueue_many`."""
         if not batch:
             return []
@@ -493,10 +522,12 @@ class AsyncQueues:
             pipe.xlen(queue)
             for fields in batch:
                 pipe.xadd(queue, dict(fields))  # type: ignore[arg-type]
+            for write in with_writes:
+                write.write(pipe)
             reply = await pipe.execute()
         if limit:
             self._limit.update(queue, int(reply[0]), len(batch))
-        return [_decode_id(i) for i in reply[1:]]
+        return [_decode_id(i) for i in reply[1 : len(batch) + 1]]
 
     async def ping(self) -> bool:
         """True when Redis answers."""

@@ -7,6 +7,9 @@ Commands::
   mailer-queue replay QUEUE [--id ID]… [--count N]
                                               move dead letters back to their queue
   mailer-queue purge QUEUE --older-than AGE   delete dead letters older than AGE (e.g. 30d, 12h)
+  mailer-queue trace UUID [--json]            the timeline of one message (common.trace): which
+                                              door took it, its copies, Postfix' queue ids, every
+                                              delivery attempt and webhook answer
 
 QUEUE is a configured queue name (``IB-MAIL-QUEUE-P0``, ``IB-MAIL-QUEUE-P1``,
 ``INCOMING-TO-POSTFIX``, ``EVENT_QUEUE`` by default) or ``bounce-manager`` (BackData's feed of
@@ -19,12 +22,15 @@ checkout running ``./mailer up`` it needs no flags) and says on stderr which one
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
 from collections.abc import Mapping
 
-from common import cli, keys, logs
+import redis
+
+from common import cli, keys, logs, trace
 from common.config import Config
 from common.errors import TemporaryError
 from common.queue import Entry, Queues, QueueSettings, connect
@@ -73,16 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     purge = sub.add_parser("purge", help="delete dead letters older than an age")
     purge.add_argument("queue", help="a configured queue name, or bounce-manager")
     purge.add_argument("--older-than", type=age_seconds, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m")
+    traced = sub.add_parser("trace", help="the timeline of one message")
+    traced.add_argument("uuid", help="the X-Uuid of the message")
+    traced.add_argument("--json", action="store_true", help="the JSON of GET /v1/messages/<uuid>")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``mailer-queue``: 0 done, 1 some ``--id`` not found, 2 usage/config, 3 Redis down."""
+    """Entry point of ``mailer-queue``: 0 done, 1 an ``--id`` or traced uuid not found, 2 usage/config, 3 no Redis."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config = cli.load(args, PROGRAM, announce=True)
     logs.setup(PROGRAM, args.log_level or "WARNING")
     known = known_queues(config)
+    if args.command == "trace":
+        return _trace(args, config)
     if args.command != "stats" and args.queue not in known:
         sys.stderr.write(f"{PROGRAM}: unknown queue {args.queue!r}; known queues: {', '.join(known)}\n")
         return 2
@@ -120,6 +131,31 @@ def _run(args: argparse.Namespace, queues: Queues, known: Mapping[str, tuple[str
     if ids and moved < len(ids):
         sys.stderr.write(f"{PROGRAM}: {len(ids) - moved} of the given ids are not in {keys.dead_letter(stream)}\n")
         return 1
+    return 0
+
+
+def _trace(args: argparse.Namespace, config: Config) -> int:
+    """``trace UUID``: 0 found, 1 unknown uuid, 3 Redis down."""
+    settings = trace.TraceSettings.from_config(config)
+    client = connect(config.redis_for("redis"), client_name=PROGRAM)
+    try:
+        entries = trace.read(client, args.uuid)
+    except redis.exceptions.RedisError as exc:
+        sys.stderr.write(f"{PROGRAM}: Redis unavailable: {exc}\n")
+        return 3
+    finally:
+        client.close()
+    if not entries:
+        sys.stderr.write(
+            f"{PROGRAM}: no message with uuid {args.uuid} is known (never submitted, or its timeline expired: "
+            f"common-config.trace.retention-days = {settings.ttl_s / 86400:g})\n"
+        )
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(trace.timeline(args.uuid, entries, settings), ensure_ascii=False) + "\n")
+    else:
+        for item in entries:
+            sys.stdout.write(trace.format_line(item) + "\n")
     return 0
 
 

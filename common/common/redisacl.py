@@ -15,15 +15,17 @@ user of its own logs in as the default user, with every right: :func:`user_lines
 =============  ====================================================================
 service        keys
 =============  ====================================================================
-receiver       P0, P1 (XADD, XLEN); ``IB:receiver:*`` (login guard, Lua)
+receiver       P0, P1 (XADD, XLEN); ``IB:receiver:*`` (login guard, Lua); ``IB:trace:*``
 httpreceiver   P0, P1, EVENT_QUEUE; ``IB:httpreceiver:*``; ``IB:sent:*`` (read);
-               ``IB:address-secret``
+               ``IB:address-secret``; ``IB:trace:*``; ``IB:suppr:*`` (the API)
 transformer    P0, P1 (+ their ``:dead``) as consumer; INCOMING-TO-POSTFIX,
-               EVENT_QUEUE (XADD); ``IB:sent:*`` (write); ``IB:address-secret``
+               EVENT_QUEUE (XADD); ``IB:sent:*`` (write); ``IB:address-secret``;
+               ``IB:suppr:*`` (MGET); ``IB:trace:*``
 postfixlog     INCOMING-TO-POSTFIX (+ ``:dead``) as consumer and for requeueing;
-               EVENT_QUEUE; ``IB:postfixlog:*``
+               EVENT_QUEUE; ``IB:postfixlog:*``; ``IB:trace:*``
 mxserver       EVENT_QUEUE; ``IB:sent:*`` (read); ``IB:address-secret``; ``IB:mxserver:*``
-backdata       EVENT_QUEUE (+ ``:dead``) as consumer; ``IB:backdata:*``
+backdata       EVENT_QUEUE (+ ``:dead``) as consumer; ``IB:backdata:*``; ``IB:suppr:*``,
+               ``IB:suppr-fed:*`` (feeding the list, Lua); ``IB:trace:*``
 =============  ====================================================================
 """
 
@@ -68,14 +70,20 @@ SCRIPTS: Final = frozenset({"eval", "evalsha", "script|load", "script|exists"})
 STRINGS: Final = frozenset({"get", "set", "incr", "decr", "del", "exists", "expire", "pexpire", "pttl", "ttl"})
 HASHES: Final = frozenset({"hget", "hgetall", "hset", "hdel", "hexists", "del", "exists", "expire"})
 
+#: A message's timeline (common.trace): appended, trimmed, expired with the hand-off.
+TRACE_WRITE: Final = frozenset({"rpush", "ltrim", "expire"})
+#: The suppression list (common.suppression): checked in bulk; managed over the API.
+SUPPRESSION_READ: Final = frozenset({"mget", "ttl"})
+SUPPRESSION_ADMIN: Final = SUPPRESSION_READ | {"scan", "set", "del"}
+
 #: The commands of each service.
 GRANTS: Final[Mapping[str, frozenset[str]]] = {
-    "receiver": CONNECTION | PRODUCER | SCRIPTS | STRINGS,
-    "httpreceiver": CONNECTION | PRODUCER | SCRIPTS | STRINGS | {"hgetall"},
-    "transformer": CONNECTION | CONSUMER | SCRIPTS | STRINGS | {"hset"},
-    "postfixlog": CONNECTION | CONSUMER | SCRIPTS | STRINGS | HASHES,
+    "receiver": CONNECTION | PRODUCER | SCRIPTS | STRINGS | TRACE_WRITE,
+    "httpreceiver": CONNECTION | PRODUCER | SCRIPTS | STRINGS | TRACE_WRITE | SUPPRESSION_ADMIN | {"hgetall", "lrange"},
+    "transformer": CONNECTION | CONSUMER | SCRIPTS | STRINGS | TRACE_WRITE | SUPPRESSION_READ | {"hset"},
+    "postfixlog": CONNECTION | CONSUMER | SCRIPTS | STRINGS | HASHES | TRACE_WRITE,
     "mxserver": CONNECTION | PRODUCER | SCRIPTS | STRINGS | {"hgetall"},
-    "backdata": CONNECTION | CONSUMER | SCRIPTS | STRINGS,
+    "backdata": CONNECTION | CONSUMER | SCRIPTS | STRINGS | TRACE_WRITE,
 }
 
 
@@ -100,13 +108,15 @@ def key_patterns(config: Config, service: str) -> list[str]:
         "backdata": [events, keys.dead_letter(events)],
     }
     own, sent = keys.service_key(service, "*"), keys.sent_record("*")
+    trace, suppressed = keys.trace("*"), glob_escape(keys.SUPPRESSION_PREFIX) + "*"
+    fed = glob_escape(keys.suppression_fed("")) + "*"
     globs: dict[str, list[str]] = {
-        "receiver": [own],
-        "httpreceiver": [own, sent],
-        "transformer": [sent],
-        "postfixlog": [own],
+        "receiver": [own, trace],
+        "httpreceiver": [own, sent, trace, suppressed],
+        "transformer": [sent, trace, suppressed],
+        "postfixlog": [own, trace],
         "mxserver": [own, sent],
-        "backdata": [own],
+        "backdata": [own, trace, suppressed, fed],
     }
     return [glob_escape(name) for name in literal[service]] + globs[service]
 

@@ -269,7 +269,7 @@ class Stack:
         self.echo(f"SMTP sink (the internet) on 127.0.0.1:{self.ports['sink']}, mail in {self.sink_dir}")
         if seven_bit is not None:
             self.echo(f"SMTP sink without 8BITMIME/SMTPUTF8 on 127.0.0.1:{seven_bit}")
-        self.webhook = WebhookReceiver("127.0.0.1", self.ports["webhook"], out=self.events_file).start()
+        self.webhook = WebhookReceiver("127.0.0.1", self.ports["webhook"], out=self.events_file, validate=True).start()
         self.echo(f"webhook receiver on {self.webhook.url}, events in {self.events_file}")
 
     def start_service(self, name: str, timeout_s: float = 60.0) -> None:

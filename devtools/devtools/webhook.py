@@ -6,6 +6,11 @@ and returns (status, headers, delay seconds).  Events of requests answered 2xx a
 (:attr:`WebhookReceiver.events`) and, with ``out``, appended to a JSON-lines file.  Status
 :data:`DROP` (0) closes the connection without any answer (a crashed or reset endpoint).
 
+With ``validate`` every recorded event is checked against the published event schema
+(:mod:`devtools.contracts`); what does not conform is logged and kept in
+:attr:`WebhookReceiver.violations` (the local stack and the end-to-end tests use this: an event
+with an undocumented field fails the tests).
+
 Run it alone: ``python -m devtools.webhook --listen 127.0.0.1:8099 --out run/events.jsonl``.
 """
 
@@ -50,12 +55,22 @@ def always_ok(_: Request) -> Reply:
     return 200, {}, 0.0
 
 
+@dataclass(frozen=True)
+class Violation:
+    """An event that does not conform to the published schema, and why."""
+
+    event: dict[str, Any]
+    problems: tuple[str, ...]
+
+
 @dataclass
 class _State:
     responder: Responder
     out: Path | None
+    validate: bool = False
     requests: list[Request] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -69,8 +84,9 @@ class WebhookReceiver:
         *,
         responder: Responder = always_ok,
         out: Path | None = None,
+        validate: bool = False,
     ) -> None:
-        self.state = _State(responder, out)
+        self.state = _State(responder, out, validate)
         self.httpd = ThreadingHTTPServer((host, port), _make_handler(self.state))
         self.httpd.daemon_threads = True
         self.host = host
@@ -87,6 +103,12 @@ class WebhookReceiver:
         """Events of accepted (2xx) requests, in arrival order."""
         with self.state.lock:
             return list(self.state.events)
+
+    @property
+    def violations(self) -> list[Violation]:
+        """Recorded events that do not conform to the event schema (with ``validate``)."""
+        with self.state.lock:
+            return list(self.state.violations)
 
     @property
     def requests(self) -> list[Request]:
@@ -165,8 +187,18 @@ def _record(state: _State, body: bytes) -> None:
         return
     if not isinstance(events, list):
         events = [events]
+    found = []
+    if state.validate:
+        from devtools.contracts import event_problems  # jsonschema only when asked for
+
+        for event in events:
+            problems = event_problems(event) if isinstance(event, dict) else ["not a JSON object"]
+            if problems:
+                log.warning("event does not conform to the event schema: %s", "; ".join(problems))
+                found.append(Violation(event if isinstance(event, dict) else {"value": event}, tuple(problems)))
     with state.lock:
         state.events.extend(events)
+        state.violations.extend(found)
         if state.out is not None:
             with state.out.open("a", encoding="utf-8") as f:
                 for event in events:

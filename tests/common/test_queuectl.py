@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common import cli, keys, queuectl
+from common import cli, keys, queuectl, suppressionctl, trace
 from common.config import Config
 from common.queue import Consumer, Queues, QueueSettings
 
@@ -97,3 +97,43 @@ def test_redis_down_is_a_clear_error(make_config, capsys: pytest.CaptureFixture[
     config = make_config({"common-config": {"redis": {"port": 1}}, "redis": {"reliable-queue": None}})
     assert queuectl.main(_args(config, "stats")) == 3
     assert "Redis unavailable" in capsys.readouterr().err
+
+
+def test_trace_prints_the_timeline_or_says_the_uuid_is_unknown(
+    make_config, queues: Queues, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config()
+    assert queuectl.main(_args(config, "trace", "nosuch")) == 1
+    assert "no message with uuid nosuch is known" in capsys.readouterr().err
+    pipe = queues.redis.pipeline()
+    trace.add_to(pipe, trace.TraceSettings(), "t1", trace.entry("injected", recipient="a@dest.test", queue_id="4AB"))
+    trace.add_to(pipe, trace.TraceSettings(), "t1", trace.entry("accepted", at=1, door="smtp"))
+    pipe.execute()
+    assert queuectl.main(_args(config, "trace", "t1")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "accepted" in lines[0] and "door=smtp" in lines[0]
+    assert "injected" in lines[1] and "queue_id=4AB" in lines[1]
+    assert queuectl.main(_args(config, "trace", "t1", "--json")) == 0
+    assert '"queue_id": "4AB"' in capsys.readouterr().out
+
+
+def test_mailer_suppressions_add_list_export_import_delete(
+    make_config, queues: Queues, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config()
+    assert suppressionctl.main(_args(config, "add", "example.test", "A@dest.test", "--reason", "unsubscribe")) == 0
+    assert "a@dest.test  unsubscribe" in capsys.readouterr().out
+    assert suppressionctl.main(_args(config, "get", "example.test", "a@dest.test")) == 0
+    assert "enforced" in capsys.readouterr().out
+    assert suppressionctl.main(_args(config, "export", "--format", "csv")) == 0
+    exported = capsys.readouterr().out
+    assert exported.startswith("scope,address,reason,first,last,event_id,uuid,count\nexample.test,a@dest.test")
+    assert suppressionctl.main(_args(config, "delete", "example.test", "a@dest.test")) == 0
+    assert suppressionctl.main(_args(config, "get", "example.test", "a@dest.test")) == 1
+    rows = tmp_path / "rows.csv"
+    rows.write_text(exported + "example.test,not-an-address,manual,,,,,\n")
+    assert suppressionctl.main(_args(config, "import", str(rows))) == 1  # one row rejected
+    captured = capsys.readouterr()
+    assert "imported 1 entries, rejected 1 rows" in captured.out and "line 3" in captured.err
+    assert suppressionctl.main(_args(config, "list", "--json", "--reason", "unsubscribe")) == 0
+    assert '"address": "a@dest.test"' in capsys.readouterr().out

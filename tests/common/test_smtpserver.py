@@ -222,3 +222,12 @@ def test_many_messages_in_one_session(start) -> None:
             assert reply[:1] in (b"2", b"3"), reply
         sock.sendall(b"Subject: x\r\n\r\nbody\r\n.\r\n")
         assert line(sock).startswith(b"250")
+
+
+def test_every_command_without_its_own_budget_gets_the_large_one() -> None:
+    # aiosmtpd looks the default up with .get("*", 20): MAIL, RCPT and DATA must not stop at 20.
+    from common.smtpserver import OTHER_COMMAND_BUDGET, call_limits
+
+    limits = call_limits()
+    assert limits.get("*", 20) == OTHER_COMMAND_BUDGET
+    assert limits["NOOP"] == 50 and limits["MAIL"] == OTHER_COMMAND_BUDGET

@@ -1,4 +1,10 @@
-"""One running local stack (real Redis, real Postfix, all seven services) for the e2e tests."""
+"""One running local stack (real Redis, real Postfix, all seven services) for the e2e tests.
+
+Every event the stack's webhook receives is held to the published event schema
+(``common/common/contracts/events.schema.json``): a test during which a non-conforming event
+arrived fails, naming the event and the problem, and the stack's teardown checks once more for
+events that arrived between tests.
+"""
 
 from __future__ import annotations
 
@@ -43,5 +49,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         finally:
             admin.close()
         assert denied == [], f"Redis refused commands of a service user: {denied}"
+        violations = stack.webhook.violations
+        assert not violations, f"events that do not conform to the event schema: {violations}"
     finally:
         stack.stop()
+
+
+@pytest.fixture(autouse=True)
+def events_conform(stack: Stack) -> Iterator[None]:
+    """Fail the test when an event that does not conform to the event schema arrives during it."""
+    before = len(stack.webhook.violations)
+    yield
+    new = stack.webhook.violations[before:]
+    assert not new, "events that do not conform to the event schema: " + "; ".join(
+        f"{v.event.get('event')} {v.event.get('uuid')}: {', '.join(v.problems)}" for v in new
+    )

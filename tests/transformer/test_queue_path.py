@@ -54,6 +54,9 @@ class Running:
     def metric(self, name: str) -> float:
         return self.registry.get_sample_value(name) or 0.0
 
+    def metric_labels(self, name: str, labels: dict[str, str]) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
     def stop(self) -> None:
         self.stopper.stop()
         self.thread.join(timeout=10)
@@ -171,14 +174,14 @@ def test_a_crashing_message_is_retried_then_dead_lettered_with_an_event(
     # with an error event, and the worker keeps serving the others.
     running.thread.start()
     handler = running.handler
-    original = handler.transformer.transform
+    original = handler.transformer.prepare
 
     def flaky(mail: SubmittedMail):
         if mail.uuid == "boom1":
             raise RuntimeError("simulated bug")
         return original(mail)
 
-    monkeypatch.setattr(handler.transformer, "transform", flaky)
+    monkeypatch.setattr(handler.transformer, "prepare", flaky)
     queues.enqueue(P1, _mail("boom1", 1).to_fields())
     wait_until(lambda: redis_client.xlen(keys.dead_letter(P1)) == 1, timeout_s=20, what="dead letter")
     (event,) = [decode_event(fields) for _, fields in redis_client.xrange(EVENTS)]

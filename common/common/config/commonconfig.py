@@ -40,6 +40,82 @@ class ObjectStorage(StrictModel):
         return self
 
 
+class ReasonPolicy(StrictModel):
+    """How one kind of suppression entry is enforced and how long it is kept."""
+
+    enforce: bool = Field(True, description="Refuse to send to an address with an entry of this reason.")
+    enforce_days: float | None = Field(
+        None,
+        gt=0,
+        description="Enforce only while the last such event is younger than this (null: as long as the entry is kept).",
+    )
+    retention_days: float = Field(
+        ..., gt=0, description="The entry expires this long after the last event that fed it (Redis key TTL)."
+    )
+
+    @model_validator(mode="after")
+    def _enforced_while_kept(self) -> ReasonPolicy:
+        if self.enforce_days is not None and self.enforce_days > self.retention_days:
+            raise ValueError("enforce-days cannot exceed retention-days (the entry is gone by then)")
+        return self
+
+
+class SuppressionReasons(StrictModel):
+    """Policy per reason (``common.suppression`` lists what feeds each one)."""
+
+    bounce: ReasonPolicy = Field(
+        default_factory=lambda: ReasonPolicy(enforce_days=30, retention_days=90),
+        description="Hard bounces whose address is dead (suppress: true).",
+    )
+    spam_report: ReasonPolicy = Field(
+        default_factory=lambda: ReasonPolicy(retention_days=3650), description="ARF complaints (spam-report events)."
+    )
+    unsubscribe: ReasonPolicy = Field(
+        default_factory=lambda: ReasonPolicy(retention_days=3650),
+        description="One-click and mailto unsubscribes (unsubscribe events).",
+    )
+    manual: ReasonPolicy = Field(
+        default_factory=lambda: ReasonPolicy(retention_days=3650),
+        description="Entries added over the API or with mailer-suppressions.",
+    )
+
+
+class Suppression(StrictModel):
+    """``common-config.suppression``: the list checked before signing (``common.suppression``)."""
+
+    enabled: bool = Field(True, description="Feed the list from events and enforce it in the Transformer.")
+    scope: Literal["domain", "stream"] = Field(
+        "domain",
+        description=(
+            "domain: one list per From domain; stream: one list per X-Stream-Id (a message without one uses "
+            "its From domain's list)."
+        ),
+    )
+    reasons: SuppressionReasons = Field(default_factory=SuppressionReasons)
+
+
+class Trace(StrictModel):
+    """``common-config.trace``: the per-message timeline (``common.trace``)."""
+
+    enabled: bool = Field(True, description="Record every stage of every message (GET /v1/messages/<uuid>).")
+    retention_days: float = Field(7.0, gt=0, description="A message's timeline expires this long after its last entry.")
+    max_entries: int = Field(200, ge=10, le=10_000, description="Newest entries kept per uuid (older are trimmed).")
+
+
+class DnsCheck(StrictModel):
+    """``common-config.dns-check``: what ``transformer-dkim check`` compares the DNS with."""
+
+    sending_ips: list[str] = Field(
+        default_factory=list, description="Public addresses Postfix sends from (SPF, HELO A/PTR)."
+    )
+    mx_host: str | None = Field(
+        None, description="Host name the return-path domains' MX must point at (default mxserver.hostname)."
+    )
+    helo_name: str | None = Field(
+        None, description="Postfix' HELO name (default postfixlog.string-replacer.main-cf.myhostname)."
+    )
+
+
 class CommonConfig(StrictModel):
     """``common-config``."""
 
@@ -54,6 +130,9 @@ class CommonConfig(StrictModel):
             "generated and kept in Redis if unset."
         ),
     )
+    suppression: Suppression = Field(default_factory=Suppression)
+    trace: Trace = Field(default_factory=Trace)
+    dns_check: DnsCheck = Field(default_factory=DnsCheck)
     binding_retention_days: float = Field(
         30.0,
         gt=0,

@@ -1,6 +1,9 @@
-"""A tiny authoritative DNS server on a loopback address for Postfix tests (UDP, dnspython).
+"""A tiny authoritative DNS server on a loopback address for tests (UDP, dnspython).
 
-Every name is NXDOMAIN except the ones given as records; nothing is forwarded anywhere.
+Every name is NXDOMAIN except the ones given as records; nothing is forwarded anywhere.  The
+PostfixLog tests point Postfix at it (port 53 of an address of its own in 127.0.0.0/8); the DNS
+check of ``transformer-dkim check`` is tested against it on a free port of 127.0.0.1.
+Records can be changed while it runs (:attr:`DnsServer.records`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ import dns.rrset
 class DnsServer:
     """Answers from ``records`` ({(name, type): [rdata text]}), NXDOMAIN for everything else."""
 
-    def __init__(self, records: dict[tuple[str, str], list[str]] | None = None) -> None:
+    def __init__(
+        self, records: dict[tuple[str, str], list[str]] | None = None, *, address: str | None = None, port: int = 53
+    ) -> None:
         self.records = {(n.rstrip(".").lower(), t.upper()): v for (n, t), v in (records or {}).items()}
-        # A loopback address of its own: port 53 there is free even if something uses 127.0.0.1:53.
-        self.address = f"127.53.{os.getpid() % 250 + 1}.{threading.get_ident() % 250 + 1}"
+        # By default a loopback address of its own: port 53 there is free even if something uses
+        # 127.0.0.1:53 (binding port 53 needs root; port 0 picks a free port).
+        self.address = address or f"127.53.{os.getpid() % 250 + 1}.{threading.get_ident() % 250 + 1}"
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((self.address, 53))
+        self.sock.bind((self.address, port))
+        self.port: int = self.sock.getsockname()[1]
         self.sock.settimeout(0.2)
         self.queries: list[tuple[str, str]] = []
         self._stop = threading.Event()
@@ -47,11 +54,21 @@ class DnsServer:
         rdtype = dns.rdatatype.to_text(question.rdtype)
         self.queries.append((name, rdtype))
         values = self.records.get((name, rdtype))
+        if values and rdtype == "TXT":
+            values = [v if v.startswith('"') else _quoted(v) for v in values]
         if values:
             reply.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", rdtype, values))
         elif not any(n == name for n, _ in self.records):
             reply.set_rcode(dns.rcode.NXDOMAIN)
         return reply.to_wire()
+
+    def set(self, name: str, rdtype: str, values: list[str] | None) -> None:
+        """Publish (or, with None, remove) the records of one name and type while serving."""
+        key = (name.rstrip(".").lower(), rdtype.upper())
+        if values is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = values
 
     def __enter__(self) -> DnsServer:
         self._thread.start()
@@ -63,8 +80,16 @@ class DnsServer:
         self.sock.close()
 
 
+def _quoted(value: str) -> str:
+    """A TXT value as quoted character-strings of at most 255 octets (RFC 1035)."""
+    chunks = [value[i : i + 255] for i in range(0, len(value), 255)] or [""]
+    return " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
+
+
 @contextlib.contextmanager
-def dns_server(records: dict[tuple[str, str], list[str]] | None = None) -> Iterator[DnsServer]:
+def dns_server(
+    records: dict[tuple[str, str], list[str]] | None = None, *, address: str | None = None, port: int = 53
+) -> Iterator[DnsServer]:
     """A running :class:`DnsServer`."""
-    with DnsServer(records) as server:
+    with DnsServer(records, address=address, port=port) as server:
         yield server
