@@ -74,7 +74,7 @@ def test_generated_users_match_the_configuration(acl_config: Config) -> None:
     receiver = lines[0]
     assert password.get_secret_value() not in receiver  # only its SHA-256
     assert receiver.startswith("user receiver reset on #")
-    assert " ~IB-MAIL-QUEUE-P0 ~IB-MAIL-QUEUE-P1 ~IB:receiver:* resetchannels -@all " in receiver
+    assert " ~IB-MAIL-QUEUE-P0 ~IB-MAIL-QUEUE-P1 ~IB:receiver:* ~IB:trace:* resetchannels -@all " in receiver
     assert "+xadd" in receiver and "+xreadgroup" not in receiver and "+flushall" not in receiver
 
 
