@@ -25,7 +25,8 @@ postfixlog     INCOMING-TO-POSTFIX (+ ``:dead``) as consumer and for requeueing;
                EVENT_QUEUE; ``IB:postfixlog:*``; ``IB:trace:*``
 mxserver       EVENT_QUEUE; ``IB:sent:*`` (read); ``IB:address-secret``; ``IB:mxserver:*``
 backdata       EVENT_QUEUE (+ ``:dead``) as consumer; ``IB:backdata:*``; ``IB:suppr:*``,
-               ``IB:suppr-fed:*`` (feeding the list, Lua); ``IB:trace:*``
+               ``IB:suppr-fed:*`` (feeding the list, Lua); ``IB:sent:*`` (read: the scope
+               of an event without its From domain); ``IB:trace:*``
 =============  ====================================================================
 """
 
@@ -83,7 +84,7 @@ GRANTS: Final[Mapping[str, frozenset[str]]] = {
     "transformer": CONNECTION | CONSUMER | SCRIPTS | STRINGS | TRACE_WRITE | SUPPRESSION_READ | {"hset"},
     "postfixlog": CONNECTION | CONSUMER | SCRIPTS | STRINGS | HASHES | TRACE_WRITE,
     "mxserver": CONNECTION | PRODUCER | SCRIPTS | STRINGS | {"hgetall"},
-    "backdata": CONNECTION | CONSUMER | SCRIPTS | STRINGS | TRACE_WRITE,
+    "backdata": CONNECTION | CONSUMER | SCRIPTS | STRINGS | TRACE_WRITE | {"hgetall"},
 }
 
 
@@ -116,7 +117,7 @@ def key_patterns(config: Config, service: str) -> list[str]:
         "transformer": [sent, trace, suppressed],
         "postfixlog": [own, trace],
         "mxserver": [own, sent],
-        "backdata": [own, trace, suppressed, fed],
+        "backdata": [own, sent, trace, suppressed, fed],
     }
     return [glob_escape(name) for name in literal[service]] + globs[service]
 
