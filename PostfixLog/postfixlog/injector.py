@@ -128,6 +128,7 @@ class Injector:
         event_queue: str,
         qid_ttl_s: int,
         resolver: Resolver,
+        instance: str,
         connections: int = 8,
         timeout_s: float = 60.0,
         local_hostname: str = "postfixlog.localhost",
@@ -139,6 +140,8 @@ class Injector:
         self.event_queue = event_queue
         self.qid_ttl_s = qid_ttl_s
         self.resolver = resolver
+        #: This PostfixLog instance (its Postfix' queue ids are recorded under its name).
+        self.instance = instance
         self.timeout_s = timeout_s
         self.local_hostname = local_hostname
         self.metrics: InjectorMetrics = metrics or NoMetrics()
@@ -276,7 +279,7 @@ class Injector:
             for job in jobs:
                 keys += [records.tx_key(job.token), records.progress_key(job.entry.id)]
                 args += [
-                    _delivery(job.mail, job.recipient, job.token).envelope(),
+                    self._delivery(job).envelope(),
                     job.recipient,
                     Progress("t", job.token).encode(),
                 ]
@@ -330,8 +333,8 @@ class Injector:
             tx = records.tx_key(job.token)
             if result is not None and result.outcome == "accepted" and result.queue_id:
                 qid = result.queue_id
-                envelope = _delivery(job.mail, job.recipient, job.token).envelope()
-                keys += [progress, tx, records.qid_key(qid)]
+                envelope = self._delivery(job).envelope()
+                keys += [progress, tx, records.qid_key(self.instance, qid)]
                 args += ["q", job.recipient, Progress("q", qid).encode(), envelope, qid]
             elif result is not None and result.outcome == "rejected":
                 keys += [progress, tx, progress]
@@ -412,6 +415,20 @@ class Injector:
             )
         return events
 
+    def _delivery(self, job: _Job) -> Delivery:
+        mail = job.mail
+        return Delivery(
+            uuid=mail.uuid,
+            recipient=job.recipient,
+            mail_from=mail.mail_from,
+            from_domain=mail.from_domain,
+            stream_id=mail.stream_id,
+            submitted_at=mail.submitted_at,
+            token=job.token,
+            meta=mail.meta,
+            instance=self.instance,
+        )
+
     def _cleanup_completed(self) -> None:
         """Delete progress and injection records of entries that are acknowledged by now."""
         if not self._completed:
@@ -459,16 +476,3 @@ def _unique(addresses: Sequence[str]) -> list[str]:
             seen.add(address.lower())
             out.append(address)
     return out
-
-
-def _delivery(mail: OutboundMail, recipient: str, token: str) -> Delivery:
-    return Delivery(
-        uuid=mail.uuid,
-        recipient=recipient,
-        mail_from=mail.mail_from,
-        from_domain=mail.from_domain,
-        stream_id=mail.stream_id,
-        submitted_at=mail.submitted_at,
-        token=token,
-        meta=mail.meta,
-    )

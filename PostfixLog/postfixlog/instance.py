@@ -528,6 +528,16 @@ class PostfixInstance:
             counts[name] = total
         return counts
 
+    def retire_log(self) -> None:
+        """Move a completely read log aside (``postfix.log.drained``, ``postfix.log.1.drained``).
+
+        Called with Postfix stopped, after the log follower read everything and the queue went
+        back to Redis: the next start begins a new log and has nothing to resume.
+        """
+        for path in (self.log_path.with_name(self.log_path.name + ".1"), self.log_path):
+            if path.exists():
+                path.replace(path.with_name(path.name + ".drained"))
+
     def rotate_log(self) -> Path:
         """Rename the maillog file to ``postfix.log.1`` and make postlogd reopen it.
 

@@ -65,10 +65,13 @@ def crlf(content: bytes) -> bytes:
 class Requeuer:
     """Drains a stopped Postfix' queue into ``INCOMING-TO-POSTFIX``."""
 
-    def __init__(self, instance: PostfixInstance, client: redis.Redis, *, incoming_queue: str) -> None:
+    def __init__(self, instance: PostfixInstance, client: redis.Redis, *, incoming_queue: str, name: str) -> None:
         self.instance = instance
         self.redis: Any = client
         self.incoming_queue = incoming_queue
+        #: The PostfixLog instance whose records (``IB:postfixlog:qid:<name>:…``) describe the queue.
+        self.name = name
+        self._last_report: RequeueReport | None = None
 
     def _scan(self) -> list[tuple[dict[str, Any], dict[bytes, bytes]]]:
         queued = self.instance.queue_json()
@@ -77,9 +80,16 @@ class Requeuer:
         with redis_errors("read records of queued messages"):
             pipe = self.redis.pipeline(transaction=False)
             for message in queued:
-                pipe.hgetall(records.qid_key(message["queue_id"]))
+                pipe.hgetall(records.qid_key(self.name, message["queue_id"]))
+                pipe.hgetall(records.legacy_qid_key(message["queue_id"]))
             found = pipe.execute()
-        return list(zip(queued, found, strict=True))
+        # A record written before 2.1 (legacy key) counts when the instance's own is missing.
+        return [(m, found[2 * i] or found[2 * i + 1]) for i, m in enumerate(queued)]
+
+    @property
+    def last_report(self) -> RequeueReport | None:
+        """What the last :meth:`requeue_all` did (None before it ran)."""
+        return self._last_report
 
     def finish_interrupted(self) -> int:
         """Remove messages an interrupted requeue already put back in Redis; returns how many."""
@@ -92,6 +102,7 @@ class Requeuer:
     def requeue_all(self) -> RequeueReport:
         """Requeue every message PostfixLog injected that Postfix has not finished."""
         report = RequeueReport()
+        self._last_report = report
         done: list[str] = []
         for message, raw_record in self._scan():
             qid = message["queue_id"]
@@ -139,7 +150,7 @@ class Requeuer:
         )
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(self.incoming_queue, dict(mail.to_fields()))
-        pipe.hset(records.qid_key(qid), REQUEUED_FIELD, "1")
+        pipe.hset(records.qid_key(self.name, qid), REQUEUED_FIELD, "1")
         with redis_errors(f"requeue {qid}"):
             pipe.execute()
         log.info("requeued uuid=%s rcpt=%s (Postfix queue id %s)", delivery.uuid, ",".join(recipients), qid)
@@ -149,4 +160,5 @@ class Requeuer:
             return
         self.instance.delete(queue_ids)
         with redis_errors("delete records of requeued messages"):
-            self.redis.delete(*(records.qid_key(q) for q in queue_ids))
+            self.redis.delete(*(records.qid_key(self.name, q) for q in queue_ids))
+            self.redis.delete(*(records.legacy_qid_key(q) for q in queue_ids))

@@ -9,12 +9,18 @@ Postfix (master in the foreground, a child of this process) -> consume.  A Postf
 is restarted; readiness is "Postfix answers, Redis answers, the log follower runs".
 
 Stop (SIGTERM/SIGINT): stop consuming (the current batch is completed) -> stop Postfix -> read
-its log to the end -> requeue what is left in its queue -> exit 0.
+its log to the end -> requeue what is left in its queue -> retire the instance (nothing of it
+stays in Redis) -> exit 0.
+
+Any number of instances run side by side (one per delivery pod), each with its own Postfix, its
+own state in Redis and a consumer name derived from the pod's stable name
+(:mod:`postfixlog.membership`).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -37,7 +43,9 @@ from postfixlog import records
 from postfixlog.follower import LogFollower, LogReader
 from postfixlog.injector import Injector
 from postfixlog.instance import PostfixError, PostfixInstance
+from postfixlog.membership import Membership
 from postfixlog.metrics import PostfixLogMetrics
+from postfixlog.records import Delivery
 from postfixlog.requeue import Requeuer
 
 log = logging.getLogger(__name__)
@@ -48,24 +56,37 @@ PROBE_INTERVAL_S = 10.0
 CATCH_UP_TIMEOUT_S = 15.0
 #: Transactions per SMTP session in one batch (batch size = this x postfix.connections at least).
 BATCH_ROUNDS = 32
+#: Seconds between two sweeps of stale consumers by one instance (jittered).
+SWEEP_INTERVAL_S = 60.0
 
 
 class QueueResolver:
     """Did Postfix queue a transaction whose answer PostfixLog never read?  (see injector)."""
 
-    def __init__(self, client: redis.Redis, instance: PostfixInstance, follower: LogFollower) -> None:
+    def __init__(self, client: redis.Redis, instance: PostfixInstance, follower: LogFollower, name: str) -> None:
         self.redis: Any = client
         self.instance = instance
         self.follower = follower
+        self.name = name
 
     def queued_ids(self, sent: Sequence[tuple[str, str, str]]) -> dict[str, str | None]:
         """For (token, mail_from, recipient): token -> queue id when Postfix accepted it, else None.
 
+        A token another instance sent (an entry claimed from a consumer that stopped) is known
+        only from that instance's records: its Postfix and its log are out of reach here.
+
         Raises:
             TemporaryError: Redis or Postfix cannot be asked, or the log follower is behind.
         """
-        found = self._accepted([token for token, _, _ in sent])
-        missing = [item for item in sent if not found.get(item[0])]
+        found, foreign = self._accepted([token for token, _, _ in sent])
+        for token in foreign:
+            if not found.get(token):
+                log.warning(
+                    "token %s was sent by instance %s and its Postfix did not record it; sending again",
+                    token,
+                    foreign[token],
+                )
+        missing = [item for item in sent if not found.get(item[0]) and item[0] not in foreign]
         if not missing:
             return found
         try:
@@ -85,11 +106,11 @@ class QueueResolver:
         # Already delivered and gone?  Then qmgr logged it; let the follower read that far.
         if not self.follower.wait_caught_up(CATCH_UP_TIMEOUT_S):
             raise TemporaryError("log follower is behind; cannot tell whether Postfix queued a message")
-        found.update(self._accepted([token for token, _, _ in missing]))
+        found.update(self._accepted([token for token, _, _ in missing])[0])
         return found
 
-    def _accepted(self, tokens: list[str]) -> dict[str, str | None]:
-        """Queue ids of the tokens the follower saw Postfix commit.
+    def _accepted(self, tokens: list[str]) -> tuple[dict[str, str | None], dict[str, str]]:
+        """Queue ids of the tokens the follower saw Postfix commit, and tokens of other instances.
 
         The follower writes the queue id into the injection record (``client=…
         orig_queue_id=<token>``) and ``acc`` into the queue id's record when qmgr picks the file
@@ -99,18 +120,29 @@ class QueueResolver:
         with redis_errors("read injection records"):
             pipe = self.redis.pipeline(transaction=False)
             for token in tokens:
-                pipe.hget(records.tx_key(token), "qid")
-            qids = [q.decode() if q else "" for q in pipe.execute()]
+                pipe.hmget(records.tx_key(token), "qid", "d")
+            rows = pipe.execute()
+            owners: list[str] = []
+            qids: list[str] = []
+            for qid_raw, envelope in rows:
+                record = Delivery.from_hash({b"d": envelope}) if envelope else None
+                owners.append((record.instance if record else None) or self.name)
+                qids.append(qid_raw.decode() if qid_raw else "")
             pipe = self.redis.pipeline(transaction=False)
-            for qid in qids:
-                pipe.hget(records.qid_key(qid or "-"), "acc")
-                pipe.exists(records.qid_key(qid or "-"))
+            for owner, qid in zip(owners, qids, strict=True):
+                for key in (records.qid_key(owner, qid or "-"), records.legacy_qid_key(qid or "-")):
+                    pipe.hget(key, "acc")
+                    pipe.exists(key)
             replies = pipe.execute()
         out: dict[str, str | None] = {}
-        for i, (token, qid) in enumerate(zip(tokens, qids, strict=True)):
-            acc, exists = replies[2 * i], replies[2 * i + 1]
-            out[token] = qid if qid and (acc == b"1" or not exists) else None
-        return out
+        foreign: dict[str, str] = {}
+        for i, (token, owner, qid) in enumerate(zip(tokens, owners, qids, strict=True)):
+            acc, exists, legacy_acc, legacy_exists = replies[4 * i : 4 * i + 4]
+            accepted = acc == b"1" or legacy_acc == b"1" or not (exists or legacy_exists)
+            out[token] = qid if qid and accepted else None
+            if owner != self.name:
+                foreign[token] = owner
+        return out, foreign
 
 
 class PostfixLogService:
@@ -140,24 +172,35 @@ class PostfixLogService:
         lifetime = section.string_replacer.main_cf.get("maximal_queue_lifetime", "12h")
         qid_ttl = records.qid_ttl_s(lifetime)
         self.metrics = PostfixLogMetrics(registry, self.instance.queue_counts)
+        state_ttl = int(section.instance_state_days * 86400)
         self.follower = LogFollower(
             LogReader(self.instance.log_path),
             self.redis,
             event_queue=self.event_queue,
             instance_name=self.name,
             qid_ttl_s=qid_ttl,
+            position_ttl_s=state_ttl,
             metrics=self.metrics,
             rotate=self.instance.rotate_log,
             rotate_bytes=section.log_rotate_bytes,
         )
-        self.requeuer = Requeuer(self.instance, self.redis, incoming_queue=self.incoming)
+        self.requeuer = Requeuer(self.instance, self.redis, incoming_queue=self.incoming, name=self.name)
+        self.membership = Membership(
+            self.redis,
+            name=self.name,
+            stream=self.incoming,
+            group=keys.GROUP_POSTFIXLOG,
+            state_ttl_s=state_ttl,
+            stale_consumer_s=section.stale_consumer_minutes * 60,
+        )
         self.injector = Injector(
             self.redis,
             host=section.postfix.hostname,
             port=section.postfix.port,
             event_queue=self.event_queue,
             qid_ttl_s=qid_ttl,
-            resolver=QueueResolver(self.redis, self.instance, self.follower),
+            resolver=QueueResolver(self.redis, self.instance, self.follower, self.name),
+            instance=self.name,
             connections=section.postfix.connections,
             timeout_s=section.postfix.timeout_seconds,
             metrics=self.metrics,
@@ -174,6 +217,7 @@ class PostfixLogService:
             heartbeat=health.beat,
         )
         self._postfix_answers = False
+        self._next_heartbeat = self._next_sweep = 0.0
         if section.postfix.port != section.string_replacer.master_cf.smtpd_port:
             log.warning(
                 "postfixlog.postfix.port (%d) differs from string-replacer.master-cf.smtpd-port (%d)",
@@ -243,7 +287,9 @@ class PostfixLogService:
         """Keep Postfix running while the injector works; returns 1 if the injector died."""
         next_probe = time.monotonic() + PROBE_INTERVAL_S
         failures = 0
+        self._membership_tasks(force=True)
         while not self.stopper.wait(0.5):
+            self._membership_tasks()
             if not worker.is_alive():
                 log.error("the injector stopped unexpectedly; shutting down")
                 self.stopper.stop()
@@ -271,20 +317,54 @@ class PostfixLogService:
                 next_probe = time.monotonic() + PROBE_INTERVAL_S
         return 0
 
+    def _membership_tasks(self, *, force: bool = False) -> None:
+        """Heartbeat and sweep when due (a Redis outage only postpones them)."""
+        now = time.monotonic()
+        try:
+            if force or now >= self._next_heartbeat:
+                self._next_heartbeat = now + PROBE_INTERVAL_S
+                self.membership.heartbeat()
+            if force or now >= self._next_sweep:
+                # Spread the instances' sweeps; any one of them is enough.
+                self._next_sweep = now + SWEEP_INTERVAL_S * random.uniform(0.75, 1.25)
+                self.membership.sweep()
+        except TemporaryError as exc:
+            log.warning("instance heartbeat/sweep postponed: %s", exc)
+
     def shutdown(self) -> int:
-        """Stop Postfix, read its log to the end, requeue what is left; returns 0 or 1."""
+        """Stop Postfix, read its log to the end, requeue what is left; returns 0 or 1.
+
+        When everything went back to Redis and the log was read to its end, the instance is
+        retired (:meth:`postfixlog.membership.Membership.retire`): a pod scaled away leaves
+        nothing behind.
+        """
         self.injector.close()
         self._postfix_answers = False
         self.instance.stop()
         self.metrics.postfix_up.set(0)
-        if not self.follower.drain(60.0):
+        drained = self.follower.drain(60.0)
+        if not drained:
             log.error("log follower did not reach the end of the log; later events come after restart")
         try:
             report = self.requeuer.requeue_all()
         except (TemporaryError, PostfixError) as exc:
             log.error("requeue failed (%s); the mail stays in Postfix' queue for the next start", exc)
             return 1
-        return 1 if report.failed else 0
+        if report.failed:
+            return 1
+        if drained and report.left == 0:
+            self._retire()
+        return 0
+
+    def _retire(self) -> None:
+        """Nothing is left in Postfix and every log line is handled: forget this instance."""
+        try:
+            self.instance.retire_log()
+            self.membership.retire()
+        except (OSError, TemporaryError) as exc:
+            # Harmless: the position then names a log that is gone (a new log is read from its
+            # start) and the keys expire; the next start works either way.
+            log.warning("instance %s not retired: %s", self.name, exc)
 
 
 def build(context: Context) -> PostfixLogService:

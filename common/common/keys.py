@@ -18,10 +18,15 @@ Other keys::
   IB:address-secret                          STRING  generated address-tag secret (if not configured)
   IB:sent:<uuid>                             HASH    Transformer: recipient -> stream id, From domain (TTL:
                                                      common-config.binding-retention-days; common.binding)
-  IB:postfixlog:qid:<queue id>               HASH    PostfixLog: queue id -> uuid, recipient, stream… (TTL)
+  IB:postfixlog:qid:<instance>:<queue id>    HASH    PostfixLog instance: its Postfix' queue id -> uuid, recipient,
+                                                     stream… (TTL; postfixlog.records)
   IB:postfixlog:tx:<token>                   HASH    PostfixLog: one injection (XFORWARD IDENT) -> same (TTL)
   IB:postfixlog:progress:<entry id>          HASH    PostfixLog: recipient -> sent/queued/refused (TTL)
-  IB:postfixlog:log-position                 HASH    PostfixLog: instance -> log position (inode:offset:fingerprint)
+  IB:postfixlog:position:<instance>          STRING  PostfixLog instance: its log position (inode:offset:fingerprint;
+                                                     TTL postfixlog.instance-state-days, deleted when it retires)
+  IB:postfixlog:instances                    ZSET    PostfixLog: instance -> last heartbeat (postfixlog.membership)
+  IB:postfixlog:qid:<queue id>               HASH    PostfixLog before 2.1 (read only, expires)
+  IB:postfixlog:log-position                 HASH    PostfixLog before 2.1: instance -> position (read once, moved)
   IB:httpreceiver:idem:<user>:<key>          STRING  HttpReceiver: Idempotency-Key -> first answer (TTL 24 h)
   IB:<service>:authfail:<ip>                 STRING  Receiver, HttpReceiver: failed logins per client address (TTL)
   IB:<service>:lockout:<ip>                  STRING  Receiver, HttpReceiver: lockout marker per client address (TTL)

@@ -201,6 +201,10 @@ def test_shutdown_requeues_deferred_mail_which_is_delivered_after_restart(
         assert mail.from_domain == "example.test"
         assert mail.raw == next(m.raw for m in mails if m.uuid == mail.uuid)
     assert not redis_client.keys("IB:postfixlog:qid:*")
+    # Drained completely: the instance retired itself (log moved aside, no state in Redis).
+    assert not redis_client.exists(records.position_key(first.service.name))
+    assert not redis_client.exists("IB:postfixlog:instances")
+    assert instance.log_path.with_name("postfix.log.drained").exists()
 
     sink.handler.rules[:] = []
     second = RunningService(config).start()

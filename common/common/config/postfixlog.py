@@ -110,3 +110,20 @@ class PostfixLogSection(StrictModel):
         ge=0,
         description="Rotate Postfix' log (to postfix.log.1) once it is read and this big; 0 = never.",
     )
+    instance_state_days: float = Field(
+        14.0,
+        gt=0,
+        le=365,
+        description=(
+            "An instance's state in Redis (its log position) expires this long after the instance was "
+            "last seen; a pod that returns later with its volume would read its log again from the start."
+        ),
+    )
+    stale_consumer_minutes: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Consumers of the postfixlog group idle this long with no pending entry are deleted "
+            "(instances that were scaled away or renamed)."
+        ),
+    )
