@@ -18,6 +18,7 @@ from common.lifecycle import Stopper
 from common.metrics import Health
 from common.payloads import OutboundMail
 from common.queue import Queues
+from devtools.dnsserver import dns_server
 from devtools.servers import wait_until
 from devtools.sink import Sink, compile_rules
 from postfixlog import records
@@ -27,7 +28,6 @@ from postfixlog.service import PostfixLogService
 from postfixlog.smtpclient import Message, SmtpSession
 
 from .conftest import RunningService, events_of, outbound
-from .dnsserver import dns_server
 
 pytestmark = [pytest.mark.postfix, pytest.mark.redis]
 

@@ -1,6 +1,9 @@
-"""A tiny authoritative DNS server on a loopback address for Postfix tests (UDP, dnspython).
+"""A tiny authoritative DNS server on a loopback address for tests and benchmarks (UDP, dnspython).
 
-Every name is NXDOMAIN except the ones given as records; nothing is forwarded anywhere.
+Every name is NXDOMAIN except the ones given as records; nothing is forwarded anywhere.  A
+private Postfix uses it through :attr:`postfixlog.instance.PostfixInstance.dns_server` (its own
+resolv.conf in a mount namespace), PostfixLog through ``postfixlog.shaping.dns-servers``.
+Names in answers are absolute (``10 mx.example.test`` means ``mx.example.test.``).
 """
 
 from __future__ import annotations
@@ -12,17 +15,22 @@ import threading
 from collections.abc import Iterator
 
 import dns.message
+import dns.name
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 
 
 class DnsServer:
     """Answers from ``records`` ({(name, type): [rdata text]}), NXDOMAIN for everything else."""
 
-    def __init__(self, records: dict[tuple[str, str], list[str]] | None = None) -> None:
+    def __init__(
+        self, records: dict[tuple[str, str], list[str]] | None = None, *, ttl: int = 60, address: str | None = None
+    ) -> None:
+        self.ttl = ttl
         self.records = {(n.rstrip(".").lower(), t.upper()): v for (n, t), v in (records or {}).items()}
         # A loopback address of its own: port 53 there is free even if something uses 127.0.0.1:53.
-        self.address = f"127.53.{os.getpid() % 250 + 1}.{threading.get_ident() % 250 + 1}"
+        self.address = address or f"127.53.{os.getpid() % 250 + 1}.{threading.get_ident() % 250 + 1}"
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((self.address, 53))
         self.sock.settimeout(0.2)
@@ -48,7 +56,11 @@ class DnsServer:
         self.queries.append((name, rdtype))
         values = self.records.get((name, rdtype))
         if values:
-            reply.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", rdtype, values))
+            # Names in answers are absolute ("mx.example.test" means "mx.example.test.").
+            rrset = dns.rrset.from_text_list(
+                question.name, self.ttl, "IN", rdtype, values, origin=dns.name.root, relativize=False
+            )
+            reply.answer.append(rrset)
         elif not any(n == name for n, _ in self.records):
             reply.set_rcode(dns.rcode.NXDOMAIN)
         return reply.to_wire()
