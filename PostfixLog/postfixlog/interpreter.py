@@ -47,6 +47,9 @@ class Effects:
     tx_updates: dict[str, dict[str, str]] = field(default_factory=dict)
     qid_deletes: set[str] = field(default_factory=set)
     counts: Counter[str] = field(default_factory=Counter)
+    #: Remote answers of deferred and bounced deliveries: (provider or None, recipient, text),
+    #: for the shaper's automatic back-off.
+    replies: list[tuple[str | None, str, str]] = field(default_factory=list)
 
     def update_qid(self, queue_id: str, fields: Mapping[str, str]) -> None:
         """Add fields to write into a queue id's record."""
@@ -163,6 +166,8 @@ class Interpreter:
             return delivery
         effects.events.append(event)
         effects.counts[f"event:{event.event}"] += 1
+        if event.event in ("deferred", "bounce") and line.kind == "status":
+            effects.replies.append((delivery.provider, delivery.recipient, line.text))
         if event.event != "deferred":
             effects.update_qid(qid, {"fin": "1"})
             return replace(delivery, final=True)

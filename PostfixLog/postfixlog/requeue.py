@@ -3,7 +3,8 @@
 Produces ``INCOMING-TO-POSTFIX`` entries (:class:`common.payloads.OutboundMail`): the envelope
 comes from ``postqueue -j`` (return path, recipients not delivered yet) and the message's
 record (uuid, stream id, From domain); the content from ``postcat -bh`` without the
-``Received:`` header this Postfix added, so the copy delivered later carries nothing internal.
+``Received:`` header this Postfix added and without PostfixLog's routing header
+(:mod:`postfixlog.routing`), so the copy delivered later carries nothing internal.
 
 Exactly once: each message is added to the queue in the same MULTI/EXEC that marks its record
 ``requeued``; then it is removed from Postfix (``postsuper -d``).  When PostfixLog dies in
@@ -28,6 +29,7 @@ from common.queue import redis_errors
 from postfixlog import records
 from postfixlog.instance import PostfixError, PostfixInstance
 from postfixlog.records import Delivery
+from postfixlog.routing import strip_route
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ class Requeuer:
 
     def _requeue_one(self, message: dict[str, Any], delivery: Delivery) -> None:
         qid = message["queue_id"]
-        content = strip_own_received(self.instance.message(qid), self.instance.myhostname, qid)
+        content = strip_route(strip_own_received(self.instance.message(qid), self.instance.myhostname, qid))
         recipients = tuple(r["address"] for r in message.get("recipients", ())) or (delivery.recipient,)
         mail = OutboundMail(
             raw=crlf(content),

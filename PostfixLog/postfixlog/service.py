@@ -15,6 +15,11 @@ stays in Redis) -> exit 0.
 Any number of instances run side by side (one per delivery pod), each with its own Postfix, its
 own state in Redis and a consumer name derived from the pod's stable name
 (:mod:`postfixlog.membership`).
+
+Shaping (``postfixlog.shaping``, :mod:`postfixlog.rules`): every recipient is routed to its
+provider's Postfix transport (:mod:`postfixlog.providers`, :mod:`postfixlog.routing`); the
+``shaping`` thread releases held entries and the log follower reports every remote answer to the
+shared back-off (:mod:`postfixlog.shaping`).
 """
 
 from __future__ import annotations
@@ -43,10 +48,14 @@ from postfixlog import records
 from postfixlog.follower import LogFollower, LogReader
 from postfixlog.injector import Injector
 from postfixlog.instance import PostfixError, PostfixInstance
+from postfixlog.interpreter import Effects
 from postfixlog.membership import Membership
 from postfixlog.metrics import PostfixLogMetrics
+from postfixlog.providers import ProviderResolver
 from postfixlog.records import Delivery
 from postfixlog.requeue import Requeuer
+from postfixlog.rules import load_rules
+from postfixlog.shaping import Shaper, safe_tick
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,8 @@ CATCH_UP_TIMEOUT_S = 15.0
 BATCH_ROUNDS = 32
 #: Seconds between two sweeps of stale consumers by one instance (jittered).
 SWEEP_INTERVAL_S = 60.0
+#: Seconds between two releases of held entries (and refreshes of the provider gauges).
+SHAPING_TICK_S = 1.0
 
 
 class QueueResolver:
@@ -165,13 +176,28 @@ class PostfixLogService:
         self.health = health
         self.stopper = stopper
         self.name = name or consumer_name(SERVICE)
-        self.instance = PostfixInstance.from_config(section)
+        shaping = section.shaping
+        self.rules = load_rules(shaping, config.customer_path)
+        self.instance = PostfixInstance.from_config(section, self.rules if shaping.enabled else None)
         self.redis = connect(config.redis_for(SERVICE), client_name=self.name)
         self.incoming = config.global_.postfix.incoming_queue_name
         self.event_queue = config.global_.backdata.queue_name
         lifetime = section.string_replacer.main_cf.get("maximal_queue_lifetime", "12h")
         qid_ttl = records.qid_ttl_s(lifetime)
         self.metrics = PostfixLogMetrics(registry, self.instance.queue_counts)
+        self.providers: ProviderResolver | None = None
+        self.shaper: Shaper | None = None
+        if shaping.enabled:
+            self.providers = ProviderResolver(
+                self.rules,
+                nameservers=shaping.dns_servers or None,
+                # The sandbox never reaches the internet, DNS included, unless told where to ask.
+                use_dns=not section.sandbox.enabled or bool(shaping.dns_servers),
+                timeout_s=shaping.dns_timeout_seconds,
+                cache_size=shaping.dns_cache_size,
+                metrics=self.metrics,
+            )
+            self.shaper = Shaper(self.redis, self.rules, incoming=self.incoming, metrics=self.metrics)
         state_ttl = int(section.instance_state_days * 86400)
         self.follower = LogFollower(
             LogReader(self.instance.log_path),
@@ -183,6 +209,7 @@ class PostfixLogService:
             metrics=self.metrics,
             rotate=self.instance.rotate_log,
             rotate_bytes=section.log_rotate_bytes,
+            observer=self._observe if self.shaper is not None else None,
         )
         self.requeuer = Requeuer(self.instance, self.redis, incoming_queue=self.incoming, name=self.name)
         self.membership = Membership(
@@ -204,6 +231,8 @@ class PostfixLogService:
             connections=section.postfix.connections,
             timeout_s=section.postfix.timeout_seconds,
             metrics=self.metrics,
+            providers=self.providers,
+            shaper=self.shaper,
         )
         queues = Queues(self.redis, QueueSettings.from_config(config.global_))
         # Batches of several rounds per connection: the sessions idle only between batches.
@@ -228,6 +257,26 @@ class PostfixLogService:
         health.add_check("redis", self._redis_answers)
         health.add_check("log-follower", lambda: self.follower.alive)
 
+    def _observe(self, effects: Effects) -> None:
+        """The follower's hook: remote answers per provider go to the shaper (back-off)."""
+        if self.shaper is None or not effects.replies:
+            return
+        replies = []
+        for provider, recipient, text in effects.replies:
+            if provider is None and self.providers is not None:  # a record written before 2.1
+                provider = self.providers.provider(recipient.rpartition("@")[2])
+            replies.append((provider or recipient.rpartition("@")[2].lower(), text))
+        try:
+            self.shaper.observe(replies)
+        except TemporaryError as exc:
+            log.warning("provider answers not counted: %s", exc)
+
+    def _shaping_loop(self) -> None:
+        """Release held entries and refresh the provider gauges, every second, until stopped."""
+        assert self.shaper is not None
+        while not self.stopper.wait(SHAPING_TICK_S):
+            safe_tick(self.shaper)
+
     def _redis_answers(self) -> bool:
         try:
             return bool(self.redis.ping())
@@ -243,8 +292,14 @@ class PostfixLogService:
             return early_exit
         worker = threading.Thread(target=self.worker.run, name="injector")
         worker.start()
+        shaping = None
+        if self.shaper is not None:
+            shaping = threading.Thread(target=self._shaping_loop, name="shaping", daemon=True)
+            shaping.start()
         status = self._supervise(worker)
         worker.join()
+        if shaping is not None:
+            shaping.join(10.0)
         return self.shutdown() or status
 
     def _prepare(self) -> int | None:
@@ -339,6 +394,8 @@ class PostfixLogService:
         nothing behind.
         """
         self.injector.close()
+        if self.providers is not None:
+            self.providers.close()
         self._postfix_answers = False
         self.instance.stop()
         self.metrics.postfix_up.set(0)
