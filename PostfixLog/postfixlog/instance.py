@@ -531,23 +531,34 @@ class PostfixInstance:
             raise PostfixError(f"postcat {queue_id} failed: {proc.stderr.decode(errors='replace').strip()}")
         return proc.stdout
 
-    def delete(self, queue_ids: list[str]) -> None:
-        """Remove messages from the queue (``postsuper -d``).
+    def delete(self, queue_ids: list[str], queue: str | None = None) -> None:
+        """Remove messages from the queue (``postsuper -d``; only from ``queue`` when given).
 
         Raises:
             PostfixError: postsuper failed.
         """
+        self._postsuper("-d", queue_ids, queue)
+
+    def hold(self, queue_ids: list[str], queue: str = "deferred") -> None:
+        """Put messages of ``queue`` on hold (``postsuper -h``): Postfix stops trying them.
+
+        Raises:
+            PostfixError: postsuper failed.
+        """
+        self._postsuper("-h", queue_ids, queue)
+
+    def _postsuper(self, operation: str, queue_ids: list[str], queue: str | None) -> None:
         if not queue_ids:
             return
         self._own_log_file()
         proc_input = "".join(f"{qid}\n" for qid in queue_ids).encode()
-        args = [str(SBIN / "postsuper"), "-c", str(self.config_directory), "-d", "-"]
+        args = [str(SBIN / "postsuper"), "-c", str(self.config_directory), operation, "-", *([queue] if queue else [])]
         try:
             proc = subprocess.run(args, input=proc_input, capture_output=True, timeout=120, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise PostfixError(f"postsuper -d: {exc}") from exc
+            raise PostfixError(f"postsuper {operation}: {exc}") from exc
         if proc.returncode != 0:
-            raise PostfixError(f"postsuper -d failed: {proc.stderr.decode(errors='replace').strip()}")
+            raise PostfixError(f"postsuper {operation} failed: {proc.stderr.decode(errors='replace').strip()}")
 
     def queue_counts(self) -> dict[str, int]:
         """Number of queue files per queue (the original's ``postfix_*_queue_messages``)."""

@@ -13,19 +13,27 @@ between, the next start removes the marked messages before starting Postfix
 
 Messages without a record (Postfix' own notifications, mail from other clients) stay in
 Postfix' queue and are delivered when it starts again.
+
+While Postfix runs, :meth:`Requeuer.withdraw` takes the deferred mail of paused providers out of
+it (automatic back-off, :mod:`postfixlog.shaping`): ``postsuper -h`` first (Postfix stops
+retrying it at once), then each held message goes to its provider's hold in Redis -- in the same
+MULTI/EXEC that marks its record ``requeued`` -- and is deleted from Postfix.  So a paused
+provider's mail waits in Redis, not in Postfix' deferred queue, and comes back at the ramp's pace.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from common import logs
 from common.payloads import OutboundMail
-from common.queue import redis_errors
+from common.queue import Output, Write, redis_errors
 from postfixlog import records
 from postfixlog.instance import PostfixError, PostfixInstance
 from postfixlog.records import Delivery
@@ -136,11 +144,67 @@ class Requeuer:
         )
         return report
 
-    def _requeue_one(self, message: dict[str, Any], delivery: Delivery) -> None:
+    def withdraw(
+        self, providers: Collection[str], writes: Callable[[dict[str, bytes | str], str], Sequence[Write]]
+    ) -> int:
+        """Move deferred mail of ``providers`` from the running Postfix to Redis; returns how many.
+
+        ``writes(fields, provider)`` says where a withdrawn entry goes (the provider's hold).
+        Messages a previous call put on hold but did not finish are moved too, whatever their
+        provider.
+
+        Raises:
+            PostfixError: Postfix' queue cannot be read or changed.
+            QueueUnavailableError: Redis is down.
+        """
+        scanned = [(m, r) for m, r in self._scan() if m.get("queue_name") in ("deferred", "hold")]
+        deferred = []
+        for message, raw_record in scanned:
+            delivery = Delivery.from_hash(raw_record)
+            if message.get("queue_name") == "deferred" and delivery is not None and delivery.provider in providers:
+                deferred.append(str(message["queue_id"]))
+        self.instance.hold(deferred, queue="deferred")  # from now on Postfix leaves them alone
+        moved: list[str] = []
+        for message, raw_record in self._scan():
+            delivery = Delivery.from_hash(raw_record)
+            if message.get("queue_name") != "hold" or delivery is None:
+                continue
+            if REQUEUED_FIELD.encode() in raw_record:  # in Redis already (an interrupted call)
+                moved.append(message["queue_id"])
+                continue
+            provider = delivery.provider or delivery.recipient.rpartition("@")[2].lower()
+            mail = self._outbound(message, delivery)
+            try:
+                self._move(message["queue_id"], writes(dict(mail.to_fields()), provider))
+            except PostfixError as exc:
+                log.error("cannot withdraw %s (uuid=%s): %s", message["queue_id"], delivery.uuid, exc)
+                continue
+            moved.append(message["queue_id"])
+        if moved:
+            self.instance.delete(moved, queue="hold")
+            with redis_errors("delete records of withdrawn messages"):
+                self.redis.delete(*(records.qid_key(self.name, q) for q in moved))
+            log.warning("withdrew %d deferred messages of paused providers from Postfix into Redis", len(moved))
+        return len(moved)
+
+    def _move(self, qid: str, writes: Sequence[Write]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for write in writes:
+            write.write(pipe)
+        pipe.hset(records.qid_key(self.name, qid), REQUEUED_FIELD, "1")
+        with redis_errors(f"withdraw {qid}"):
+            pipe.execute()
+
+    def _outbound(self, message: dict[str, Any], delivery: Delivery) -> OutboundMail:
+        """The queued message as an ``INCOMING-TO-POSTFIX`` entry (without what Postfix/PostfixLog added).
+
+        Raises:
+            PostfixError: postcat failed.
+        """
         qid = message["queue_id"]
         content = strip_route(strip_own_received(self.instance.message(qid), self.instance.myhostname, qid))
         recipients = tuple(r["address"] for r in message.get("recipients", ())) or (delivery.recipient,)
-        mail = OutboundMail(
+        return OutboundMail(
             raw=crlf(content),
             uuid=delivery.uuid,
             mail_from=message.get("sender") or delivery.mail_from,
@@ -150,12 +214,17 @@ class Requeuer:
             submitted_at=delivery.submitted_at,
             meta=delivery.meta,
         )
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.incoming_queue, dict(mail.to_fields()))
-        pipe.hset(records.qid_key(self.name, qid), REQUEUED_FIELD, "1")
-        with redis_errors(f"requeue {qid}"):
-            pipe.execute()
-        log.info("requeued uuid=%s rcpt=%s (Postfix queue id %s)", delivery.uuid, ",".join(recipients), qid)
+
+    def _requeue_one(self, message: dict[str, Any], delivery: Delivery) -> None:
+        qid = message["queue_id"]
+        mail = self._outbound(message, delivery)
+        self._move(qid, [Output(self.incoming_queue, mail.to_fields())])
+        log.info(
+            "requeued uuid=%s (Postfix queue id %s)",
+            delivery.uuid,
+            qid,
+            extra=logs.fields(uuid=delivery.uuid, queue=self.incoming_queue, recipient=mail.recipients[0]),
+        )
 
     def _remove(self, queue_ids: list[str]) -> None:
         if not queue_ids:

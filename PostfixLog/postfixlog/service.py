@@ -69,6 +69,8 @@ BATCH_ROUNDS = 32
 SWEEP_INTERVAL_S = 60.0
 #: Seconds between two releases of held entries (and refreshes of the provider gauges).
 SHAPING_TICK_S = 1.0
+#: Seconds between two withdrawals of a paused provider's deferred mail from Postfix.
+WITHDRAW_INTERVAL_S = 10.0
 
 
 class QueueResolver:
@@ -272,10 +274,25 @@ class PostfixLogService:
             log.warning("provider answers not counted: %s", exc)
 
     def _shaping_loop(self) -> None:
-        """Release held entries and refresh the provider gauges, every second, until stopped."""
+        """Release held entries and refresh the provider gauges, every second, until stopped.
+
+        While a provider is paused, its mail deferred in this instance's Postfix goes to Redis
+        too (when the pause is first seen, then every :data:`WITHDRAW_INTERVAL_S`).
+        """
         assert self.shaper is not None
+        withdrawn: frozenset[str] = frozenset()
+        next_withdraw = 0.0
         while not self.stopper.wait(SHAPING_TICK_S):
-            safe_tick(self.shaper)
+            if not safe_tick(self.shaper):
+                continue
+            paused = self.shaper.paused
+            if paused and (paused - withdrawn or time.monotonic() >= next_withdraw) and self.instance.running:
+                try:
+                    self.requeuer.withdraw(paused, self.shaper.withdrawn_writes)
+                except (TemporaryError, PostfixError) as exc:
+                    log.warning("deferred mail of paused providers stays in Postfix for now: %s", exc)
+                next_withdraw = time.monotonic() + WITHDRAW_INTERVAL_S
+            withdrawn = paused
 
     def _redis_answers(self) -> bool:
         try:

@@ -307,6 +307,8 @@ class Shaper:
         self._release = client.register_script(RELEASE_SCRIPT)
         self._labels_seen: set[str] = set()
         self._held_labels: set[str] = set()
+        #: Providers paused at the last :meth:`tick`.
+        self.paused: frozenset[str] = frozenset()
 
     def label(self, provider: str) -> str:
         """Metric label of a provider: its name when listed, else ``other`` (bounded cardinality)."""
@@ -399,6 +401,14 @@ class Shaper:
         fields[HELD_PREFIX + "at"] = now
         return [Output(held_key(hold.name), fields), HashWrite(HELD_INDEX, {hold.name: now}, HELD_INDEX_TTL_S)]
 
+    def withdrawn_writes(self, fields: dict[str, bytes | str], provider: str) -> list[Write]:
+        """Where a message withdrawn from Postfix (its provider is paused) waits: the provider's hold."""
+        name = f"provider:{provider}"
+        now = repr(self.clock())
+        out = {**fields, HELD_PREFIX + "reason": "withdrawn", HELD_PREFIX + "at": now}
+        self.metrics.shaped(self.label(provider), "withdrawn", 1)
+        return [Output(held_key(name), out), HashWrite(HELD_INDEX, {name: now}, HELD_INDEX_TTL_S)]
+
     # -- outcomes --------------------------------------------------------------------------
 
     def observe(self, replies: Sequence[tuple[str, str]]) -> None:
@@ -478,6 +488,7 @@ class Shaper:
         held_providers = {h.partition(":")[2] for h in holds if h.startswith("provider:")}
         providers = sorted(set(self.rules.providers) | active | held_providers)
         states = self.states(providers)
+        self.paused = frozenset(p for p, state in states.items() if state.paused(now))
         self._report(states, now)
         self._release_all(holds, states, now)
 

@@ -30,6 +30,10 @@ THROTTLE = "421 4.7.0 <{addr}>: too many messages from your IP, slow down"
 #: alpha's sink takes this many recipients per window, then answers THROTTLE.
 ALPHA_PER_WINDOW, ALPHA_WINDOW_S = 8, 4.0
 PER_WAVE = 16
+#: A deferred message must not be eligible again within a second: with minimal_backoff_time 1s,
+#: qmgr can rescan it while the smtp process that deferred it still holds its lock ("skipped,
+#: still being delivered"), and it then waits in the incoming queue until the next new mail.
+SLOWER_RETRIES = {"minimal_backoff_time": "3s", "maximal_backoff_time": "4s"}
 
 
 def _addresses() -> dict[str, str]:
@@ -95,7 +99,7 @@ def test_throttled_provider_is_paused_resumed_and_delivered(
     with DnsServer(_dns_records(addresses), ttl=300) as dns:
         for sink in sinks.values():
             sink.start()
-        running = RunningService(service_config(sandbox={"enabled": False}, shaping=_shaping(dns)))
+        running = RunningService(service_config(SLOWER_RETRIES, sandbox={"enabled": False}, shaping=_shaping(dns)))
         running.service.instance.dns_server = dns.address
         registry = running.registry
         waves = [_wave("a"), _wave("b")]
@@ -140,14 +144,17 @@ def test_throttled_provider_is_paused_resumed_and_delivered(
     # Each provider's mail reached its own MX (the sink of its loopback address) through its transport.
     for provider, sink in sinks.items():
         assert {m.rcpt.rpartition("@")[2].removeprefix("customer-of-") for m in sink.messages} == {f"{provider}.test"}
-    # alpha pushed back: it was paused (and the pause shown), its second wave waited in Redis and
-    # was released, and it resumed; every pause and resume was logged.
+    # alpha pushed back: it was paused (and the pause shown); what Postfix had deferred and its
+    # second wave waited in Redis and were released; it resumed; every pause and resume was logged.
     assert paused_seen
     assert sinks["alpha"].handler.throttled > 0
     assert _sample(registry, "mailer_postfixlog_provider_pauses_total", provider="alpha", kind="slow") >= 1
     assert _sample(registry, "mailer_postfixlog_provider_resumes_total", provider="alpha") >= 1
     held = _sample(registry, "mailer_postfixlog_provider_messages_total", provider="alpha", outcome="paused")
+    withdrawn = _sample(registry, "mailer_postfixlog_provider_messages_total", provider="alpha", outcome="withdrawn")
     assert held >= 1
+    assert withdrawn >= 1  # deferred in Postfix when the pause began: moved to Redis too
+    held += withdrawn
     assert _sample(registry, "mailer_postfixlog_provider_messages_total", provider="alpha", outcome="released") >= held
     assert "provider alpha paused for" in caplog.text and "provider alpha resumed" in caplog.text
     assert not redis_client.exists("IB:postfixlog:held:provider:alpha")
