@@ -27,6 +27,13 @@ knows it is it sent again.
 
 Remaining duplicate window: Postfix still committing a message after PostfixLog gave up on the
 connection (a reply slower than the SMTP timeout) -- it is then sent twice.
+
+Shaping (when enabled): every recipient's provider is looked up for the batch
+(:mod:`postfixlog.providers`) and its message carries the routing header of the provider's
+Postfix transport (:mod:`postfixlog.routing`).  Untouched entries (no progress yet) are first
+offered to :meth:`postfixlog.shaping.Shaper.admit`: an entry whose provider is paused or over
+its rate, or whose sender is over its warm-up volume, is not sent but *held* -- completed with
+outputs that move it to its hold's stream in the same MULTI/EXEC as its acknowledgement.
 """
 
 from __future__ import annotations

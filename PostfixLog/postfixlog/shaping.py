@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -579,12 +578,6 @@ class Shaper:
                 used = int(self.redis.get(warmup_key(subject, today)) or 0)
             return max(0, min(want, limit_today - used)), ""
         return want, ""
-
-
-def pause_length(rules: Rules, pauses_before: int) -> float:
-    """Length of a slow-down pause after ``pauses_before`` pauses within the ramp (for docs and tests)."""
-    backoff = rules.backoff
-    return float(min(backoff.max_pause_seconds, backoff.pause_seconds * math.pow(2, pauses_before)))
 
 
 def safe_tick(shaper: Shaper) -> bool:
