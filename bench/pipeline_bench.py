@@ -18,6 +18,15 @@ two stacks, one with ``common-config.trace.enabled`` and one without, take turns
 load (``loadgen``: every message its own X-Uuid, so every message its own timeline); it prints
 both rates, the CPU per message of Redis and of every service, and the Redis memory of one
 message's timeline (``MEMORY USAGE`` of a sample of keys).
+
+``--scaling``: the delivery tier alone, with 1, 2 and 3 delivery instances (``postfixlog``
+processes, each with its private Postfix, on one Redis: the StatefulSet of issue 17) against a
+sink that answers like the internet (each message's DATA answered after a random 50-200 ms,
+``--latency-ms``).  ``--messages`` signed-looking 10 KB messages are put on
+``INCOMING-TO-POSTFIX`` at once; delivered msg/s is measured from then to the last
+``delivered`` event, and printed side by side.  Delivery to real receivers is latency-bound
+(each Postfix opens at most ``default_destination_concurrency_limit`` = 20 sessions per
+destination), so this is where more instances help, unlike the CPU-bound loopback runs above.
 """
 
 from __future__ import annotations
@@ -419,6 +428,118 @@ def compare_trace(work: Path, args: argparse.Namespace) -> None:
     )
 
 
+# -- --scaling: 1, 2, 3 delivery instances -------------------------------------------------------
+
+
+def latency_sink(port: int, latency_ms: str, work: Path) -> subprocess.Popen[bytes]:
+    """The aiosmtpd sink in a process of its own, answering each DATA after a random delay."""
+    log = (work / "sink.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "devtools.sink", "--listen", f"127.0.0.1:{port}", "--latency-ms", latency_ms],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_until(lambda: _port_open(port), timeout_s=20, what="latency sink")
+    return proc
+
+
+def delivered_events(client: Any, queue: str = "EVENT_QUEUE") -> int:
+    return int(client.xlen(queue))
+
+
+def scaling_round(work: Path, instances: int, args: argparse.Namespace, redis_port: int, sink_port: int) -> float:
+    """Delivered msg/s of ``instances`` delivery instances for ``args.messages`` queued messages."""
+    import redis as redislib
+
+    from common.payloads import OutboundMail
+    from devtools.delivery import DeliveryInstance
+
+    client: Any = redislib.Redis(host="127.0.0.1", port=redis_port)
+    client.flushall()
+    directory = work / f"n{instances}"
+    directory.mkdir()
+    directory.chmod(0o755)
+    running = [
+        DeliveryInstance(directory, i, redis_port=redis_port, nexthop=f"[127.0.0.1]:{sink_port}")
+        for i in range(instances)
+    ]
+    try:
+        for instance in running:
+            instance.start()
+        sender = f"news@{testing.SENDER_DOMAIN}"
+        mails = []
+        for i in range(args.messages):
+            uuid = f"scale{instances}x{i:06d}"
+            rcpt = f"rcpt{i}@dest.test"
+            mails.append(
+                OutboundMail(
+                    raw=loadgen.message(uuid, rcpt, args.size, sender),
+                    uuid=uuid,
+                    mail_from=f"bounce-{uuid}-aaaaaaaaaa@{testing.RETURN_PATH_DOMAIN}",
+                    recipients=(rcpt,),
+                    from_domain=testing.SENDER_DOMAIN,
+                ).to_fields()
+            )
+        started = time.monotonic()
+        pipe = client.pipeline(transaction=False)
+        for fields in mails:
+            pipe.xadd("INCOMING-TO-POSTFIX", dict(fields))
+        pipe.execute()
+        wait_until(
+            lambda: delivered_events(client) >= args.messages,
+            timeout_s=900,
+            interval_s=0.1,
+            what=f"{args.messages} delivered events",
+        )
+        rate: float = args.messages / (time.monotonic() - started)
+        kinds = {e for _, f in client.xrange("EVENT_QUEUE", count=50) for e in [json.loads(f[b"data"])["event"]]}
+        if kinds != {"delivered"}:
+            say(f"   warning: events other than delivered: {sorted(kinds)}")
+        return rate
+    finally:
+        for instance in running:
+            instance.stop()
+        client.close()
+
+
+def run_scaling(work: Path, args: argparse.Namespace) -> dict[int, list[float]]:
+    from devtools.servers import RedisProcess
+
+    redis_server = RedisProcess(work / "redis").start()
+    sink_port = free_port()
+    sink = latency_sink(sink_port, args.latency_ms, work)
+    rates: dict[int, list[float]] = {n: [] for n in (1, 2, 3)}
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for n in (1, 2, 3):
+                rates[n].append(scaling_round(work / f"r{round_}", n, args, redis_server.port, sink_port))
+                say(f"   round {round_}: {n} instance{'s' if n > 1 else ''}: {rates[n][-1]:6,.0f} msg/s delivered")
+    finally:
+        sink.terminate()
+        sink.wait(10)
+        redis_server.stop()
+    return rates
+
+
+def scaling_main(args: argparse.Namespace) -> None:
+    say(
+        f"delivery scaling on {os.cpu_count()} cores: {args.messages} messages of {args.size} bytes on "
+        f"INCOMING-TO-POSTFIX, sink answering each message after {args.latency_ms} ms, {args.rounds} round(s)"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-scaling-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+        for round_ in range(1, args.rounds + 1):
+            (work / f"r{round_}").mkdir()
+        rates = run_scaling(work, args)
+    medians = {n: statistics.median(values) for n, values in rates.items()}
+    say("")
+    say("delivered msg/s (median of the rounds), sink latency " + args.latency_ms + " ms")
+    say("  instances      " + "".join(f"{n:>12}" for n in medians))
+    say("  msg/s          " + "".join(f"{medians[n]:12,.0f}" for n in medians))
+    say("  vs 1 instance  " + "".join(f"{medians[n] / medians[1]:11.2f}x" for n in medians))
+
+
 def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
@@ -434,11 +555,16 @@ def main() -> None:
     parser.add_argument(
         "--compare-trace", action="store_true", help="measure the cost of the per-message timelines instead"
     )
+    parser.add_argument("--scaling", action="store_true", help="delivery only: 1, 2 and 3 delivery instances")
+    parser.add_argument("--latency-ms", default="50-200", help="--scaling: sink answer delay per message, MIN-MAX")
     args = parser.parse_args()
     if args.compare_trace:
         with tempfile.TemporaryDirectory(prefix="bench-pipeline-", dir="/var/tmp") as tmp:
             os.chmod(tmp, 0o755)
             compare_trace(Path(tmp), args)
+        return
+    if args.scaling:
+        scaling_main(args)
         return
     say(
         f"pipeline benchmark on {os.cpu_count()} cores: {args.rounds} rounds of {args.messages} messages of "

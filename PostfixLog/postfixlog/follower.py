@@ -5,7 +5,7 @@ an ``attempt`` entry in the message's timeline (``IB:trace:<uuid>``, :mod:`commo
 every status line, in the same script call.
 
 Exactly once: the follower reads a chunk of complete lines, and writes the chunk's events, its
-record updates and the new position (``IB:postfixlog:log-position``) in one MULTI/EXEC.  After a
+record updates and the new position (``IB:postfixlog:position:<instance>``) in one MULTI/EXEC.  After a
 crash it resumes from the saved position: no line is skipped, none is used twice.
 
 The position is (inode, offset, fingerprint of the file's first line), so the follower notices
@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Final, Protocol
 import redis
 
 from common import keys as common_keys
+from common import logs
 from common.errors import TemporaryError
 from common.queue import redis_errors
 from common.trace import DISABLED, TraceSettings
@@ -228,7 +229,9 @@ class LogFollower:
         event_queue: str,
         instance_name: str,
         qid_ttl_s: int,
+        position_ttl_s: int = records.POSITION_TTL_S,
         metrics: FollowerMetrics | None = None,
+        observer: Callable[[Effects], None] | None = None,
         rotate: Callable[[], object] | None = None,
         rotate_bytes: int = 0,
         chunk_bytes: int = 1 << 20,
@@ -240,7 +243,10 @@ class LogFollower:
         self.event_queue = event_queue
         self.instance_name = instance_name
         self.qid_ttl_s = qid_ttl_s
+        self.position_ttl_s = position_ttl_s
         self.metrics: FollowerMetrics = metrics or _NoMetrics()
+        #: Called with every committed chunk's effects (the shaper counts providers' replies).
+        self.observer = observer
         self.rotate = rotate
         self.rotate_bytes = rotate_bytes
         self.chunk_bytes = chunk_bytes
@@ -301,12 +307,26 @@ class LogFollower:
                 time.sleep(self.poll_s)
 
     def _restore(self) -> None:
+        key = records.position_key(self.instance_name)
         with redis_errors("read the log position"):
-            raw = self.redis.hget(records.POSITION_KEY, self.instance_name)
+            raw = self.redis.get(key)
+            if raw is None:
+                raw = self._move_legacy_position(key)
         saved = Position.decode(raw)
         self.reader.restore(saved)
         self._restored = True
         log.info("following %s from offset %d", self.reader.path, self.reader.offset)
+
+    def _move_legacy_position(self, key: str) -> bytes | None:
+        """The position a PostfixLog before 2.1 saved in one shared hash, moved to ``key``."""
+        raw: bytes | None = self.redis.hget(records.LEGACY_POSITION_KEY, self.instance_name)
+        if raw is not None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(key, raw, ex=self.position_ttl_s)
+            pipe.hdel(records.LEGACY_POSITION_KEY, self.instance_name)
+            pipe.execute()
+            log.info("moved the log position of %s to %s", self.instance_name, key)
+        return raw
 
     # -- one step --------------------------------------------------------------------------
 
@@ -337,8 +357,14 @@ class LogFollower:
         # record is already gone (then the injector's record after 250 is the one to use).
         introduced = {line.queue_id: line.token for line in lines if line.kind == "client" and line.token}
         wanted = {q for q in qids if q not in introduced or tx_records.get(introduced[q] or "") is None}
-        qid_records = self._fetch(records.qid_key, wanted)
+        qid_records = self._fetch(self._qid_key, wanted)
+        missing = {q for q, record in qid_records.items() if record is None}
+        if missing:  # written before 2.1, when queue ids were not per instance
+            qid_records.update({q: r for q, r in self._fetch(records.legacy_qid_key, missing).items() if r})
         return self.interpreter.apply(lines, tx_records, qid_records)
+
+    def _qid_key(self, queue_id: str) -> str:
+        return records.qid_key(self.instance_name, queue_id)
 
     def _fetch(self, key: Callable[[str], str], names: set[str]) -> dict[str, Delivery | None]:
         if not names:
@@ -354,7 +380,7 @@ class LogFollower:
     def _commit(self, effects: Effects, end: int) -> None:
         """Events, record updates and the new position in one atomic script call."""
         position = Position(self.reader.inode, end, self.reader.position.fingerprint)
-        keys = [self.event_queue, records.POSITION_KEY]
+        keys = [self.event_queue, records.position_key(self.instance_name)]
 
         def key(name: str) -> int:
             keys.append(name)
@@ -363,20 +389,20 @@ class LogFollower:
         change = {
             "link": [[key(records.tx_key(token)), fields["qid"]] for token, fields in effects.tx_updates.items()],
             "set": [
-                [key(records.qid_key(qid)), [x for pair in fields.items() for x in pair]]
+                [key(self._qid_key(qid)), [x for pair in fields.items() for x in pair]]
                 for qid, fields in effects.qid_updates.items()
             ],
-            "del": [key(records.qid_key(qid)) for qid in sorted(effects.qid_deletes)],
+            "del": [key(self._qid_key(qid)) for qid in sorted(effects.qid_deletes)],
             "events": [event.to_json().decode() for event in effects.events],
             "traces": [[key(common_keys.trace(uuid)), step] for uuid, step in effects.traces]
             if self.trace.enabled
             else [],
-            "instance": self.instance_name,
             "pos": position.encode(),
         }
         args: list[str | int] = [
             json.dumps(change, separators=(",", ":")),
             self.qid_ttl_s,
+            self.position_ttl_s,
             self.trace.ttl_s,
             self.trace.max_entries,
         ]
@@ -384,13 +410,17 @@ class LogFollower:
             self._commit_script(keys=keys, args=args)
         for event in effects.events:
             log.info(
-                "%s %s uuid=%s status=%s%s",
+                "%s uuid=%s status=%s%s",
                 event.event,
-                event.recipient,
                 event.uuid,
                 event.status,
                 f" type={event.type} classification={event.classification}" if event.type else "",
+                extra=logs.fields(
+                    uuid=event.uuid, recipient=event.recipient, event_id=event.event_id, stream_id=event.stream_id
+                ),
             )
+        if self.observer is not None:
+            self.observer(effects)
 
     def _maybe_rotate(self) -> None:
         if not self.rotate or not self.rotate_bytes or self._draining.is_set():

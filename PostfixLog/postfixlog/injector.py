@@ -29,6 +29,13 @@ knows it is it sent again.
 
 Remaining duplicate window: Postfix still committing a message after PostfixLog gave up on the
 connection (a reply slower than the SMTP timeout) -- it is then sent twice.
+
+Shaping (when enabled): every recipient's provider is looked up for the batch
+(:mod:`postfixlog.providers`) and its message carries the routing header of the provider's
+Postfix transport (:mod:`postfixlog.routing`).  Untouched entries (no progress yet) are first
+offered to :meth:`postfixlog.shaping.Shaper.admit`: an entry whose provider is paused or over
+its rate, or whose sender is over its warm-up volume, is not sent but *held* -- completed with
+outputs that move it to its hold's stream in the same MULTI/EXEC as its acknowledgement.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from typing import Any, Protocol
 
 import redis
 
-from common import trace
+from common import logs, trace
 from common.bounces import classify
 from common.errors import PermanentError, TemporaryError
 from common.events import Event, error_event, make_event_id
@@ -50,7 +57,10 @@ from common.queue import Entry, Output, Write, redis_errors
 from common.trace import DISABLED, TraceSettings
 from common.worker import Done, Fail, Outcome, Retry
 from postfixlog import records
+from postfixlog.providers import ProviderResolver
 from postfixlog.records import Delivery, Progress
+from postfixlog.routing import add_route, needs_utf8_route
+from postfixlog.shaping import GRANT_FIELD, Candidate, Hold, Shaper
 from postfixlog.smtpclient import Job, Message, Reply, Result, SmtpPool, SmtpUncertain
 
 log = logging.getLogger(__name__)
@@ -106,6 +116,7 @@ class _Job:
     result: Result | None = None
     error: TemporaryError | None = None
     uncertain: bool = False
+    provider: str | None = None
 
 
 @dataclass
@@ -118,6 +129,8 @@ class _EntryState:
     refused: dict[str, str] = field(default_factory=dict)  # recipient -> reply
     jobs: list[_Job] = field(default_factory=list)
     earlier_tokens: list[str] = field(default_factory=list)  # of attempts before this one
+    providers: dict[str, str] = field(default_factory=dict)  # recipient -> provider
+    hold: Hold | None = None  # waits in Redis (shaping) instead of going to Postfix now
 
 
 class Injector:
@@ -132,11 +145,14 @@ class Injector:
         event_queue: str,
         qid_ttl_s: int,
         resolver: Resolver,
+        instance: str,
         connections: int = 8,
         timeout_s: float = 60.0,
         local_hostname: str = "postfixlog.localhost",
         metrics: InjectorMetrics | None = None,
         trace_settings: TraceSettings = DISABLED,
+        providers: ProviderResolver | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.redis: Any = client
         self.host = host
@@ -144,10 +160,15 @@ class Injector:
         self.event_queue = event_queue
         self.qid_ttl_s = qid_ttl_s
         self.resolver = resolver
+        #: This PostfixLog instance (its Postfix' queue ids are recorded under its name).
+        self.instance = instance
         self.timeout_s = timeout_s
         self.local_hostname = local_hostname
         self.metrics: InjectorMetrics = metrics or NoMetrics()
         self.trace = trace_settings
+        #: Provider of each recipient (routing header, shaping); None: no routing at all.
+        self.providers = providers
+        self.shaper = shaper
         self._pool = SmtpPool(host, port, size=connections, local_hostname=local_hostname, timeout_s=timeout_s)
         #: Progress Redis did not take yet (entry id -> recipient -> encoded Progress).
         self._unsaved: dict[str, dict[str, str]] = {}
@@ -177,8 +198,12 @@ class Injector:
             except PermanentError as exc:
                 outcomes[i] = Fail(str(exc), self.dead_letter_outputs(entry, str(exc)))
         try:
-            resolved = self._plan(list(states.values()))
-            self._prewrite([job for state in states.values() for job in state.jobs], resolved)
+            progress = self._read_progress(list(states.values()))
+            self._route(list(states.values()))
+            self._shape(list(states.values()), progress)
+            going = [state for state in states.values() if state.hold is None]
+            resolved = self._plan(going, [progress[state.entry.id] for state in going])
+            self._prewrite([job for state in going for job in state.jobs], resolved)
         except TemporaryError as exc:
             reason = str(exc)
             return [outcomes.get(i) or Retry(reason) for i in range(len(entries))]
@@ -218,26 +243,71 @@ class Injector:
                 raise PermanentError(f"entry has a malformed address {address[:100]!r}")
         return mail
 
-    def _plan(self, states: list[_EntryState]) -> list[_Job]:
-        """Read progress and decide which recipients still need a transaction.
+    def _read_progress(self, states: list[_EntryState]) -> dict[str, dict[str, Progress | None]]:
+        """Per entry: recipient -> what an earlier attempt did (Redis, and what Redis did not take)."""
+        if not states:
+            return {}
+        with redis_errors("read injection progress"):
+            pipe = self.redis.pipeline(transaction=False)
+            for state in states:
+                pipe.hgetall(records.progress_key(state.entry.id))
+            replies = pipe.execute()
+        progress: dict[str, dict[str, Progress | None]] = {}
+        for state, reply in zip(states, replies, strict=True):
+            known = {k.decode(): Progress.decode(v) for k, v in reply.items()}
+            for rcpt, encoded in self._unsaved.get(state.entry.id, {}).items():
+                known[rcpt] = Progress.decode(encoded)
+            progress[state.entry.id] = known
+        return progress
+
+    def _route(self, states: list[_EntryState]) -> None:
+        """The provider of every recipient (MX lookups of the batch in parallel, cached)."""
+        if self.providers is None or not states:
+            return
+        domains = {rcpt.rpartition("@")[2] for state in states for rcpt in state.mail.recipients}
+        found = self.providers.providers(domains)
+        for state in states:
+            state.providers = {rcpt: found[rcpt.rpartition("@")[2].lower()] for rcpt in state.mail.recipients}
+
+    def _shape(self, states: list[_EntryState], progress: dict[str, dict[str, Progress | None]]) -> None:
+        """Hold entries whose provider is paused or over its rate, or whose sender is over its warm-up.
+
+        Only untouched entries: one that an earlier attempt partly handed to Postfix goes on.
+
+        Raises:
+            QueueUnavailableError: Redis is down.
+        """
+        if self.shaper is None:
+            return
+        fresh = [s for s in states if not progress[s.entry.id] and s.providers]
+        if not fresh:
+            return
+        candidates = []
+        for state in fresh:
+            provider = state.providers[state.mail.recipients[0]]
+            grant = (state.entry.field(GRANT_FIELD) or b"").decode("utf-8", "replace")
+            candidates.append(Candidate(provider, state.mail.from_domain, grant == provider))
+        for state, hold in zip(fresh, self.shaper.admit(candidates), strict=True):
+            state.hold = hold
+            if hold is not None:
+                log.debug(
+                    "uuid=%s held (%s, %s)",
+                    state.mail.uuid,
+                    hold.name,
+                    hold.reason,
+                    extra=logs.fields(uuid=state.mail.uuid, queue=state.entry.queue, entry_id=state.entry.id),
+                )
+
+    def _plan(self, states: list[_EntryState], progress: list[dict[str, Progress | None]]) -> list[_Job]:
+        """Decide which recipients still need a transaction.
 
         Returns recipients found already queued by Postfix (their progress is to be recorded).
         """
         found_queued: list[_Job] = []
         if not states:
             return found_queued
-        with redis_errors("read injection progress"):
-            pipe = self.redis.pipeline(transaction=False)
-            for state in states:
-                pipe.hgetall(records.progress_key(state.entry.id))
-            replies = pipe.execute()
-        progress: list[dict[str, Progress | None]] = []
         uncertain: list[tuple[str, str, str]] = []
-        for state, reply in zip(states, replies, strict=True):
-            known = {k.decode(): Progress.decode(v) for k, v in reply.items()}
-            for rcpt, encoded in self._unsaved.get(state.entry.id, {}).items():
-                known[rcpt] = Progress.decode(encoded)
-            progress.append(known)
+        for state, known in zip(states, progress, strict=True):
             uncertain += [
                 (p.value, state.mail.mail_from, r) for r, p in known.items() if p is not None and p.kind == "t"
             ]
@@ -252,7 +322,7 @@ class Injector:
                 len(uncertain) - found,
             )
         for state, known in zip(states, progress, strict=True):
-            message: Message | None = None
+            messages: dict[tuple[str | None, bool], Message] = {}
             for rcpt in _unique(state.mail.recipients):
                 value = known.get(rcpt)
                 if value is not None and value.kind == "t":
@@ -268,11 +338,24 @@ class Injector:
                 elif value is not None and value.kind == "r":
                     state.refused[rcpt] = value.value
                 else:
-                    message = message or Message.prepare(
-                        state.mail.raw, smtputf8=state.mail.meta.get("smtputf8") == "yes"
-                    )
-                    state.jobs.append(_Job(state.entry, state.mail, rcpt, message))
+                    provider = state.providers.get(rcpt)
+                    message = self._message(state.mail, provider, messages)
+                    state.jobs.append(_Job(state.entry, state.mail, rcpt, message, provider=provider))
         return found_queued
+
+    def _message(
+        self, mail: OutboundMail, provider: str | None, prepared: dict[tuple[str | None, bool], Message]
+    ) -> Message:
+        """The message for one recipient, with the routing header of its provider's transport."""
+        smtputf8 = mail.meta.get("smtputf8") == "yes"
+        rules = self.shaper.rules if self.shaper is not None else None
+        route = rules.route(provider) if rules is not None and rules.enabled and provider is not None else None
+        utf8 = route is not None and needs_utf8_route(mail.raw, smtputf8)
+        key = (route, utf8)
+        if key not in prepared:
+            raw = add_route(mail.raw, route, utf8=utf8) if route is not None else mail.raw
+            prepared[key] = Message.prepare(raw, smtputf8=smtputf8)
+        return prepared[key]
 
     def _prewrite(self, jobs: list[_Job], found_queued: list[_Job]) -> None:
         """Record every transaction (token, delivery) before sending any of them (one call)."""
@@ -282,7 +365,7 @@ class Injector:
             for job in jobs:
                 keys += [records.tx_key(job.token), records.progress_key(job.entry.id)]
                 args += [
-                    _delivery(job.mail, job.recipient, job.token).envelope(),
+                    self._delivery(job).envelope(),
                     job.recipient,
                     Progress("t", job.token).encode(),
                 ]
@@ -336,8 +419,8 @@ class Injector:
             tx = records.tx_key(job.token)
             if result is not None and result.outcome == "accepted" and result.queue_id:
                 qid = result.queue_id
-                envelope = _delivery(job.mail, job.recipient, job.token).envelope()
-                keys += [progress, tx, records.qid_key(qid)]
+                envelope = self._delivery(job).envelope()
+                keys += [progress, tx, records.qid_key(self.instance, qid)]
                 args += ["q", job.recipient, Progress("q", qid).encode(), envelope, qid]
             elif result is not None and result.outcome == "rejected":
                 keys += [progress, tx, progress]
@@ -374,6 +457,8 @@ class Injector:
                 self._unsaved.setdefault(job.entry.id, {})[job.recipient] = value.encode()
 
     def _outcome(self, state: _EntryState) -> Outcome:
+        if state.hold is not None and self.shaper is not None:
+            return Done(self.shaper.hold_writes(state.entry, state.hold))
         deferred: list[str] = []
         unavailable: list[str] = []
         for job in state.jobs:
@@ -420,6 +505,21 @@ class Injector:
                 )
             )
         return events
+
+    def _delivery(self, job: _Job) -> Delivery:
+        mail = job.mail
+        return Delivery(
+            uuid=mail.uuid,
+            recipient=job.recipient,
+            mail_from=mail.mail_from,
+            from_domain=mail.from_domain,
+            stream_id=mail.stream_id,
+            submitted_at=mail.submitted_at,
+            token=job.token,
+            meta=mail.meta,
+            instance=self.instance,
+            provider=job.provider,
+        )
 
     def _cleanup_completed(self) -> None:
         """Delete progress and injection records of entries that are acknowledged by now."""
@@ -468,16 +568,3 @@ def _unique(addresses: Sequence[str]) -> list[str]:
             seen.add(address.lower())
             out.append(address)
     return out
-
-
-def _delivery(mail: OutboundMail, recipient: str, token: str) -> Delivery:
-    return Delivery(
-        uuid=mail.uuid,
-        recipient=recipient,
-        mail_from=mail.mail_from,
-        from_domain=mail.from_domain,
-        stream_id=mail.stream_id,
-        submitted_at=mail.submitted_at,
-        token=token,
-        meta=mail.meta,
-    )

@@ -2,7 +2,9 @@
 
 One directory holds everything of an instance::
 
-    <directory>/etc/main.cf, master.cf, transport   rendered from postfixlog/postfix/*.in
+    <directory>/etc/main.cf, master.cf, transport   rendered from postfixlog/postfix/*.in and the
+                                                    shaping rules (provider transports)
+    <directory>/etc/header_checks, body_header_checks  routing header -> provider transport
     <directory>/queue/                              queue_directory (incoming, active, deferred…)
     <directory>/data/                               data_directory (owned by postfix)
     <directory>/log/postfix.log                     maillog_file (what the log follower reads)
@@ -39,6 +41,8 @@ from string import Template
 from typing import Any, Final
 
 from common.config.postfixlog import MANAGED_PARAMETERS, PostfixLogSection, main_cf_problems
+from postfixlog.routing import ROUTE_HEADER
+from postfixlog.rules import Rules, render_body_header_checks, render_header_checks, render_main_cf, render_master_cf
 
 __all__ = ["MANAGED_PARAMETERS", "PostfixError", "PostfixInstance", "check_overrides"]
 
@@ -139,6 +143,7 @@ class PostfixInstance:
         main_cf: Mapping[str, str | int | bool] | None = None,
         myhostname: str = "mta.example.test",
         dns_server: str | None = None,
+        rules: Rules | None = None,
     ) -> None:
         problems = check_overrides(main_cf or {})
         if problems:
@@ -152,10 +157,12 @@ class PostfixInstance:
         #: Tests: a loopback DNS server Postfix uses instead of /etc/resolv.conf (the master
         #: runs in its own mount namespace with a private resolv.conf bound over the real one).
         self.dns_server = dns_server
+        #: Shaping rules rendered into provider transports (None: no provider transports).
+        self.rules = rules
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def from_config(cls, section: PostfixLogSection) -> PostfixInstance:
+    def from_config(cls, section: PostfixLogSection, rules: Rules | None = None) -> PostfixInstance:
         """The instance described by the customer file's ``postfixlog`` section."""
         replacer = section.string_replacer
         return cls(
@@ -163,6 +170,7 @@ class PostfixInstance:
             smtpd_port=replacer.master_cf.smtpd_port,
             nexthop=section.sandbox.nexthop if section.sandbox.enabled else None,
             main_cf=replacer.main_cf,
+            rules=rules,
         )
 
     # -- paths -----------------------------------------------------------------------------
@@ -210,9 +218,18 @@ class PostfixInstance:
             "myhostname": self.myhostname,
             "myorigin": self.mailname or "$myhostname",
             "transport_maps": f"texthash:{self.config_directory / 'transport'}",
+            "header_checks": str(self.config_directory / "header_checks"),
+            "body_header_checks": str(self.config_directory / "body_header_checks"),
         }
         text = Template((TEMPLATES / "main.cf.in").read_text()).substitute(values)
         lines = text.splitlines()
+        transports = render_main_cf(self.rules) if self.rules is not None else ""
+        if transports:
+            lines += [
+                "",
+                "# -- provider transports (postfixlog/shaping.yaml; postfixlog.rules)",
+                *transports.splitlines(),
+            ]
         if self.main_cf:
             lines += ["", "# -- postfixlog.string-replacer.main-cf overrides"]
         for key, value in self.main_cf.items():
@@ -220,6 +237,9 @@ class PostfixInstance:
                 log.warning("main.cf override %s ignored: the sandbox routes every delivery", key)
                 continue
             _set_parameter(lines, key, parameter_value(value))
+        if not sandbox and self.main_cf.get("relayhost") and "default_filter_nexthop" not in self.main_cf:
+            # Mail routed to a provider transport (a FILTER) goes to the relay host as well.
+            _set_parameter(lines, "default_filter_nexthop", parameter_value(self.main_cf["relayhost"]))
         if sandbox:
             lines += ["", f"# -- sandbox: every delivery goes to {self.nexthop}, nothing leaves"]
             forced = {
@@ -240,8 +260,17 @@ class PostfixInstance:
 
     def master_cf_text(self) -> str:
         """The rendered master.cf."""
-        text = (TEMPLATES / "master.cf.in").read_text()
-        return Template(text).substitute(smtpd_listen=f"{LOOPBACK}:{self.smtpd_port}")
+        text = Template((TEMPLATES / "master.cf.in").read_text()).substitute(
+            smtpd_listen=f"{LOOPBACK}:{self.smtpd_port}"
+        )
+        return text + (render_master_cf(self.rules) if self.rules is not None else "")
+
+    def header_checks_text(self) -> str:
+        """header_checks: the routing header to provider transports, 8-bit headers to smtputf8."""
+        rules = self.rules
+        if rules is None:
+            return render_body_header_checks()
+        return render_header_checks(rules, ROUTE_HEADER)
 
     def render(self) -> None:
         """Write etc/ and create the directories (data/ owned by postfix).
@@ -256,6 +285,8 @@ class PostfixInstance:
         self._write(self.config_directory / "main.cf", self.main_cf_text())
         self._write(self.config_directory / "master.cf", self.master_cf_text())
         self._write(self.config_directory / "transport", (TEMPLATES / "transport").read_text())
+        self._write(self.config_directory / "header_checks", self.header_checks_text())
+        self._write(self.config_directory / "body_header_checks", render_body_header_checks())
         with contextlib.suppress(LookupError, PermissionError):
             shutil.chown(self.data_directory, "postfix", "postfix")
         self._own_log_file()
@@ -500,23 +531,34 @@ class PostfixInstance:
             raise PostfixError(f"postcat {queue_id} failed: {proc.stderr.decode(errors='replace').strip()}")
         return proc.stdout
 
-    def delete(self, queue_ids: list[str]) -> None:
-        """Remove messages from the queue (``postsuper -d``).
+    def delete(self, queue_ids: list[str], queue: str | None = None) -> None:
+        """Remove messages from the queue (``postsuper -d``; only from ``queue`` when given).
 
         Raises:
             PostfixError: postsuper failed.
         """
+        self._postsuper("-d", queue_ids, queue)
+
+    def hold(self, queue_ids: list[str], queue: str = "deferred") -> None:
+        """Put messages of ``queue`` on hold (``postsuper -h``): Postfix stops trying them.
+
+        Raises:
+            PostfixError: postsuper failed.
+        """
+        self._postsuper("-h", queue_ids, queue)
+
+    def _postsuper(self, operation: str, queue_ids: list[str], queue: str | None) -> None:
         if not queue_ids:
             return
         self._own_log_file()
         proc_input = "".join(f"{qid}\n" for qid in queue_ids).encode()
-        args = [str(SBIN / "postsuper"), "-c", str(self.config_directory), "-d", "-"]
+        args = [str(SBIN / "postsuper"), "-c", str(self.config_directory), operation, "-", *([queue] if queue else [])]
         try:
             proc = subprocess.run(args, input=proc_input, capture_output=True, timeout=120, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise PostfixError(f"postsuper -d: {exc}") from exc
+            raise PostfixError(f"postsuper {operation}: {exc}") from exc
         if proc.returncode != 0:
-            raise PostfixError(f"postsuper -d failed: {proc.stderr.decode(errors='replace').strip()}")
+            raise PostfixError(f"postsuper {operation} failed: {proc.stderr.decode(errors='replace').strip()}")
 
     def queue_counts(self) -> dict[str, int]:
         """Number of queue files per queue (the original's ``postfix_*_queue_messages``)."""
@@ -527,6 +569,16 @@ class PostfixInstance:
                 total += len(files)
             counts[name] = total
         return counts
+
+    def retire_log(self) -> None:
+        """Move a completely read log aside (``postfix.log.drained``, ``postfix.log.1.drained``).
+
+        Called with Postfix stopped, after the log follower read everything and the queue went
+        back to Redis: the next start begins a new log and has nothing to resume.
+        """
+        for path in (self.log_path.with_name(self.log_path.name + ".1"), self.log_path):
+            if path.exists():
+                path.replace(path.with_name(path.name + ".drained"))
 
     def rotate_log(self) -> Path:
         """Rename the maillog file to ``postfix.log.1`` and make postlogd reopen it.

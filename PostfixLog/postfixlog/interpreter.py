@@ -50,6 +50,9 @@ class Effects:
     counts: Counter[str] = field(default_factory=Counter)
     #: Timeline entries (uuid, JSON) of the delivery attempts seen (:mod:`common.trace`).
     traces: list[tuple[str, str]] = field(default_factory=list)
+    #: Remote answers of deferred and bounced deliveries: (provider or None, recipient, text),
+    #: for the shaper's automatic back-off.
+    replies: list[tuple[str | None, str, str]] = field(default_factory=list)
 
     def update_qid(self, queue_id: str, fields: Mapping[str, str]) -> None:
         """Add fields to write into a queue id's record."""
@@ -169,6 +172,8 @@ class Interpreter:
         effects.counts[f"event:{event.event}"] += 1
         status = "expired" if line.kind == "expired" or line.status == "expired" else line.status or ""
         effects.traces.append((delivery.uuid, _attempt(qid, delivery, status, line)))
+        if event.event in ("deferred", "bounce") and line.kind == "status":
+            effects.replies.append((delivery.provider, delivery.recipient, line.text))
         if event.event != "deferred":
             effects.update_qid(qid, {"fin": "1"})
             return replace(delivery, final=True)

@@ -44,7 +44,7 @@ _ROUTINE: Final = re.compile(
     r"^(?:message-id=|sender non-delivery notification|sender delivery status notification|"
     r"host \S+ said: |lost connection |conversation with |enabling PIX|breaking line|"
     r"Cannot start TLS|TLS is required|warning: |reject: |discard: |hold: |redirect |filter: |"
-    r"replace: |info: |uid=|resent-message-id=)"
+    r"replace: |info: |uid=|resent-message-id=|placed on hold|released from hold|requeued$)"
 )
 
 

@@ -2,18 +2,25 @@
 
 Keys (all built with :func:`common.keys.service_key`)::
 
-  IB:postfixlog:tx:<token>           HASH  one injection attempt, written *before* the SMTP
-                                           transaction: ``d`` = JSON of uuid, recipient, return
-                                           path, From domain, stream id; the log follower adds
-                                           ``qid`` when Postfix logs the token with its queue id
-  IB:postfixlog:qid:<queue id>       HASH  the same ``d`` keyed by Postfix' queue id (written by
-                                           the log follower when it reads ``orig_queue_id=<token>``,
-                                           or by the injector after 250 if the follower has not
-                                           yet); ``acc`` once qmgr picked the file up, ``last-*``
-                                           the latest deferral (for the expiry event)
-  IB:postfixlog:progress:<entry id>  HASH  recipient -> t:<token> (sent, answer not recorded),
-                                           q:<queue id> (queued), r:<code> <reply> (refused)
-  IB:postfixlog:log-position         HASH  instance name -> "<inode>:<offset>:<fingerprint>"
+  IB:postfixlog:tx:<token>                HASH    one injection attempt, written *before* the SMTP
+                                                  transaction: ``d`` = JSON of uuid, recipient, return
+                                                  path, From domain, stream id, provider and the
+                                                  instance that sent it; the log follower adds ``qid``
+                                                  when Postfix logs the token with its queue id
+  IB:postfixlog:qid:<instance>:<queue id> HASH    the same ``d`` keyed by the instance and Postfix' queue
+                                                  id (written by that instance's log follower when it
+                                                  reads ``orig_queue_id=<token>``, or by its injector
+                                                  after 250 if the follower has not yet); ``acc`` once
+                                                  qmgr picked the file up, ``last-*`` the latest
+                                                  deferral (for the expiry event)
+  IB:postfixlog:progress:<entry id>       HASH    recipient -> t:<token> (sent, answer not recorded),
+                                                  q:<queue id> (queued), r:<code> <reply> (refused)
+  IB:postfixlog:position:<instance>       STRING  "<inode>:<offset>:<fingerprint>" of the instance's log
+
+Every Postfix instance (one per delivery pod) has its own queue ids and its own log, so both are
+keyed by the instance name (the consumer name, derived from the pod's stable name): two instances
+can never read each other's records, even if their queue ids collided.  Tokens are random and
+entries move between instances (a claimed entry), so ``tx`` and ``progress`` records are shared.
 
 The token is Postfix' ``XFORWARD IDENT``: Postfix logs it as ``orig_queue_id=`` in the same line
 that first names the queue id, so the follower never has to wait for the injector.
@@ -21,7 +28,12 @@ that first names the queue id, so the follower never has to wait for the injecto
 Lifetimes: ``qid`` records are deleted when Postfix logs ``removed`` (or the message is
 requeued) and otherwise expire after twice the queue lifetime plus a day; ``tx`` and
 ``progress`` records are deleted once their queue entry is acknowledged and otherwise expire
-after :data:`PROGRESS_TTL_S`.
+after :data:`PROGRESS_TTL_S`; the position expires ``instance-state-days`` after the instance
+was last seen, and is deleted when the instance drains cleanly (:mod:`postfixlog.membership`).
+
+Before 2.1 there was one instance: ``IB:postfixlog:qid:<queue id>`` and the hash
+``IB:postfixlog:log-position`` (instance -> position).  They are still read when the new keys
+are missing, so an upgrade neither repeats nor loses events.
 """
 
 from __future__ import annotations
@@ -29,14 +41,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from common import keys
 
 SERVICE: Final = "postfixlog"
 PROGRESS_TTL_S: Final = 3 * 86400
-POSITION_KEY: Final = keys.service_key(SERVICE, "log-position")
+#: Default lifetime of an instance's log position after its last write (postfixlog.instance-state-days).
+POSITION_TTL_S: Final = 14 * 86400
+#: Before 2.1: one hash of every instance's log position (read once, then moved).
+LEGACY_POSITION_KEY: Final = keys.service_key(SERVICE, "log-position")
 
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -84,14 +99,15 @@ end
 return 1
 """
 #: The log follower's commit for one chunk of lines, atomic with the new position.
-#: KEYS event queue, position hash, then the records named in ARGV[1] (JSON: "link" token ->
+#: KEYS event queue, position key, then the records named in ARGV[1] (JSON: "link" token ->
 #: queue id, written only into injection records that still exist; "set" record -> fields;
 #: "del" records; "events" event JSON strings; "traces" [timeline key, entry] appended to the
-#: messages' timelines (ARGV[3] their TTL, ARGV[4] their length cap); "pos" position) by their
-#: index in KEYS.
+#: messages' timelines (ARGV[4] their TTL, ARGV[5] their length cap); "pos" position) by their
+#: index in KEYS.  ARGV[2] is the records' TTL, ARGV[3] the position's (instance-state-days).
 COMMIT_SCRIPT: Final = """
 local c = cjson.decode(ARGV[1])
 local ttl = ARGV[2]
+local position_ttl = ARGV[3]
 for _, link in ipairs(c.link) do
   local key = KEYS[link[1]]
   if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'qid', link[2]) end
@@ -106,10 +122,10 @@ for _, event in ipairs(c.events) do redis.call('XADD', KEYS[1], '*', 'data', eve
 for _, step in ipairs(c.traces) do
   local key = KEYS[step[1]]
   redis.call('RPUSH', key, step[2])
-  redis.call('LTRIM', key, -tonumber(ARGV[4]), -1)
-  redis.call('EXPIRE', key, ARGV[3])
+  redis.call('LTRIM', key, -tonumber(ARGV[5]), -1)
+  redis.call('EXPIRE', key, ARGV[4])
 end
-redis.call('HSET', KEYS[2], c.instance, c.pos)
+redis.call('SET', KEYS[2], c.pos, 'EX', position_ttl)
 return #c.events
 """
 
@@ -119,9 +135,19 @@ def tx_key(token: str) -> str:
     return keys.service_key(SERVICE, "tx", token)
 
 
-def qid_key(queue_id: str) -> str:
-    """Record of one Postfix queue file."""
+def qid_key(instance: str, queue_id: str) -> str:
+    """Record of one queue file of ``instance``'s Postfix."""
+    return keys.service_key(SERVICE, "qid", instance, queue_id)
+
+
+def legacy_qid_key(queue_id: str) -> str:
+    """Record of a queue file before 2.1 (one instance); read when :func:`qid_key` is missing."""
     return keys.service_key(SERVICE, "qid", queue_id)
+
+
+def position_key(instance: str) -> str:
+    """Where ``instance``'s log follower stands in its log."""
+    return keys.service_key(SERVICE, "position", instance)
 
 
 def progress_key(entry_id: str) -> str:
@@ -165,6 +191,10 @@ class Delivery:
     meta: Mapping[str, str] = field(default_factory=dict)
     #: A final status line (sent, bounced, expired) was seen for this recipient.
     final: bool = False
+    #: The provider the recipient's domain belongs to (:mod:`postfixlog.providers`).
+    provider: str | None = None
+    #: The PostfixLog instance that handed it to its Postfix.
+    instance: str | None = None
 
     def envelope(self) -> str:
         """The fixed part of the record as one JSON field (``d``): cheap to write and read."""
@@ -181,6 +211,10 @@ class Delivery:
             data["token"] = self.token
         if self.meta:
             data["meta"] = dict(self.meta)
+        if self.provider is not None:
+            data["prov"] = self.provider
+        if self.instance is not None:
+            data["inst"] = self.instance
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
     def to_hash(self) -> dict[str, str]:
@@ -229,26 +263,13 @@ class Delivery:
             last_ip=text(b"last-ip"),
             meta={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
             final=raw.get(b"fin") == b"1",
+            provider=data.get("prov"),
+            instance=data.get("inst"),
         )
 
     def with_queue_id(self, queue_id: str, *, accepted: bool | None = None) -> Delivery:
         """A copy that knows its queue id."""
-        return Delivery(
-            self.uuid,
-            self.recipient,
-            self.mail_from,
-            self.from_domain,
-            self.stream_id,
-            self.submitted_at,
-            self.token,
-            queue_id,
-            self.accepted if accepted is None else accepted,
-            self.last_reason,
-            self.last_status,
-            self.last_ip,
-            self.meta,
-            self.final,
-        )
+        return replace(self, queue_id=queue_id, accepted=self.accepted if accepted is None else accepted)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Produces ``INCOMING-TO-POSTFIX`` entries (:class:`common.payloads.OutboundMail`): the envelope
 comes from ``postqueue -j`` (return path, recipients not delivered yet) and the message's
 record (uuid, stream id, From domain); the content from ``postcat -bh`` without the
-``Received:`` header this Postfix added, so the copy delivered later carries nothing internal.
+``Received:`` header this Postfix added and without PostfixLog's routing header
+(:mod:`postfixlog.routing`), so the copy delivered later carries nothing internal.
 
 Exactly once: each message is added to the queue in the same MULTI/EXEC that marks its record
 ``requeued``; then it is removed from Postfix (``postsuper -d``).  When PostfixLog dies in
@@ -12,22 +13,31 @@ between, the next start removes the marked messages before starting Postfix
 
 Messages without a record (Postfix' own notifications, mail from other clients) stay in
 Postfix' queue and are delivered when it starts again.
+
+While Postfix runs, :meth:`Requeuer.withdraw` takes the deferred mail of paused providers out of
+it (automatic back-off, :mod:`postfixlog.shaping`): ``postsuper -h`` first (Postfix stops
+retrying it at once), then each held message goes to its provider's hold in Redis -- in the same
+MULTI/EXEC that marks its record ``requeued`` -- and is deleted from Postfix.  So a paused
+provider's mail waits in Redis, not in Postfix' deferred queue, and comes back at the ramp's pace.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from common import logs
 from common.payloads import OutboundMail
-from common.queue import redis_errors
+from common.queue import Output, Write, redis_errors
 from postfixlog import records
 from postfixlog.instance import PostfixError, PostfixInstance
 from postfixlog.records import Delivery
+from postfixlog.routing import strip_route
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +75,13 @@ def crlf(content: bytes) -> bytes:
 class Requeuer:
     """Drains a stopped Postfix' queue into ``INCOMING-TO-POSTFIX``."""
 
-    def __init__(self, instance: PostfixInstance, client: redis.Redis, *, incoming_queue: str) -> None:
+    def __init__(self, instance: PostfixInstance, client: redis.Redis, *, incoming_queue: str, name: str) -> None:
         self.instance = instance
         self.redis: Any = client
         self.incoming_queue = incoming_queue
+        #: The PostfixLog instance whose records (``IB:postfixlog:qid:<name>:…``) describe the queue.
+        self.name = name
+        self._last_report: RequeueReport | None = None
 
     def _scan(self) -> list[tuple[dict[str, Any], dict[bytes, bytes]]]:
         queued = self.instance.queue_json()
@@ -77,9 +90,16 @@ class Requeuer:
         with redis_errors("read records of queued messages"):
             pipe = self.redis.pipeline(transaction=False)
             for message in queued:
-                pipe.hgetall(records.qid_key(message["queue_id"]))
+                pipe.hgetall(records.qid_key(self.name, message["queue_id"]))
+                pipe.hgetall(records.legacy_qid_key(message["queue_id"]))
             found = pipe.execute()
-        return list(zip(queued, found, strict=True))
+        # A record written before 2.1 (legacy key) counts when the instance's own is missing.
+        return [(m, found[2 * i] or found[2 * i + 1]) for i, m in enumerate(queued)]
+
+    @property
+    def last_report(self) -> RequeueReport | None:
+        """What the last :meth:`requeue_all` did (None before it ran)."""
+        return self._last_report
 
     def finish_interrupted(self) -> int:
         """Remove messages an interrupted requeue already put back in Redis; returns how many."""
@@ -92,6 +112,7 @@ class Requeuer:
     def requeue_all(self) -> RequeueReport:
         """Requeue every message PostfixLog injected that Postfix has not finished."""
         report = RequeueReport()
+        self._last_report = report
         done: list[str] = []
         for message, raw_record in self._scan():
             qid = message["queue_id"]
@@ -123,11 +144,67 @@ class Requeuer:
         )
         return report
 
-    def _requeue_one(self, message: dict[str, Any], delivery: Delivery) -> None:
+    def withdraw(
+        self, providers: Collection[str], writes: Callable[[dict[str, bytes | str], str], Sequence[Write]]
+    ) -> int:
+        """Move deferred mail of ``providers`` from the running Postfix to Redis; returns how many.
+
+        ``writes(fields, provider)`` says where a withdrawn entry goes (the provider's hold).
+        Messages a previous call put on hold but did not finish are moved too, whatever their
+        provider.
+
+        Raises:
+            PostfixError: Postfix' queue cannot be read or changed.
+            QueueUnavailableError: Redis is down.
+        """
+        scanned = [(m, r) for m, r in self._scan() if m.get("queue_name") in ("deferred", "hold")]
+        deferred = []
+        for message, raw_record in scanned:
+            delivery = Delivery.from_hash(raw_record)
+            if message.get("queue_name") == "deferred" and delivery is not None and delivery.provider in providers:
+                deferred.append(str(message["queue_id"]))
+        self.instance.hold(deferred, queue="deferred")  # from now on Postfix leaves them alone
+        moved: list[str] = []
+        for message, raw_record in self._scan():
+            delivery = Delivery.from_hash(raw_record)
+            if message.get("queue_name") != "hold" or delivery is None:
+                continue
+            if REQUEUED_FIELD.encode() in raw_record:  # in Redis already (an interrupted call)
+                moved.append(message["queue_id"])
+                continue
+            provider = delivery.provider or delivery.recipient.rpartition("@")[2].lower()
+            mail = self._outbound(message, delivery)
+            try:
+                self._move(message["queue_id"], writes(dict(mail.to_fields()), provider))
+            except PostfixError as exc:
+                log.error("cannot withdraw %s (uuid=%s): %s", message["queue_id"], delivery.uuid, exc)
+                continue
+            moved.append(message["queue_id"])
+        if moved:
+            self.instance.delete(moved, queue="hold")
+            with redis_errors("delete records of withdrawn messages"):
+                self.redis.delete(*(records.qid_key(self.name, q) for q in moved))
+            log.warning("withdrew %d deferred messages of paused providers from Postfix into Redis", len(moved))
+        return len(moved)
+
+    def _move(self, qid: str, writes: Sequence[Write]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for write in writes:
+            write.write(pipe)
+        pipe.hset(records.qid_key(self.name, qid), REQUEUED_FIELD, "1")
+        with redis_errors(f"withdraw {qid}"):
+            pipe.execute()
+
+    def _outbound(self, message: dict[str, Any], delivery: Delivery) -> OutboundMail:
+        """The queued message as an ``INCOMING-TO-POSTFIX`` entry (without what Postfix/PostfixLog added).
+
+        Raises:
+            PostfixError: postcat failed.
+        """
         qid = message["queue_id"]
-        content = strip_own_received(self.instance.message(qid), self.instance.myhostname, qid)
+        content = strip_route(strip_own_received(self.instance.message(qid), self.instance.myhostname, qid))
         recipients = tuple(r["address"] for r in message.get("recipients", ())) or (delivery.recipient,)
-        mail = OutboundMail(
+        return OutboundMail(
             raw=crlf(content),
             uuid=delivery.uuid,
             mail_from=message.get("sender") or delivery.mail_from,
@@ -137,16 +214,22 @@ class Requeuer:
             submitted_at=delivery.submitted_at,
             meta=delivery.meta,
         )
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.incoming_queue, dict(mail.to_fields()))
-        pipe.hset(records.qid_key(qid), REQUEUED_FIELD, "1")
-        with redis_errors(f"requeue {qid}"):
-            pipe.execute()
-        log.info("requeued uuid=%s rcpt=%s (Postfix queue id %s)", delivery.uuid, ",".join(recipients), qid)
+
+    def _requeue_one(self, message: dict[str, Any], delivery: Delivery) -> None:
+        qid = message["queue_id"]
+        mail = self._outbound(message, delivery)
+        self._move(qid, [Output(self.incoming_queue, mail.to_fields())])
+        log.info(
+            "requeued uuid=%s (Postfix queue id %s)",
+            delivery.uuid,
+            qid,
+            extra=logs.fields(uuid=delivery.uuid, queue=self.incoming_queue, recipient=mail.recipients[0]),
+        )
 
     def _remove(self, queue_ids: list[str]) -> None:
         if not queue_ids:
             return
         self.instance.delete(queue_ids)
         with redis_errors("delete records of requeued messages"):
-            self.redis.delete(*(records.qid_key(q) for q in queue_ids))
+            self.redis.delete(*(records.qid_key(self.name, q) for q in queue_ids))
+            self.redis.delete(*(records.legacy_qid_key(q) for q in queue_ids))

@@ -9,7 +9,10 @@ Queue streams (names configurable in the global file; defaults shown)::
   EVENT_QUEUE                  STREAM  every service                    backdata
   <queue>:dead                 STREAM  the queue's consumers            (operators; replay CLI)
 
-Each queue stream has exactly one consumer group, named after the consuming service.  An entry
+Each queue stream has exactly one consumer group, named after the consuming service.  PostfixLog
+also reads ``XINFO CONSUMERS`` of ``INCOMING-TO-POSTFIX`` and deletes idle consumers of its group
+that own nothing (``XGROUP DELCONSUMER``, postfixlog.membership); its scripts (``EVALSHA``) only
+touch the keys listed here.  An entry
 is deleted (XDEL) in the same MULTI/EXEC that acknowledges it, so a stream's length is the
 number of entries not yet completed (waiting + pending).
 
@@ -18,10 +21,24 @@ Other keys::
   IB:address-secret                          STRING  generated address-tag secret (if not configured)
   IB:sent:<uuid>                             HASH    Transformer: recipient -> stream id, From domain (TTL:
                                                      common-config.binding-retention-days; common.binding)
-  IB:postfixlog:qid:<queue id>               HASH    PostfixLog: queue id -> uuid, recipient, stream… (TTL)
+  IB:postfixlog:qid:<instance>:<queue id>    HASH    PostfixLog instance: its Postfix' queue id -> uuid, recipient,
+                                                     stream… (TTL; postfixlog.records)
   IB:postfixlog:tx:<token>                   HASH    PostfixLog: one injection (XFORWARD IDENT) -> same (TTL)
   IB:postfixlog:progress:<entry id>          HASH    PostfixLog: recipient -> sent/queued/refused (TTL)
-  IB:postfixlog:log-position                 HASH    PostfixLog: instance -> log position (inode:offset:fingerprint)
+  IB:postfixlog:position:<instance>          STRING  PostfixLog instance: its log position (inode:offset:fingerprint;
+                                                     TTL postfixlog.instance-state-days, deleted when it retires)
+  IB:postfixlog:instances                    ZSET    PostfixLog: instance -> last heartbeat (postfixlog.membership)
+  IB:postfixlog:shaping:state:<provider>     HASH    PostfixLog (all instances): a provider's pause/ramp state (TTL;
+                                                     postfixlog.shaping)
+  IB:postfixlog:shaping:active               ZSET    PostfixLog: provider -> end of its pause and ramp
+  IB:postfixlog:shaping:bucket:<provider>    HASH    PostfixLog: a provider's rate token bucket (TTL 1 h)
+  IB:postfixlog:held:<hold>                  STREAM  PostfixLog -> PostfixLog: entries waiting (hold = provider:<p> or
+                                                     warmup:<domain>); released back to INCOMING-TO-POSTFIX
+  IB:postfixlog:held                         HASH    PostfixLog: hold -> time of its last held entry (TTL 30 d)
+  IB:postfixlog:warmup:<domain>:<yyyymmdd>   STRING  PostfixLog: messages of a sending domain handed to Postfix that
+                                                     UTC day (TTL 2 d)
+  IB:postfixlog:qid:<queue id>               HASH    PostfixLog before 2.1 (read only, expires)
+  IB:postfixlog:log-position                 HASH    PostfixLog before 2.1: instance -> position (read once, moved)
   IB:httpreceiver:idem:<user>:<key>          STRING  HttpReceiver: Idempotency-Key -> first answer (TTL 24 h)
   IB:<service>:authfail:<kind>:<id>          STRING  Receiver, HttpReceiver: failed logins per client address
                                                      (kind ip) and per account (kind user; TTL window; common.authguard)

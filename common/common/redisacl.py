@@ -82,7 +82,15 @@ GRANTS: Final[Mapping[str, frozenset[str]]] = {
     "receiver": CONNECTION | PRODUCER | SCRIPTS | STRINGS | TRACE_WRITE,
     "httpreceiver": CONNECTION | PRODUCER | SCRIPTS | STRINGS | TRACE_WRITE | SUPPRESSION_ADMIN | {"hgetall", "lrange"},
     "transformer": CONNECTION | CONSUMER | SCRIPTS | STRINGS | TRACE_WRITE | SUPPRESSION_READ | {"hset"},
-    "postfixlog": CONNECTION | CONSUMER | SCRIPTS | STRINGS | HASHES | TRACE_WRITE,
+    "postfixlog": CONNECTION
+    | CONSUMER
+    | SCRIPTS
+    | STRINGS
+    | HASHES
+    | TRACE_WRITE
+    # Instances (membership: sweep stale consumers) and traffic shaping (buckets, pauses, held mail).
+    | {"hmget", "hsetnx", "hkeys", "incrby", "zadd", "zrem", "zrange", "zrangebyscore", "zremrangebyscore"}
+    | {"xinfo|consumers", "xgroup|delconsumer"},
     "mxserver": CONNECTION | PRODUCER | SCRIPTS | STRINGS | {"hgetall"},
     "backdata": CONNECTION | CONSUMER | SCRIPTS | STRINGS | TRACE_WRITE | {"hgetall"},
 }

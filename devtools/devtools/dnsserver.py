@@ -1,9 +1,11 @@
-"""A tiny authoritative DNS server on a loopback address for tests (UDP, dnspython).
+"""A tiny authoritative DNS server on a loopback address for tests and benchmarks (UDP, dnspython).
 
-Every name is NXDOMAIN except the ones given as records; nothing is forwarded anywhere.  The
-PostfixLog tests point Postfix at it (port 53 of an address of its own in 127.0.0.0/8); the DNS
-check of ``transformer-dkim check`` is tested against it on a free port of 127.0.0.1.
-Records can be changed while it runs (:attr:`DnsServer.records`).
+Every name is NXDOMAIN except the ones given as records; nothing is forwarded anywhere.  A
+private Postfix uses it through :attr:`postfixlog.instance.PostfixInstance.dns_server` (its own
+resolv.conf in a mount namespace), PostfixLog through ``postfixlog.shaping.dns-servers``; the
+DNS check of ``transformer-dkim check`` is tested against it on a free port of 127.0.0.1.
+Records can be changed while it runs (:meth:`DnsServer.set`).  Names in answers are absolute
+(``10 mx.example.test`` means ``mx.example.test.``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import threading
 from collections.abc import Iterator
 
 import dns.message
+import dns.name
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 
 
@@ -23,8 +27,14 @@ class DnsServer:
     """Answers from ``records`` ({(name, type): [rdata text]}), NXDOMAIN for everything else."""
 
     def __init__(
-        self, records: dict[tuple[str, str], list[str]] | None = None, *, address: str | None = None, port: int = 53
+        self,
+        records: dict[tuple[str, str], list[str]] | None = None,
+        *,
+        ttl: int = 60,
+        address: str | None = None,
+        port: int = 53,
     ) -> None:
+        self.ttl = ttl
         self.records = {(n.rstrip(".").lower(), t.upper()): v for (n, t), v in (records or {}).items()}
         # By default a loopback address of its own: port 53 there is free even if something uses
         # 127.0.0.1:53 (binding port 53 needs root; port 0 picks a free port).
@@ -57,7 +67,11 @@ class DnsServer:
         if values and rdtype == "TXT":
             values = [v if v.startswith('"') else _quoted(v) for v in values]
         if values:
-            reply.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", rdtype, values))
+            # Names in answers are absolute ("mx.example.test" means "mx.example.test.").
+            rrset = dns.rrset.from_text_list(
+                question.name, self.ttl, "IN", rdtype, values, origin=dns.name.root, relativize=False
+            )
+            reply.answer.append(rrset)
         elif not any(n == name for n, _ in self.records):
             reply.set_rcode(dns.rcode.NXDOMAIN)
         return reply.to_wire()

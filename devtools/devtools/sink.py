@@ -15,6 +15,12 @@ Accepted messages are kept in memory (:attr:`Sink.messages`) and, with ``maildir
 one file per recipient to that directory (``<n>.eml`` with ``X-Sink-Rcpt``/``X-Sink-From``
 lines first) so another process can count them.
 
+Two more ways to play a real receiver: ``latency`` (min, max seconds) waits that long before
+answering each message's DATA, as a remote server across the internet does (sessions wait in
+parallel); ``throttle`` (count, window seconds, reply) answers RCPT with the reply (e.g. ``421
+4.7.0 …``) once ``count`` recipients were accepted in the current window, as a provider that
+rate-limits a sender does.  :attr:`SinkHandler.throttled` counts those answers.
+
 The sink advertises 8BITMIME and SMTPUTF8, as most of today's receivers do.  With
 ``seven_bit_port`` it listens on a second port as an old receiver: that port advertises
 neither, refuses ``BODY=8BITMIME`` and ``SMTPUTF8`` on MAIL (``555 5.5.4``) and any message
@@ -27,12 +33,15 @@ Run it alone: ``python -m devtools.sink --listen 127.0.0.1:2526 --maildir run/si
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import logging
 import os
+import random
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +89,13 @@ class SinkHandler:
     on_message: Callable[[Received], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     seven_bit_ports: frozenset[int] = frozenset()
+    #: (min, max) seconds to wait before answering DATA.
+    latency: tuple[float, float] | None = None
+    #: (count, window seconds, reply): refuse recipients beyond ``count`` per window.
+    throttle: tuple[int, float, str] | None = None
+    #: How many recipients ``throttle`` refused.
+    throttled: int = 0
+    _window: tuple[float, int] = (0.0, 0)
 
     def _seven_bit(self, server: SMTP) -> bool:
         """True when ``server`` is a connection to a port that plays an old, 7-bit-only receiver."""
@@ -117,8 +133,26 @@ class SinkHandler:
         for pattern, reply in self.rules:
             if pattern.search(local):
                 return reply.format(addr=address)
+        if self.throttle is not None and not self._admit():
+            return self.throttle[2].format(addr=address)
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
+
+    def _admit(self) -> bool:
+        """Count one recipient in the current throttle window; False when over the limit."""
+        assert self.throttle is not None
+        count, window_s, _ = self.throttle
+        now = time.monotonic()
+        with self.lock:
+            started, admitted = self._window
+            if now - started >= window_s:
+                started, admitted = now, 0
+            if admitted >= count:
+                self.throttled += 1
+                self._window = (started, admitted)
+                return False
+            self._window = (started, admitted + 1)
+            return True
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Keep the message once per accepted recipient."""
@@ -127,6 +161,8 @@ class SinkHandler:
         seven_bit = self._seven_bit(server)
         if seven_bit and not data.isascii():
             return "554 5.6.1 8-bit data without 8BITMIME (sink port without 8BITMIME)"
+        if self.latency is not None:
+            await asyncio.sleep(random.uniform(*self.latency))
         options = tuple(envelope.mail_options)
         for rcpt in envelope.rcpt_tos:
             item = Received(str(envelope.mail_from), rcpt, data, peer, seven_bit, options)
@@ -164,6 +200,8 @@ class Sink:
         maildir: Path | None = None,
         hostname: str = "sink.test",
         seven_bit_port: int | None = None,
+        latency: tuple[float, float] | None = None,
+        throttle: tuple[int, float, str] | None = None,
     ) -> None:
         if maildir is not None:
             maildir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +210,9 @@ class Sink:
 
             port = free_port(host)
         ports = (port,) if seven_bit_port is None else (port, seven_bit_port)
-        self.handler = SinkHandler(compile_rules(rules), maildir, seven_bit_ports=frozenset(ports[1:]))
+        self.handler = SinkHandler(
+            compile_rules(rules), maildir, seven_bit_ports=frozenset(ports[1:]), latency=latency, throttle=throttle
+        )
         self.host, self.port = host, port
         self.seven_bit_port = seven_bit_port
         self.controllers = [
@@ -218,10 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:2526", help="host:port (loopback)")
     parser.add_argument("--maildir", type=Path, default=None, help="store accepted messages here")
     parser.add_argument("--seven-bit-port", type=int, default=None, help="also listen here without 8BITMIME/SMTPUTF8")
+    parser.add_argument(
+        "--latency-ms", default=None, help="MIN-MAX: wait this long before answering each DATA (e.g. 50-200)"
+    )
     args = parser.parse_args(argv)
     logs.setup("sink")
     host, _, port = args.listen.rpartition(":")
-    sink = Sink(host, int(port), maildir=args.maildir, seven_bit_port=args.seven_bit_port).start()
+    latency = None
+    if args.latency_ms:
+        low, _, high = args.latency_ms.partition("-")
+        latency = (float(low) / 1000, float(high or low) / 1000)
+    sink = Sink(host, int(port), maildir=args.maildir, seven_bit_port=args.seven_bit_port, latency=latency).start()
     log.info("sink listening on %s:%s", host, port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -28,7 +28,7 @@ from devtools.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postfix, pytest.mark.redis, pytest.mark.slow]
 
-INTERNAL_HEADERS = ("X-Uuid", "X-Priority", "X-Stream-Id", "X-ReturnPathIb", "X-RecipientIb")
+INTERNAL_HEADERS = ("X-Uuid", "X-Priority", "X-Stream-Id", "X-ReturnPathIb", "X-RecipientIb", "X-IB-Route")
 
 
 def _uuid() -> str:

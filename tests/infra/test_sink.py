@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -46,3 +47,24 @@ def test_seven_bit_port_refuses_what_it_does_not_offer(sink: Sink) -> None:
         client.sendmail("a@b.test", ["c@d.test"], b"Subject: x\r\n\r\n7-bit\r\n")
     [message] = sink.messages
     assert message.seven_bit and message.data.endswith(b"7-bit\r\n")
+
+
+def test_throttle_answers_421_beyond_the_count_per_window() -> None:
+    # A provider rate-limiting the sender: 3 recipients per window, then the throttle reply.
+    codes = []
+    with Sink(throttle=(3, 60.0, "421 4.7.0 <{addr}>: too many messages, slow down")) as sink, _client(sink.port) as c:
+        for i in range(5):
+            c.rset()
+            c.docmd("MAIL FROM:<a@b.test>")
+            codes.append(c.docmd(f"RCPT TO:<r{i}@d.test>")[0])
+    assert codes == [250, 250, 250, 421, 421]
+    assert sink.handler.throttled == 2
+
+
+def test_latency_delays_the_answer_to_data() -> None:
+    # Like a receiver across the internet: DATA is answered only after the configured delay.
+    with Sink(latency=(0.3, 0.3)) as sink, _client(sink.port) as client:
+        started = time.monotonic()
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: x\r\n\r\nbody\r\n")
+        assert time.monotonic() - started >= 0.3
+    assert len(sink.messages) == 1

@@ -11,6 +11,7 @@ import redis
 from common.errors import TemporaryError
 from postfixlog import records
 from postfixlog.follower import LogFollower, LogReader
+from postfixlog.follower import fingerprint as follower_fingerprint
 from postfixlog.records import Delivery
 
 from .conftest import events_of
@@ -80,10 +81,57 @@ def test_restart_resumes_where_it_stopped(redis_client: Any, log_path: Path) -> 
     _append(log_path, _message_lines(3))
     _drain(_follower(redis_client, log_path))
     assert _uuids(redis_client) == ["u1", "u2", "u3"]
-    position = records.Position.decode(redis_client.hget(records.POSITION_KEY, "pf-1"))
+    position = records.Position.decode(redis_client.get(records.position_key("pf-1")))
     assert position is not None
     assert position.offset == log_path.stat().st_size
+    assert 0 < redis_client.ttl(records.position_key("pf-1")) <= records.POSITION_TTL_S
     assert not redis_client.keys("IB:postfixlog:qid:*")  # removed -> record deleted
+
+
+def test_instances_never_read_each_others_records(redis_client: Any, tmp_path: Path) -> None:
+    # Two delivery instances whose Postfix gave two different messages the same queue id (they
+    # run on different volumes): each instance's lines are interpreted with its own record only.
+    qid = "4jZLBz5lN1zJFBB"
+    for name, n in (("pf-a", 1), ("pf-b", 2)):
+        delivery = Delivery(
+            uuid=f"u{n}", recipient=f"r{n}@dest.test", mail_from=f"bounce-u{n}-t@b.example.test", from_domain="x"
+        )
+        redis_client.hset(records.qid_key(name, qid), mapping=delivery.with_queue_id(qid, accepted=True).to_hash())
+    lines = {
+        "pf-a": f"Nov 25 13:30:03 mta-a postfix/smtp[12]: {qid}: to=<r1@dest.test>, relay=127.0.0.1[127.0.0.1]:25, "
+        "delay=0.1, delays=0/0/0/0.1, dsn=2.0.0, status=sent (250 ok)",
+        "pf-b": f"Nov 25 13:30:04 mta-b postfix/smtp[13]: {qid}: to=<r2@dest.test>, relay=127.0.0.1[127.0.0.1]:25, "
+        "delay=0.1, delays=0/0/0/0.1, dsn=5.1.1, status=bounced (550 5.1.1 user unknown)",
+    }
+    for name in ("pf-b", "pf-a"):
+        path = tmp_path / name / "postfix.log"
+        path.parent.mkdir()
+        _append(path, [lines[name]])
+        _drain(LogFollower(LogReader(path), redis_client, event_queue="EVENT_QUEUE", instance_name=name, qid_ttl_s=60))
+    assert [(e["event"], e["uuid"], e["recipient"]) for e in events_of(redis_client)] == [
+        ("bounce", "u2", "r2@dest.test"),
+        ("delivered", "u1", "r1@dest.test"),
+    ]
+
+
+def test_state_written_before_per_instance_keys_is_used_once(redis_client: Any, log_path: Path) -> None:
+    # An upgrade from one instance: the shared position hash and un-namespaced queue-id records
+    # are picked up, so the first start neither repeats the log nor loses its last events.
+    lines = _message_lines(1)
+    _append(log_path, lines[:2])
+    legacy_offset = log_path.stat().st_size
+    qid = lines[0].split()[5].rstrip(":")
+    delivery = Delivery(uuid="u1", recipient="ok@dest.test", mail_from="bounce-u1-t@b.example.test", from_domain="x")
+    redis_client.hset(records.legacy_qid_key(qid), mapping=delivery.with_queue_id(qid, accepted=True).to_hash())
+    inode = log_path.stat().st_ino
+    first = log_path.read_bytes().split(b"\n")[0] + b"\n"
+    redis_client.hset(records.LEGACY_POSITION_KEY, "pf-1", f"{inode}:{legacy_offset}:{follower_fingerprint(first)}")
+    _append(log_path, lines[2:])
+    _drain(_follower(redis_client, log_path))
+    assert [(e["event"], e["uuid"]) for e in events_of(redis_client)] == [("delivered", "u1")]
+    assert not redis_client.hexists(records.LEGACY_POSITION_KEY, "pf-1")
+    saved = records.Position.decode(redis_client.get(records.position_key("pf-1")))
+    assert saved is not None and saved.offset == log_path.stat().st_size
 
 
 def test_rotation_while_running_finishes_the_old_file(redis_client: Any, log_path: Path) -> None:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from common.config.postfixlog import Shaping
 from devtools.servers import free_port, wait_until
 from devtools.sink import Sink
 from postfixlog.instance import PostfixError, PostfixInstance
+from postfixlog.rules import load_rules
 
 pytestmark = [pytest.mark.postfix]
 
@@ -109,12 +111,46 @@ def test_overrides_are_rendered_and_managed_parameters_refused(postfix_dir: Path
     assert "smtputf8_enable = no" in text
     assert "inet_interfaces = 127.0.0.1" in text
     instance.render()
-    assert "wanadoo.fr slow:" in (instance.config_directory / "transport").read_text()
     assert "127.0.0.1:10025 inet" in instance.master_cf_text()
     with pytest.raises(ValueError, match="'inet_interfaces' is managed by PostfixLog"):
         PostfixInstance(postfix_dir / "x", smtpd_port=1, main_cf={"inet_interfaces": "all"})
     with pytest.raises(ValueError, match="single line"):
         PostfixInstance(postfix_dir / "x", smtpd_port=1, main_cf={"smtpd_banner": "a\nrelayhost = evil"})
+
+
+def test_shaping_rules_become_provider_transports(postfix_dir: Path) -> None:
+    # The French ISPs of the former "slow" transport keep its limits, now as their own
+    # transports; the routing header selects them; Postfix accepts what is rendered.
+    rules = load_rules(Shaping(), Path("customer.yaml"))
+    instance = PostfixInstance(postfix_dir / "pf", smtpd_port=free_port(), rules=rules)
+    main_cf, master_cf = instance.main_cf_text(), instance.master_cf_text()
+    for provider in ("orange", "free", "laposte"):
+        assert f"ib_{provider} unix - - n - 3 smtp" in master_cf
+        assert f"ib_{provider}_destination_concurrency_limit = 3" in main_cf
+        assert f"ib_{provider}_destination_rate_delay = 5s" in main_cf
+        assert f"ib_{provider}_destination_recipient_limit = 20" in main_cf
+        assert f"ib_{provider}_destination_concurrency_failed_cohort_limit = 10" in main_cf
+    assert "ib_google unix - - n - 10 smtp" in master_cf
+    assert "-o smtp_connection_reuse_count_limit=50" in master_cf
+    assert "ib_google_u8 unix" in master_cf and "ib_default unix - - n - 20 smtp" in master_cf
+    instance.render()
+    checks = (instance.config_directory / "header_checks").read_text().splitlines()
+    assert "/^X-IB-Route: gmx-webde$/ FILTER ib_gmx_webde:" in checks
+    assert "/^X-IB-Route: google utf8$/ FILTER ib_google_u8:" in checks
+    assert checks[-1] == "/[^[:space:] -~]/ FILTER smtputf8:"
+    nested = (instance.config_directory / "body_header_checks").read_text()
+    assert "X-IB-Route" not in nested  # an attached message cannot choose a transport
+    assert "smtp_header_checks = regexp:{ {/^X-IB-Route:/ IGNORE} }" in main_cf
+    instance.check()  # postfix check: no complaint about what was rendered
+
+
+def test_relayhost_applies_to_routed_mail(postfix_dir: Path) -> None:
+    # Routed mail is a FILTER: without default_filter_nexthop it would bypass the relay host.
+    rules = load_rules(Shaping(), Path("customer.yaml"))
+    instance = PostfixInstance(
+        postfix_dir / "pf", smtpd_port=free_port(), rules=rules, main_cf={"relayhost": "[smarthost.test]:587"}
+    )
+    assert "default_filter_nexthop = [smarthost.test]:587" in instance.main_cf_text()
 
 
 def test_bad_configuration_is_reported_with_postfix_complaint(postfix_dir: Path) -> None:

@@ -67,6 +67,10 @@ def test_every_case_has_expectations() -> None:
         ("Nov 25 13:30:03 mta postfix/smtpd[1]: NOQUEUE: reject: RCPT from x[1.2.3.4]: 554", "other"),
         ("2026-11-25T13:30:03.123456+00:00 mta postfix/qmgr[1]: B39B421EAF7: removed", "removed"),
         ("Nov 25 13:30:03 mta postfix/qmgr[1]: 4jZLBz5lN8zJFtX: from=<>, size=2, nrcpt=1 (queue active)", "from"),
+        # What PostfixLog's own postsuper calls log (withdrawing a paused provider's mail).
+        ("Dec 07 04:23:08 mta postfix/postsuper[17564]: 4jjTVM4H20zL8Nt: placed on hold", "other"),
+        ("Dec 07 04:23:08 mta postfix/postsuper[17591]: 4jjTVM4H20zL8Nt: removed", "removed"),
+        ("Dec 07 04:23:08 mta postfix/ib_a/smtp[1]: 4jjTVQ715zzL8wv: host mx.a.test[127.0.0.1] said: 421 x", "other"),
         ("", "unparsed"),
         ("\x00\x01 binary", "unparsed"),
     ],

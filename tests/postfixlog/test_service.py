@@ -201,6 +201,10 @@ def test_shutdown_requeues_deferred_mail_which_is_delivered_after_restart(
         assert mail.from_domain == "example.test"
         assert mail.raw == next(m.raw for m in mails if m.uuid == mail.uuid)
     assert not redis_client.keys("IB:postfixlog:qid:*")
+    # Drained completely: the instance retired itself (log moved aside, no state in Redis).
+    assert not redis_client.exists(records.position_key(first.service.name))
+    assert not redis_client.exists("IB:postfixlog:instances")
+    assert instance.log_path.with_name("postfix.log.drained").exists()
 
     sink.handler.rules[:] = []
     second = RunningService(config).start()
@@ -358,3 +362,46 @@ def test_unusable_instance_directory_ends_the_service_with_the_reason(
     assert time.monotonic() - started < 10
     assert "user postfix cannot enter" in caplog.text
     assert not service.instance.running
+
+
+def test_each_message_goes_through_its_providers_transport(
+    service_config, queues: Queues, redis_client: Any, sink: Sink
+) -> None:
+    # Routing by provider in the sandbox: gmail.com is google (listed, no DNS), dest.test is a
+    # provider of its own (ib_default); mail that needs SMTPUTF8 takes the twin transport that
+    # opens a new connection; a routing header in the customer's message chooses nothing, and
+    # no routing header reaches the receiver.
+    plain = outbound("rt1", ["someone@gmail.com"])
+    forged = outbound("rt2", ["ok@dest.test"])
+    forged = OutboundMail(**{**forged.__dict__, "raw": b"X-IB-Route: google\r\n" + forged.raw})
+    utf8 = outbound("rt3", ["ok3@dest.test"])
+    utf8 = OutboundMail(
+        **{
+            **utf8.__dict__,
+            "raw": utf8.raw.replace(b"Subject: test", "Subject: Grüße".encode()),
+            "meta": {"smtputf8": "yes"},
+        }
+    )
+    queues.enqueue_many(INCOMING, [m.to_fields() for m in (plain, forged, utf8)])
+    running = RunningService(service_config()).start()
+    try:
+        wait_until(lambda: len(sink.messages) == 3, 30, what="three deliveries")
+        wait_until(lambda: len(events_of(redis_client)) == 3, 15, what="three events")
+    finally:
+        assert running.stop() == 0
+    for message in sink.messages:
+        assert b"X-IB-Route" not in message.data, message.rcpt
+    assert "SMTPUTF8" in next(m for m in sink.messages if m.rcpt == "ok3@dest.test").mail_options
+    log_text = running.service.instance.log_path.with_name("postfix.log.drained").read_text()
+    transports = {
+        rcpt: line.split()[4].split("[")[0]
+        for line in log_text.splitlines()
+        if "status=sent" in line
+        for rcpt in [line.split("to=<", 1)[1].split(">", 1)[0]]
+    }
+    assert transports == {
+        "someone@gmail.com": "postfix/ib_google/smtp",
+        "ok@dest.test": "postfix/ib_default/smtp",
+        "ok3@dest.test": "postfix/ib_default_u8/smtp",
+    }
+    assert {e["recipient"]: e["event"] for e in events_of(redis_client)} == dict.fromkeys(transports, "delivered")

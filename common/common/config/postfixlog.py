@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from pydantic import Field, field_validator
 
@@ -92,6 +92,31 @@ class Sandbox(StrictModel):
     nexthop: str = Field("[127.0.0.1]:2526", description="Postfix nexthop of the sink.")
 
 
+class Shaping(StrictModel):
+    """Provider-aware traffic shaping (``postfixlog.shaping``; postfixlog.rules).
+
+    The rules (per provider: MX patterns, connections, messages per connection, rate, reply
+    patterns; back-off; warm-up) come from the file shipped with PostfixLog, or ``rules-file``;
+    ``default``, ``backoff``, ``providers`` and ``warmup`` here override it key by key and are
+    validated together with it when PostfixLog starts (and by ``--check-config``).
+    """
+
+    enabled: bool = Field(True, description="Route each recipient to its provider's Postfix transport and back off.")
+    rules_file: Path | None = Field(None, description="Rules file used instead of the one shipped with PostfixLog.")
+    dns_servers: list[str] = Field(
+        default_factory=list,
+        description="Name servers for MX lookups (default: the system's; none in sandbox mode unless set).",
+    )
+    dns_timeout_seconds: float = Field(3.0, gt=0, le=30, description="Time limit of one MX lookup.")
+    dns_cache_size: int = Field(10000, ge=100, description="Recipient domains whose provider is kept (TTL-bound).")
+    default: dict[str, Any] | None = Field(None, description="Overrides of the rule of every provider.")
+    backoff: dict[str, Any] | None = Field(None, description="Overrides of the automatic back-off settings.")
+    providers: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict, description="Providers added or changed (null removes a shipped provider)."
+    )
+    warmup: dict[str, Any] = Field(default_factory=dict, description="Daily volume ramps per sending domain.")
+
+
 class PostfixLogSection(StrictModel):
     """PostfixLog settings."""
 
@@ -109,4 +134,22 @@ class PostfixLogSection(StrictModel):
         64 * 1024 * 1024,
         ge=0,
         description="Rotate Postfix' log (to postfix.log.1) once it is read and this big; 0 = never.",
+    )
+    instance_state_days: float = Field(
+        14.0,
+        gt=0,
+        le=365,
+        description=(
+            "An instance's state in Redis (its log position) expires this long after the instance was "
+            "last seen; a pod that returns later with its volume would read its log again from the start."
+        ),
+    )
+    shaping: Shaping = Field(default_factory=Shaping)
+    stale_consumer_minutes: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Consumers of the postfixlog group idle this long with no pending entry are deleted "
+            "(instances that were scaled away or renamed)."
+        ),
     )
