@@ -49,8 +49,9 @@ SERVICES: Final = ("receiver", "httpreceiver", "transformer", "postfixlog", "mxs
 #: What every client sends: login, PING (health checks), its name (common.queue clients send no
 #: CLIENT SETINFO).
 CONNECTION: Final = frozenset({"auth", "hello", "ping", "echo", "select", "quit", "reset", "client|setname"})
-#: Adding to a stream with its length in one MULTI/EXEC (common.queue producers).
-PRODUCER: Final = frozenset({"xadd", "xlen", "multi", "exec", "discard"})
+#: Adding to a stream with its length in one MULTI/EXEC, then WAIT for the replicas
+#: (common.queue producers; WAIT touches no key).
+PRODUCER: Final = frozenset({"xadd", "xlen", "multi", "exec", "discard", "wait"})
 #: Consumer groups (common.queue.Consumer: read, claim, hand off, dead-letter, stats).
 CONSUMER: Final = PRODUCER | {
     "xreadgroup",
