@@ -19,11 +19,12 @@ from common.config import Config
 from common.config.globalfile import GlobalConfig
 from common.errors import ConfigError
 from common.queue import Consumer, Queues, QueueSettings
+from common.redisha import quote
 from devtools import testing
 from devtools.servers import free_port
 from redis_sidecar.check import run_checks
 from redis_sidecar.exporter import RedisMetrics
-from redis_sidecar.server import container_memory_limit, is_loopback, quote, runtime_settings
+from redis_sidecar.server import container_memory_limit, is_loopback, runtime_settings
 
 PodConfig = Callable[..., Config]
 
