@@ -69,7 +69,7 @@ class SentinelLauncher:
         self.client, self.process, self.replication = settings(config)
         self.redis_server = connection.section(config).redis_server
         self.stopper = stopper
-        self.me = topology.announced(self.process.announce_hostname, self.process.bind.inet_port)
+        self.me = topology.announced(self.process.announce_hostname, self.process.bind.inet_port, self.client.hosts())
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -167,7 +167,7 @@ class RedisLauncher:
 
     def _join(self, replication: Replication) -> None:
         """Find the primary; start as its replica, or as the primary when this node is the one."""
-        me = topology.announced(replication.announce_hostname, self.section.bind.inet_port)
+        me = topology.announced(replication.announce_hostname, self.section.bind.inet_port, replication.hosts())
         admin = connection.local_server(self.config)
         credentials = topology.Credentials(
             admin.username, admin.password.get_secret_value() if admin.password else None

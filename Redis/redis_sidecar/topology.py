@@ -42,9 +42,20 @@ class Credentials:
     password: str | None
 
 
-def announced(name: str | None, port: int) -> Address:
-    """This pod's address as the others know it: ``name``, else the host's fully qualified name."""
-    return (name or socket.getfqdn(), port)
+def announced(name: str | None, port: int, known: Sequence[Address] = ()) -> Address:
+    """This pod's address as the others know it.
+
+    ``name`` when configured; else the entry of ``known`` (the configured nodes or sentinels) whose
+    first label is this host's name -- a StatefulSet pod ``redis-1`` is ``redis-1.redis-nodes`` in
+    a configuration shared by all pods -- else the host's fully qualified name.
+    """
+    if name:
+        return (name, port)
+    host = socket.gethostname().split(".")[0].lower()
+    for known_host, known_port in known:
+        if known_port == port and known_host.split(".")[0].lower() == host and not _is_ip(known_host):
+            return (known_host, port)
+    return (socket.getfqdn(), port)
 
 
 def same_node(a: Address, b: Address) -> bool:

@@ -24,6 +24,8 @@ postfixlog     INCOMING-TO-POSTFIX (+ ``:dead``) as consumer and for requeueing;
                EVENT_QUEUE; ``IB:postfixlog:*``
 mxserver       EVENT_QUEUE; ``IB:sent:*`` (read); ``IB:address-secret``; ``IB:mxserver:*``
 backdata       EVENT_QUEUE (+ ``:dead``) as consumer; ``IB:backdata:*``
+(autoscaler)   P0, P1, INCOMING-TO-POSTFIX, EVENT_QUEUE: statistics only (XINFO GROUPS,
+               XPENDING, XLEN) -- KEDA's queue-lag triggers, when ``redis.autoscaler`` is set
 =============  ====================================================================
 """
 
@@ -68,6 +70,9 @@ CONSUMER: Final = PRODUCER | {
 SCRIPTS: Final = frozenset({"eval", "evalsha", "script|load", "script|exists"})
 STRINGS: Final = frozenset({"get", "set", "incr", "decr", "del", "exists", "expire", "pexpire", "pttl", "ttl"})
 HASHES: Final = frozenset({"hget", "hgetall", "hset", "hdel", "hexists", "del", "exists", "expire"})
+
+#: What KEDA's redis-streams triggers run.
+AUTOSCALER: Final = CONNECTION | {"xinfo|groups", "xpending", "xlen"}
 
 #: The commands of each service.
 GRANTS: Final[Mapping[str, frozenset[str]]] = {
@@ -154,9 +159,34 @@ def users(config: Config) -> list[User]:
             continue
         digest = hashlib.sha256(server.password.get_secret_value().encode()).hexdigest()
         found.append(User(service, server.username, digest, GRANTS[service], tuple(key_patterns(config, service))))
+    autoscaler = _autoscaler(config, owners, problems)
+    if autoscaler is not None:
+        found.append(autoscaler)
     if problems:
         raise ConfigError(problems)
     return found
+
+
+def _autoscaler(config: Config, owners: dict[str, str], problems: list[str]) -> User | None:
+    """The read-only user of KEDA's triggers (``redis.autoscaler``), or None."""
+    section = config.customer.redis
+    wanted = section.autoscaler if section is not None else None
+    if wanted is None:
+        return None
+    if wanted.username in (*owners, "default"):
+        problems.append(
+            f"{config.customer_path}: redis.autoscaler.username: {wanted.username!r} is already "
+            f"the user of {owners.get(wanted.username, 'the administrator')}"
+        )
+        return None
+    if isinstance(wanted.password, UnresolvedSecret):
+        problems.append(f"{config.customer_path}: redis.autoscaler.password: not available to this service")
+        return None
+    names = config.global_.reliable_queue.queue_names
+    queues = [names.primary_queue, names.default_queue, config.global_.postfix.incoming_queue_name]
+    queues.append(config.global_.backdata.queue_name)
+    digest = hashlib.sha256(wanted.password.get_secret_value().encode()).hexdigest()
+    return User("autoscaler", wanted.username, digest, AUTOSCALER, tuple(glob_escape(q) for q in queues))
 
 
 def user_lines(config: Config) -> list[str]:

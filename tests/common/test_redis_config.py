@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import redis
 
-from common import redisha
+from common import redisacl, redisha
 from common.config import RedisServer
 from common.config.base import SentinelSettings, split_address
 from common.config.redismodule import RedisSection
@@ -132,4 +133,33 @@ def test_replication_section_and_what_the_nodes_and_sentinels_are_started_with()
     with pytest.raises(ValueError, match="at least 2"):
         RedisSection.model_validate(
             {"replication": {"nodes": ["a"], "replication-password": "x", "sentinel-password": "y"}}
+        )
+
+
+@pytest.mark.redis
+def test_the_autoscaler_user_reads_queue_statistics_and_nothing_else(make_config: Any, redis_client: Any) -> None:
+    # KEDA's triggers log in as redis.autoscaler: XINFO GROUPS / XPENDING / XLEN on the four queues.
+    config = make_config({"redis": {"autoscaler": {"password": "k" * 24}}})
+    (line,) = [u.line() for u in redisacl.users(config) if u.service == "autoscaler"]
+    redis_client.execute_command("ACL", "SETUSER", *line.split()[1:])
+    redis_client.xgroup_create("IB-MAIL-QUEUE-P1", "transformer", id="0", mkstream=True)
+    keda = redis.Redis(port=redis_client.connection_pool.connection_kwargs["port"], username="keda", password="k" * 24)
+    try:
+        assert keda.xinfo_groups("IB-MAIL-QUEUE-P1")[0]["lag"] == 0
+        assert keda.xpending("IB-MAIL-QUEUE-P1", "transformer")["pending"] == 0
+        assert keda.xlen("EVENT_QUEUE") == 0
+        for refused in (lambda: keda.xadd("EVENT_QUEUE", {"a": "1"}), lambda: keda.xlen("IB:sent:x")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+    finally:
+        keda.close()
+        redis_client.execute_command("ACL", "DELUSER", "keda")
+    with pytest.raises(ConfigError, match="already the user of receiver"):
+        redisacl.users(
+            make_config(
+                {
+                    "redis": {"autoscaler": {"username": "receiver", "password": "k" * 24}},
+                    "receiver": {"reliable-queue": {"redis": {"username": "receiver", "password": "r" * 20}}},
+                }
+            )
         )

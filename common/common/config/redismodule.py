@@ -47,7 +47,10 @@ class Replication(StrictModel):
     )
     announce_hostname: str | None = Field(
         None,
-        description="Name this node is known by in nodes (default: the host's fully qualified name).",
+        description=(
+            "Name this node is known by (default: the entry of nodes that starts with this host's name, "
+            "else its fully qualified name)."
+        ),
     )
     min_replicas_to_write: int = Field(
         1,
@@ -86,7 +89,11 @@ class SentinelProcess(StrictModel):
         default_factory=lambda: RedisBind(inet_port=26379), description="Where the sentinel listens."
     )
     announce_hostname: str | None = Field(
-        None, description="Name the other sentinels and the clients reach this one by (default: the host's FQDN)."
+        None,
+        description=(
+            "Name the other sentinels and the clients reach this one by (default: the entry of "
+            "common-config.redis.sentinel.addresses that starts with this host's name, else its FQDN)."
+        ),
     )
     quorum: int = Field(2, ge=1, description="Sentinels that must agree the primary is down before a failover.")
     down_after_milliseconds: int = Field(
@@ -97,6 +104,13 @@ class SentinelProcess(StrictModel):
         Path("/sentinel"),
         description="Where the sentinel keeps its rewritten configuration (a memory-backed volume).",
     )
+
+
+class AutoscalerUser(StrictModel):
+    """The Redis user KEDA reads the queues' lag with (``deploy/autoscaled``): stream statistics only."""
+
+    username: str = Field("keda", min_length=1, description="ACL user name (in KEDA's TriggerAuthentication too).")
+    password: SecretStr = Field(..., description="Its password (the TriggerAuthentication's Secret holds it too).")
 
 
 class RedisSection(StrictModel):
@@ -133,6 +147,9 @@ class RedisSection(StrictModel):
     )
     sentinel: SentinelProcess | None = Field(
         None, description="Settings of the Sentinel pods (redis-sidecar sentinel)."
+    )
+    autoscaler: AutoscalerUser | None = Field(
+        None, description="A read-only Redis user for KEDA's queue-lag triggers (deploy/autoscaled)."
     )
 
     @field_validator("maxmemory")
