@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -212,11 +213,11 @@ def test_cli_server_refuses_public_redis_without_password(pod_config: PodConfig)
 def test_a_pod_announces_the_name_the_shared_configuration_gives_it(monkeypatch: pytest.MonkeyPatch) -> None:
     # One ConfigMap for every pod of the StatefulSet: redis-1 finds itself in redis.replication.nodes.
     nodes = [("redis-0.redis-nodes", 6379), ("redis-1.redis-nodes", 6379), ("10.0.0.9", 6379)]
-    monkeypatch.setattr(topology.socket, "gethostname", lambda: "redis-1")
+    monkeypatch.setattr(socket, "gethostname", lambda: "redis-1")
     assert topology.announced(None, 6379, nodes) == ("redis-1.redis-nodes", 6379)
     assert topology.announced("redis-1.other", 6379, nodes) == ("redis-1.other", 6379)
-    monkeypatch.setattr(topology.socket, "getfqdn", lambda: "redis-7.redis-nodes.mail.svc.cluster.local")
-    monkeypatch.setattr(topology.socket, "gethostname", lambda: "redis-7")
+    monkeypatch.setattr(socket, "getfqdn", lambda: "redis-7.redis-nodes.mail.svc.cluster.local")
+    monkeypatch.setattr(socket, "gethostname", lambda: "redis-7")
     assert topology.announced(None, 6379, nodes) == ("redis-7.redis-nodes.mail.svc.cluster.local", 6379)
     assert topology.same_node(("redis-1.redis-nodes", 6379), ("redis-1.redis-nodes.mail.svc", 6379))
     assert not topology.same_node(("redis-1.redis-nodes", 6379), ("redis-1.redis-nodes", 6380))
