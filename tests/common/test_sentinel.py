@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import threading
 import time
@@ -260,3 +261,27 @@ def test_a_failover_under_load_loses_no_acknowledged_message_with_wait(tmp_path:
             assert lost == []
         else:
             assert lost, "without WAIT the stalled replica's missing entries were acknowledged and are lost"
+
+
+def test_mailer_queue_follows_a_failover(tmp_path: Path, make_config: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # The operators' tool reaches the primary through the sentinels as the administrator.
+    from common import queuectl
+
+    with LocalRedisHA(tmp_path / "ha", replicas=1) as cluster:
+        block = cluster.redis_block()
+        config = make_config(
+            {
+                "common-config": {"redis": {"sentinel": block["sentinel"]}},
+                "redis": {"reliable-queue": {"redis": {"password": block["password"]}}},
+            }
+        )
+        argv = ["--global-config-file", str(config.global_path), "--customer-config-file", str(config.customer_path)]
+        Queues(connect(config.redis_for("redis")), SETTINGS).enqueue("EVENT_QUEUE", {"event": "x"})
+        assert queuectl.main([*argv, "stats"]) == 0
+        assert re.search(r"EVENT_QUEUE\s+1\s", capsys.readouterr().out)
+        old = cluster.primary_port()
+        assert old is not None
+        cluster.kill(old)
+        cluster.wait_for_failover(old)
+        assert queuectl.main([*argv, "stats"]) == 0
+        assert re.search(r"EVENT_QUEUE\s+1\s", capsys.readouterr().out)
