@@ -37,7 +37,7 @@ from common import trace
 from common.authguard import Attempt, LoginGuard, Refused, seconds_text
 from common.config import Config
 from common.config.httpreceiver import HttpReceiverSection
-from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
+from common.errors import QueueFullError, QueueUnavailableError, ReplicaAckError, TemporaryError
 from common.payloads import SubmittedMail
 from common.queue import Queues
 from common.submission import Rejection, Submission, accept
@@ -243,15 +243,23 @@ class MailIntake:
         )
 
     def unavailable(self, exc: TemporaryError, uuid: str) -> Response:
-        """503 with Retry-After: nothing was queued, the client must retry."""
+        """503 with Retry-After: the message is not (durably) queued, the client must retry."""
         full = isinstance(exc, QueueFullError)
         retry_after = int(exc.retry_after or (RETRY_AFTER_FULL_S if full else RETRY_AFTER_UNAVAILABLE_S))
         log.warning("cannot queue %s, answering 503: %s", uuid, exc)
+        if isinstance(exc, ReplicaAckError):
+            # Written on the Redis primary, not confirmed by a replica in time (WAIT): the retry
+            # is a duplicate if the primary survives -- the reservation is released all the same,
+            # since recording it as done could make the retry skip a message a failover lost.
+            what = "the queue (Redis) stored the message but no replica confirmed it in time"
+            outcome = "it may be queued twice"
+        else:
+            what = "the queue is over its limit" if full else "the queue (Redis) is unavailable"
+            outcome = "nothing was queued"
         return self.refuse(
             503,
             "queue-full" if full else "queue-unavailable",
-            ("the queue is over its limit" if full else "the queue (Redis) is unavailable")
-            + f"; nothing was queued, retry in {retry_after} s",
+            f"{what}; {outcome}, retry in {retry_after} s",
             {"Retry-After": str(retry_after)},
         )
 

@@ -29,7 +29,7 @@ from common import logs, trace
 from common import smtpreplies as replies
 from common.authguard import AsyncLoginGuard, Attempt, Checked, Refused, seconds_text
 from common.config.base import SmtpAuthLockout
-from common.errors import QueueFullError, QueueUnavailableError
+from common.errors import QueueFullError, QueueUnavailableError, ReplicaAckError
 from common.payloads import SubmittedMail
 from common.queue import AsyncQueues
 from common.smtpserver import hook_names
@@ -218,6 +218,10 @@ class SubmissionHandler:
         except QueueFullError as exc:
             self._temporary("queue-full", submission.uuid, queue, exc)
             return replies.QUEUE_FULL
+        except ReplicaAckError as exc:
+            # On the primary, not confirmed by a replica (WAIT): the client's retry may queue it twice.
+            self._temporary("replica-unconfirmed", submission.uuid, queue, exc)
+            return replies.QUEUE_UNAVAILABLE
         except QueueUnavailableError as exc:
             self._temporary("queue-unavailable", submission.uuid, queue, exc)
             return replies.QUEUE_UNAVAILABLE

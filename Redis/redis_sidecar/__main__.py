@@ -2,6 +2,7 @@
 
 server:    restore the backup into an empty data directory, run redis-server, back up on stop
 exporter:  serve queue depths and Redis health on /metrics, /healthz, /readyz
+sentinel:  run one Redis Sentinel (deploy/ha), watching the primary it finds at start
 backup:    upload a snapshot of the running Redis to object storage now
 restore:   restore the backup into an empty data directory (Redis stopped)
 check:     check the configuration and the running server (exit 1 on a problem)
@@ -18,6 +19,7 @@ from redis_sidecar import commands
 DESCRIPTIONS = {
     "server": "run redis-server (restore before, back up on stop)",
     "exporter": "serve /metrics, /healthz and /readyz until SIGTERM",
+    "sentinel": "run one Redis Sentinel (deploy/ha) until SIGTERM",
     "backup": "upload a BGSAVE snapshot of the running Redis now",
     "restore": "restore the backup into an empty data directory (Redis must not be running on it)",
     "check": "print the checks; exit 1 when there is a problem",
@@ -40,8 +42,18 @@ def _command_needed(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _config_service(args: argparse.Namespace) -> str:
+    """A sentinel reads only the sentinel passwords (``redis-sentinel``); everything else the Redis pod's."""
+    return "redis-sentinel" if args.command == "sentinel" else "redis"
+
+
 SPEC = ServiceSpec(
-    "redis-sidecar", __doc__, commands.build, arguments=_arguments, early=_command_needed, config_service="redis"
+    "redis-sidecar",
+    __doc__,
+    commands.build,
+    arguments=_arguments,
+    early=_command_needed,
+    config_service=_config_service,
 )
 
 

@@ -17,6 +17,7 @@ from redis_sidecar import connection
 from redis_sidecar.backup import BackupError, Backups, DataLayout, restore
 from redis_sidecar.check import run_checks
 from redis_sidecar.exporter import RedisMetrics
+from redis_sidecar.sentinel import SentinelLauncher
 from redis_sidecar.server import RedisLauncher
 from redis_sidecar.storage import ObjectStore
 
@@ -120,4 +121,6 @@ def build(context: Context) -> Service:
         return server(context)
     if command == "exporter":
         return Exporter(context)
+    if command == "sentinel":
+        return SentinelLauncher(context.config, context.stopper)
     return OneShot(ONE_SHOT[command], context)

@@ -25,11 +25,12 @@ def local_server(config: Config) -> RedisServer:
 
     ``config.redis_for("redis")`` (the password of ``redis.reliable-queue.redis``, else of
     ``common-config.redis``) on 127.0.0.1:<bind port>, unless ``redis.reliable-queue.redis``
-    names another host or port.
+    names another host or port.  Never through the sentinels and without WAIT: the launcher,
+    the exporter and the backups talk to *this* data node, whatever its role.
     """
     own = section(config)
     given = own.reliable_queue.redis.model_fields_set if own.reliable_queue is not None else set()
-    update: dict[str, object] = {}
+    update: dict[str, object] = {"sentinel": None, "wait_replicas": 0}
     if "hostname" not in given:
         update["hostname"] = "127.0.0.1"
     if "port" not in given:

@@ -10,6 +10,10 @@ and ``mailer_redis_queue_oldest_message_age_seconds``; and ``mailer_redis_last_b
 Redis itself (``redis_up``, memory, clients, persistence) is the standard Redis exporter's job,
 a container of its own in the pod.  When Redis does not answer, this collector exports no queue
 value at all rather than a stale one (the original reported 0, which looks like an empty queue).
+
+With several data nodes (``deploy/ha``) only the primary's exporter reports the queues -- a sum
+over pods still counts every entry once, and after a failover the new primary's exporter takes
+over; every node reports ``mailer_redis_is_primary`` (1 on the primary, 0 on a replica).
 """
 
 from __future__ import annotations
@@ -89,12 +93,21 @@ class QueueCollector(Collector):
         fams["mailer_redis_last_backup_timestamp_seconds"] = GaugeMetricFamily(
             "mailer_redis_last_backup_timestamp_seconds", "Time of the last periodic or manual backup upload"
         )
+        fams["mailer_redis_is_primary"] = GaugeMetricFamily(
+            "mailer_redis_is_primary", "1 when this data node is the primary (it reports the queues), 0 on a replica"
+        )
         return fams
 
     def collect(self) -> Iterator[Metric]:
-        """Read every queue; nothing at all when Redis does not answer."""
+        """Read every queue (on the primary only); nothing at all when Redis does not answer."""
         fams = self._families()
         try:
+            role = self.redis.execute_command("ROLE")
+            primary = (role[0].decode() if isinstance(role[0], bytes) else str(role[0])) == "master"
+            fams["mailer_redis_is_primary"].add_metric([], 1 if primary else 0)
+            if not primary:
+                yield fams["mailer_redis_is_primary"]
+                return
             stats = [self.queues.stats(w.queue, w.group) for w in self.watched]
             pipe = self.redis.pipeline(transaction=False)
             for w in self.watched:

@@ -12,6 +12,13 @@ upload), then SIGTERM to redis-server, which fsyncs the AOF and exits; the launc
 redis-server's status.  redis-server runs in its own session, so a terminal's Ctrl-C reaches
 only the launcher and the backup happens before Redis stops.  With ``backup-interval-seconds``
 the launcher also uploads a BGSAVE snapshot periodically.
+
+With ``redis.replication`` (``deploy/ha``) the pod is one data node of several: before starting,
+the launcher finds the primary (:mod:`redis_sidecar.topology`) and starts redis-server as its
+replica -- or as the primary when it is the one -- with :mod:`common.redisha`'s settings (the
+replication and sentinel users, ``min-replicas-to-write``).  Only a node that starts as the
+primary restores a backup (a replica copies the primary), and backups are taken only while the
+node is the primary, so one object is written however many nodes run.
 """
 
 from __future__ import annotations
@@ -22,16 +29,17 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import redis
 
-from common import redisacl
+from common import redisacl, redisha
 from common.config import Config
+from common.config.redismodule import Replication
 from common.errors import ConfigError
 from common.lifecycle import Stopper
 from common.queue import connect
-from redis_sidecar import connection
+from redis_sidecar import connection, topology
 from redis_sidecar.backup import BackupError, Backups, DataLayout, restore
 from redis_sidecar.storage import ObjectStore
 
@@ -70,19 +78,6 @@ def is_loopback(bind: str) -> bool:
     return True
 
 
-def quote(value: str) -> str:
-    """A redis.conf string literal (double quotes; backslash, quote and controls escaped)."""
-    out = []
-    for ch in value:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 32 or ord(ch) == 127:
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
 def runtime_settings(config: Config, memory_limit: int | None) -> dict[str, str]:
     """The redis.conf lines the launcher feeds on stdin (they override the static file).
 
@@ -119,7 +114,7 @@ def runtime_settings(config: Config, memory_limit: int | None) -> dict[str, str]
     elif memory_limit is not None:
         settings["maxmemory"] = str(int(memory_limit * MEMORY_SHARE))
     if server.password is not None:
-        settings["requirepass"] = quote(server.password.get_secret_value())
+        settings["requirepass"] = redisha.quote(server.password.get_secret_value())
     return settings
 
 
@@ -140,11 +135,21 @@ class RedisLauncher:
         # SAVE of a large dataset takes longer than a queue command's timeout.
         local = connection.local_server(config).model_copy(update={"socket_timeout": 600.0})
         self.client = connect(local, client_name="redis-sidecar-server")
+        # redis-py types replies as unions of sync/async results.
+        self.redis: Any = self.client
+        #: False while this data node is a replica (deploy/ha): it neither restores nor backs up.
+        self.primary = True
 
     def run(self) -> int:
         """Run until stopped or until redis-server exits; returns the exit status."""
+        if self.section.replication is not None:
+            self._join(self.section.replication)
         try:
-            log.info("data directory: %s", restore(self.store, self.layout))
+            if self.primary:
+                log.info("data directory: %s", restore(self.store, self.layout))
+            else:
+                self.layout.directory.mkdir(parents=True, exist_ok=True)
+                log.info("data directory: %s (a replica copies the primary; no restore)", self.layout.directory)
         except BackupError as exc:
             log.error("not starting Redis: restoring the backup failed: %s", exc)
             return 1
@@ -160,6 +165,39 @@ class RedisLauncher:
         log.error("redis-server exited by itself with status %s", self.proc.returncode)
         return self.proc.returncode or 1
 
+    def _join(self, replication: Replication) -> None:
+        """Find the primary; start as its replica, or as the primary when this node is the one."""
+        me = topology.announced(replication.announce_hostname, self.section.bind.inet_port, replication.hosts())
+        admin = connection.local_server(self.config)
+        credentials = topology.Credentials(
+            admin.username, admin.password.get_secret_value() if admin.password else None
+        )
+        sentinel = self.config.redis_for("redis").sentinel
+        primary, how = topology.find_primary(sentinel, replication, credentials, me=me)
+        self.primary = topology.same_node(primary, me)
+        if self.primary:
+            primary = me
+        self.settings.update(redisha.node_settings(replication, me=me, primary=primary))
+        self.users += redisha.internal_user_lines(replication)
+        log.info(
+            "data node %s:%d starts as %s (%s)",
+            *me,
+            "the primary" if self.primary else f"a replica of {primary[0]}:{primary[1]}",
+            how,
+        )
+
+    def _is_primary(self) -> bool:
+        """True when this node is the primary now (always without replication)."""
+        if self.section.replication is None:
+            return True
+        try:
+            role = self.redis.execute_command("ROLE")
+        except redis.exceptions.RedisError as exc:
+            log.warning("cannot ask Redis for its role (%s); no backup", exc)
+            return False
+        name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
+        return name == "master"
+
     def _start(self) -> subprocess.Popen[bytes]:
         command = [self.section.redis_server, str(self.section.config_file), "-"]
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
@@ -167,7 +205,7 @@ class RedisLauncher:
         lines = [f"{k} {v}" for k, v in self.settings.items()] + self.users
         proc.stdin.write("".join(line + "\n" for line in lines).encode())
         proc.stdin.close()
-        shown = {k: ("(secret)" if k == "requirepass" else v) for k, v in self.settings.items()}
+        shown = {k: ("(secret)" if k in ("requirepass", "masterauth") else v) for k, v in self.settings.items()}
         log.info(
             "started redis-server (pid %d): %s; ACL users: %s",
             proc.pid,
@@ -178,6 +216,12 @@ class RedisLauncher:
 
     def _backup(self, *, final: bool) -> bool:
         assert self.store is not None
+        if not self._is_primary():
+            log.info(
+                "%s backup skipped: this data node is a replica (the primary's launcher uploads)",
+                "final" if final else "periodic",
+            )
+            return False
         try:
             Backups(self.client, self.store, self.layout).backup(final=final)
         except BackupError as exc:

@@ -38,6 +38,20 @@ class QueueUnavailableError(TemporaryError):
     """Redis cannot be reached or refused the command."""
 
 
+class ReplicaAckError(QueueUnavailableError):
+    """Written on the Redis primary, but fewer replicas than required confirmed it in time (WAIT).
+
+    The writer answers a temporary failure.  The entries stay on the primary: if it survives, the
+    client's retry adds them a second time (a duplicate); if it fails before they reach a replica,
+    they are gone, and the retry is the copy that counts.
+    """
+
+    def __init__(self, message: str, *, ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        #: The stream ids the primary gave the entries.
+        self.ids = list(ids or ())
+
+
 class ConfigError(MailerError):
     """Configuration is invalid; ``problems`` holds one human-readable line per problem."""
 

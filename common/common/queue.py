@@ -33,6 +33,23 @@ Clients (:func:`connect`, :func:`connect_async`) hold at most ``max-connections`
 all busy waits up to ``pool-timeout-seconds`` for one; after that it gets
 :class:`PoolExhaustedError` (a ``ConnectionError``: receivers answer with a temporary failure),
 a warning in the log and ``mailer_<service>_redis_pool_exhausted_total{client}``.
+
+With ``sentinel`` configured (``deploy/ha``) every connection goes to the primary the sentinels
+name at the time it is opened (redis-py's Sentinel support, in the same bounded pools): after a
+failover, a command on an old connection fails once (connection refused, or ``READONLY`` from a
+demoted primary: the connection is dropped), is retried on a new connection to the new primary,
+and while no primary is known it fails with a ``ConnectionError`` -- a temporary failure, so
+the receivers answer 451/503 and no acknowledged message depends on the outcome.
+
+Replica acknowledgement (DESIGN §8): producers (:meth:`Queues.enqueue_many`, used by the
+receivers and MxServer) send ``WAIT <replicas> <timeout>`` right after their MULTI/EXEC, on the
+same connection and in the same round trip, when ``wait-replicas`` is above 0 (default: 1 with
+sentinel).  Fewer acknowledgements within ``wait-timeout-seconds`` raise
+:class:`ReplicaAckError`, a temporary failure: the entry *is* on the primary, so the client's
+retry may add it a second time (a duplicate, never a loss).  Stage hand-offs
+(:meth:`Consumer.complete`) do not wait: their output and their acknowledgement travel in one
+MULTI/EXEC, so a failover that loses the hand-off loses the acknowledgement with it and the
+input is delivered again.
 """
 
 from __future__ import annotations
@@ -49,13 +66,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common import keys, logs
 from common.config.base import RedisServer
 from common.config.globalfile import GlobalConfig
-from common.errors import QueueFullError, QueueUnavailableError, TemporaryError
+from common.errors import QueueFullError, QueueUnavailableError, ReplicaAckError, TemporaryError
 
 if TYPE_CHECKING:
     # Never imported at run time from here: prometheus_client picks its multiprocess mode when
@@ -182,6 +201,28 @@ class QueueStats:
         return max(self.length - self.pending, 0)
 
 
+@dataclass(frozen=True)
+class ReplicaAck:
+    """What a producer's ``WAIT`` asks for: ``replicas`` confirmations within ``timeout_ms`` (0: no WAIT)."""
+
+    replicas: int = 0
+    timeout_ms: int = 1000
+
+    @classmethod
+    def of(cls, server: RedisServer) -> ReplicaAck:
+        """The replica acknowledgement configured for ``server``."""
+        return cls(server.replica_acks, max(int(server.wait_timeout_seconds * 1000), 1))
+
+
+NO_REPLICA_ACK: Final = ReplicaAck()
+
+
+def replica_ack(client: redis.Redis | redis.asyncio.Redis) -> ReplicaAck:
+    """The replica acknowledgement of a client made by :func:`connect` / :func:`connect_async`."""
+    ack = getattr(client.connection_pool, "replica_ack", NO_REPLICA_ACK)
+    return ack if isinstance(ack, ReplicaAck) else NO_REPLICA_ACK
+
+
 class PoolExhaustedError(redis.exceptions.ConnectionError):
     """Every pooled connection stayed busy for ``pool-timeout-seconds``."""
 
@@ -230,6 +271,9 @@ class _PoolWatch:
 class _BlockingPool(redis.BlockingConnectionPool):
     """redis-py's blocking pool, reporting exhaustion (:class:`_PoolWatch`)."""
 
+    #: The WAIT of producers using this pool (set by :func:`connect`).
+    replica_ack: ReplicaAck = NO_REPLICA_ACK
+
     def __init__(self, watch: _PoolWatch, **kwargs: Any) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._watch = watch
@@ -249,6 +293,9 @@ class _BlockingPool(redis.BlockingConnectionPool):
 class _AsyncBlockingPool(redis.asyncio.BlockingConnectionPool):
     """The asyncio flavour of :class:`_BlockingPool`."""
 
+    #: The WAIT of producers using this pool (set by :func:`connect_async`).
+    replica_ack: ReplicaAck = NO_REPLICA_ACK
+
     def __init__(self, watch: _PoolWatch, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._watch = watch
@@ -265,19 +312,52 @@ class _AsyncBlockingPool(redis.asyncio.BlockingConnectionPool):
             raise self._watch.exhausted(exc) from exc
 
 
+class _SentinelBlockingPool(redis.sentinel.SentinelConnectionPool, _BlockingPool):
+    """Connections to the primary the sentinels name, in a bounded pool (:class:`_BlockingPool`)."""
+
+    def __init__(self, master_name: str, manager: redis.sentinel.Sentinel, watch: _PoolWatch, **kwargs: Any) -> None:
+        super().__init__(master_name, manager, watch=watch, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class _AsyncSentinelBlockingPool(redis.asyncio.sentinel.SentinelConnectionPool, _AsyncBlockingPool):
+    """The asyncio flavour of :class:`_SentinelBlockingPool`."""
+
+    def __init__(
+        self, master_name: str, manager: redis.asyncio.sentinel.Sentinel, watch: _PoolWatch, **kwargs: Any
+    ) -> None:
+        super().__init__(master_name, manager, watch=watch, **kwargs)  # type: ignore[no-untyped-call]
+
+
 def connect(
     server: RedisServer, *, client_name: str | None = None, registry: CollectorRegistry | None = None
 ) -> redis.Redis:
     """A synchronous client for ``server`` (bytes responses), its pool sized by ``max-connections``.
 
-    ``registry`` receives ``mailer_<service>_redis_pool_exhausted_total`` (counted when the pool runs dry).
+    With ``sentinel`` the client follows the primary the sentinels name.  ``registry`` receives
+    ``mailer_<service>_redis_pool_exhausted_total`` (counted when the pool runs dry).
     """
-    pool = _BlockingPool(
-        _PoolWatch(server, client_name, registry),
-        max_connections=server.max_connections,
-        timeout=server.pool_timeout_seconds,
-        **_client_kwargs(server, client_name),
-    )
+    watch = _PoolWatch(server, client_name, registry)
+    kwargs = _client_kwargs(server, client_name)
+    pool: _BlockingPool
+    if server.sentinel is None:
+        pool = _BlockingPool(
+            watch, max_connections=server.max_connections, timeout=server.pool_timeout_seconds, **kwargs
+        )
+    else:
+        for name in ("host", "port"):
+            kwargs.pop(name)
+        manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            server.sentinel.hosts(), sentinel_kwargs=_sentinel_kwargs(server)
+        )
+        pool = _SentinelBlockingPool(
+            server.sentinel.master_name,
+            manager,
+            watch,
+            max_connections=server.max_connections,
+            timeout=server.pool_timeout_seconds,
+            **kwargs,
+        )
+    pool.replica_ack = ReplicaAck.of(server)
     return redis.Redis.from_pool(pool)
 
 
@@ -285,12 +365,28 @@ def connect_async(
     server: RedisServer, *, client_name: str | None = None, registry: CollectorRegistry | None = None
 ) -> redis.asyncio.Redis:
     """An asyncio client for ``server`` (bytes responses); see :func:`connect`."""
-    pool = _AsyncBlockingPool(
-        _PoolWatch(server, client_name, registry),
-        max_connections=server.max_connections,
-        timeout=server.pool_timeout_seconds,
-        **_client_kwargs(server, client_name),
-    )
+    watch = _PoolWatch(server, client_name, registry)
+    kwargs = _client_kwargs(server, client_name)
+    pool: _AsyncBlockingPool
+    if server.sentinel is None:
+        pool = _AsyncBlockingPool(
+            watch, max_connections=server.max_connections, timeout=server.pool_timeout_seconds, **kwargs
+        )
+    else:
+        for name in ("host", "port"):
+            kwargs.pop(name)
+        manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            server.sentinel.hosts(), sentinel_kwargs=_sentinel_kwargs(server)
+        )
+        pool = _AsyncSentinelBlockingPool(
+            server.sentinel.master_name,
+            manager,
+            watch,
+            max_connections=server.max_connections,
+            timeout=server.pool_timeout_seconds,
+            **kwargs,
+        )
+    pool.replica_ack = ReplicaAck.of(server)
     return redis.asyncio.Redis.from_pool(pool)
 
 
@@ -303,13 +399,28 @@ def _client_kwargs(server: RedisServer, client_name: str | None) -> dict[str, An
         "password": server.password.get_secret_value() if server.password else None,
         "socket_timeout": server.socket_timeout,
         "socket_connect_timeout": min(server.socket_timeout, 5.0),
-        # One immediate retry replaces a pooled connection that Redis closed (restart);
+        # One immediate retry replaces a pooled connection that Redis closed (restart, failover);
         # more would hold a client (and its SMTP reply) while Redis is down.
         "retry": Retry(NoBackoff(), 1),
         "health_check_interval": 30,
         "client_name": client_name,
         # No CLIENT SETINFO on connect: service users are not granted it (common.redisacl), and
         # a refused command would fill Redis' ACL LOG on every connection.
+        "driver_info": None,
+    }
+
+
+def _sentinel_kwargs(server: RedisServer) -> dict[str, Any]:
+    """How to reach the sentinels: their own credentials and a short timeout (one is tried after another)."""
+    assert server.sentinel is not None
+    sentinel = server.sentinel
+    return {
+        "username": sentinel.username,
+        "password": sentinel.password.get_secret_value() if sentinel.password else None,
+        "socket_timeout": sentinel.socket_timeout,
+        "socket_connect_timeout": sentinel.socket_timeout,
+        # A sentinel that does not answer is skipped at once: the next one is asked.
+        "retry": Retry(NoBackoff(), 0),
         "driver_info": None,
     }
 
@@ -372,11 +483,13 @@ def _decode_id(raw: bytes | str) -> str:
 class Queues:
     """Producer and admin operations (synchronous)."""
 
-    def __init__(self, client: redis.Redis, settings: QueueSettings) -> None:
+    def __init__(self, client: redis.Redis, settings: QueueSettings, *, ack: ReplicaAck | None = None) -> None:
         self.client = client
         # redis-py types replies as unions of sync/async results; replies are decoded here.
         self.redis: Any = client
         self.settings = settings
+        #: WAIT after :meth:`enqueue_many` (default: what the client was configured with).
+        self.ack = replica_ack(client) if ack is None else ack
         self._limit = _Limit(settings.max_length)
 
     def enqueue(self, queue: str, fields: Fields, *, limit: bool = True, with_writes: Sequence[Write] = ()) -> str:
@@ -403,16 +516,25 @@ class Queues:
             if limit and self._limit.blocked(queue):
                 self._limit.update(queue, int(self.redis.xlen(queue)), 0)
                 self._limit.check(queue)
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.xlen(queue)
-            for fields in batch:
-                pipe.xadd(queue, dict(fields))
-            for write in with_writes:
-                write.write(pipe)
-            reply = pipe.execute()
+            if self.ack.replicas:
+                pipe = self.redis.pipeline(transaction=False)
+                _queue_acknowledged_add(pipe, queue, batch, self.ack, with_writes)
+                reply, acked = _acknowledged_reply(pipe.execute(raise_on_error=False))
+            else:
+                pipe = self.redis.pipeline(transaction=True)
+                _queue_add(pipe, queue, batch, with_writes)
+                reply, acked = pipe.execute(), None
+        return self._added(queue, batch, reply, acked, limit=limit)
+
+    def _added(
+        self, queue: str, batch: Sequence[Fields], reply: list[Any], acked: int | None, *, limit: bool
+    ) -> list[str]:
+        """The ids of an XLEN+XADD(+writes) transaction's reply; :class:`ReplicaAckError` when too few replicas confirmed."""
         if limit:
             self._limit.update(queue, int(reply[0]), len(batch))
-        return [_decode_id(i) for i in reply[1 : len(batch) + 1]]
+        ids = [_decode_id(i) for i in reply[1 : len(batch) + 1]]
+        _check_acks(queue, ids, acked, self.ack)
+        return ids
 
     def ensure_group(self, queue: str, group: str) -> None:
         """Create the stream and its consumer group if they do not exist."""
@@ -497,9 +619,11 @@ class Queues:
 class AsyncQueues:
     """Producer operations for asyncio services (Receiver, MxServer)."""
 
-    def __init__(self, client: redis.asyncio.Redis, settings: QueueSettings) -> None:
+    def __init__(self, client: redis.asyncio.Redis, settings: QueueSettings, *, ack: ReplicaAck | None = None) -> None:
         self.client = client
         self.settings = settings
+        #: WAIT after :meth:`enqueue_many` (default: what the client was configured with).
+        self.ack = replica_ack(client) if ack is None else ack
         self._limit = _Limit(settings.max_length)
 
     async def enqueue(
@@ -518,16 +642,20 @@ class AsyncQueues:
             if limit and self._limit.blocked(queue):
                 self._limit.update(queue, int(await self.client.xlen(queue)), 0)
                 self._limit.check(queue)
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xlen(queue)
-            for fields in batch:
-                pipe.xadd(queue, dict(fields))  # type: ignore[arg-type]
-            for write in with_writes:
-                write.write(pipe)
-            reply = await pipe.execute()
+            pipe: Any
+            if self.ack.replicas:
+                pipe = self.client.pipeline(transaction=False)
+                _queue_acknowledged_add(pipe, queue, batch, self.ack, with_writes)
+                reply, acked = _acknowledged_reply(await pipe.execute(raise_on_error=False))
+            else:
+                pipe = self.client.pipeline(transaction=True)
+                _queue_add(pipe, queue, batch, with_writes)
+                reply, acked = await pipe.execute(), None
         if limit:
             self._limit.update(queue, int(reply[0]), len(batch))
-        return [_decode_id(i) for i in reply[1 : len(batch) + 1]]
+        ids = [_decode_id(i) for i in reply[1 : len(batch) + 1]]
+        _check_acks(queue, ids, acked, self.ack)
+        return ids
 
     async def ping(self) -> bool:
         """True when Redis answers."""
@@ -535,6 +663,73 @@ class AsyncQueues:
             return bool(await self.client.ping())
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             return False
+
+
+def _queue_add(pipe: Any, queue: str, batch: Sequence[Fields], with_writes: Sequence[Write] = ()) -> None:
+    """XLEN (for the length limit), one XADD per entry and the entries' other writes, on a pipeline."""
+    pipe.xlen(queue)
+    for fields in batch:
+        pipe.xadd(queue, dict(fields))
+    for write in with_writes:
+        write.write(pipe)
+
+
+def _queue_acknowledged_add(
+    pipe: Any, queue: str, batch: Sequence[Fields], ack: ReplicaAck, with_writes: Sequence[Write] = ()
+) -> None:
+    """``MULTI``, the adds, ``EXEC``, then ``WAIT`` -- sent together on one connection.
+
+    WAIT counts the replicas that have everything this connection wrote, so it must follow the
+    EXEC on the same connection; inside MULTI it would not block.  A plain (non-transaction)
+    pipeline with the transaction spelled out keeps all of it on one connection and one round trip.
+    """
+    pipe.execute_command("MULTI")
+    _queue_add(pipe, queue, batch, with_writes)
+    pipe.execute_command("EXEC")
+    pipe.execute_command("WAIT", ack.replicas, ack.timeout_ms)
+
+
+def _acknowledged_reply(replies: list[Any]) -> tuple[list[Any], int]:
+    """The EXEC reply and WAIT's count of the pipeline of :func:`_queue_acknowledged_add`.
+
+    A WAIT that Redis refuses after a successful EXEC (e.g. a user without ``+wait``) counts as
+    no replica: the entries are written, so the caller must not say "nothing was written".
+
+    Raises:
+        redis.exceptions.ResponseError: a command was refused (e.g. ``NOREPLICAS``: the primary
+            has fewer replicas than ``min-replicas-to-write``); nothing was written.
+    """
+    *queued, executed, acked = replies
+    for reply in (*queued, executed):
+        if isinstance(reply, redis.exceptions.ResponseError) and not isinstance(reply, redis.exceptions.ExecAbortError):
+            raise reply
+    if isinstance(executed, Exception) or not isinstance(executed, list):
+        raise redis.exceptions.ResponseError(f"transaction not executed: {executed!r}")
+    if isinstance(acked, Exception):
+        log.error("WAIT refused after the write: %s", acked)
+        return executed, 0
+    return executed, int(acked)
+
+
+def _check_acks(queue: str, ids: list[str], acked: int | None, ack: ReplicaAck) -> None:
+    """Raise :class:`ReplicaAckError` when WAIT saw fewer replicas than asked for."""
+    if acked is None or acked >= ack.replicas:
+        return
+    log.warning(
+        "%d entries added to %s (%s) but confirmed by %d of %d replicas within %d ms: answering a temporary failure",
+        len(ids),
+        queue,
+        ",".join(ids[:3]),
+        acked,
+        ack.replicas,
+        ack.timeout_ms,
+        extra=logs.fields(queue=queue),
+    )
+    raise ReplicaAckError(
+        f"{queue}: written on the primary but confirmed by {acked} of {ack.replicas} replicas "
+        f"within {ack.timeout_ms} ms",
+        ids=ids,
+    )
 
 
 class Consumer:

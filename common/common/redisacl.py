@@ -27,6 +27,9 @@ mxserver       EVENT_QUEUE; ``IB:sent:*`` (read); ``IB:address-secret``; ``IB:mx
 backdata       EVENT_QUEUE (+ ``:dead``) as consumer; ``IB:backdata:*``; ``IB:suppr:*``,
                ``IB:suppr-fed:*`` (feeding the list, Lua); ``IB:sent:*`` (read: the scope
                of an event without its From domain); ``IB:trace:*``
+backdata       EVENT_QUEUE (+ ``:dead``) as consumer; ``IB:backdata:*``
+(autoscaler)   P0, P1, INCOMING-TO-POSTFIX, EVENT_QUEUE: statistics only (XINFO GROUPS,
+               XPENDING, XLEN) -- KEDA's queue-lag triggers, when ``redis.autoscaler`` is set
 =============  ====================================================================
 """
 
@@ -52,8 +55,9 @@ SERVICES: Final = ("receiver", "httpreceiver", "transformer", "postfixlog", "mxs
 #: What every client sends: login, PING (health checks), its name (common.queue clients send no
 #: CLIENT SETINFO).
 CONNECTION: Final = frozenset({"auth", "hello", "ping", "echo", "select", "quit", "reset", "client|setname"})
-#: Adding to a stream with its length in one MULTI/EXEC (common.queue producers).
-PRODUCER: Final = frozenset({"xadd", "xlen", "multi", "exec", "discard"})
+#: Adding to a stream with its length in one MULTI/EXEC, then WAIT for the replicas
+#: (common.queue producers; WAIT touches no key).
+PRODUCER: Final = frozenset({"xadd", "xlen", "multi", "exec", "discard", "wait"})
 #: Consumer groups (common.queue.Consumer: read, claim, hand off, dead-letter, stats).
 CONSUMER: Final = PRODUCER | {
     "xreadgroup",
@@ -76,6 +80,8 @@ TRACE_WRITE: Final = frozenset({"rpush", "ltrim", "expire"})
 #: The suppression list (common.suppression): checked in bulk; managed over the API.
 SUPPRESSION_READ: Final = frozenset({"mget", "ttl"})
 SUPPRESSION_ADMIN: Final = SUPPRESSION_READ | {"scan", "set", "del"}
+#: What KEDA's redis-streams triggers run.
+AUTOSCALER: Final = CONNECTION | {"xinfo|groups", "xpending", "xlen"}
 
 #: The commands of each service.
 GRANTS: Final[Mapping[str, frozenset[str]]] = {
@@ -172,9 +178,34 @@ def users(config: Config) -> list[User]:
             continue
         digest = hashlib.sha256(server.password.get_secret_value().encode()).hexdigest()
         found.append(User(service, server.username, digest, GRANTS[service], tuple(key_patterns(config, service))))
+    autoscaler = _autoscaler(config, owners, problems)
+    if autoscaler is not None:
+        found.append(autoscaler)
     if problems:
         raise ConfigError(problems)
     return found
+
+
+def _autoscaler(config: Config, owners: dict[str, str], problems: list[str]) -> User | None:
+    """The read-only user of KEDA's triggers (``redis.autoscaler``), or None."""
+    section = config.customer.redis
+    wanted = section.autoscaler if section is not None else None
+    if wanted is None:
+        return None
+    if wanted.username in (*owners, "default"):
+        problems.append(
+            f"{config.customer_path}: redis.autoscaler.username: {wanted.username!r} is already "
+            f"the user of {owners.get(wanted.username, 'the administrator')}"
+        )
+        return None
+    if isinstance(wanted.password, UnresolvedSecret):
+        problems.append(f"{config.customer_path}: redis.autoscaler.password: not available to this service")
+        return None
+    names = config.global_.reliable_queue.queue_names
+    queues = [names.primary_queue, names.default_queue, config.global_.postfix.incoming_queue_name]
+    queues.append(config.global_.backdata.queue_name)
+    digest = hashlib.sha256(wanted.password.get_secret_value().encode()).hexdigest()
+    return User("autoscaler", wanted.username, digest, AUTOSCALER, tuple(glob_escape(q) for q in queues))
 
 
 def user_lines(config: Config) -> list[str]:

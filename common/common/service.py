@@ -115,8 +115,9 @@ class ServiceSpec:
     early: Callable[[argparse.Namespace], int | None] | None = None
     #: Entered before anything imports prometheus_client; left when the service has stopped.
     prepare: Callable[[], AbstractContextManager[object]] = field(default=_no_preparation)
-    #: The configuration's service name when it differs from ``name`` (e.g. ``redis``).
-    config_service: str | None = None
+    #: The configuration's service name when it differs from ``name`` (e.g. ``redis``), or a
+    #: function of the parsed arguments choosing it (a subcommand that reads other secrets).
+    config_service: str | Callable[[argparse.Namespace], str] | None = None
 
 
 def run_service(spec: ServiceSpec, argv: list[str] | None = None) -> int:
@@ -129,7 +130,7 @@ def run_service(spec: ServiceSpec, argv: list[str] | None = None) -> int:
         status = spec.early(args)
         if status is not None:
             return status
-    config_service = spec.config_service or spec.name
+    config_service = spec.config_service(args) if callable(spec.config_service) else spec.config_service or spec.name
     config = cli.load(args, config_service, check_only=False)
     logs.setup(spec.name, args.log_level)
     with spec.prepare():

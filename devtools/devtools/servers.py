@@ -67,6 +67,7 @@ class RedisProcess:
         config_file: Path | None = None,
         extra: dict[str, str] | None = None,
         users: list[str] | None = None,
+        conf_lines: list[str] | None = None,
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
@@ -76,6 +77,9 @@ class RedisProcess:
         self.extra = extra or {}
         #: ACL ``user`` directives (common.redisacl; passwords only as hashes).
         self.users = users or []
+        #: More redis.conf lines, in the same included file (e.g. common.redisha's replication
+        #: settings, whose quoted values a command line would not keep).
+        self.conf_lines = conf_lines or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -102,7 +106,7 @@ class RedisProcess:
         }
         if self.password:
             settings["requirepass"] = self.password
-        if self.users:
+        if self.users or self.conf_lines:
             settings["include"] = str(self.directory / "users.acl.conf")
         for key, value in settings.items():
             args += [f"--{key}", value]
@@ -111,10 +115,10 @@ class RedisProcess:
     def start(self, timeout_s: float = 10.0) -> RedisProcess:
         """Start and wait until it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self.users:
+        if self.users or self.conf_lines:
             acl = self.directory / "users.acl.conf"
             acl.touch(mode=0o600)
-            acl.write_text("".join(line + "\n" for line in self.users))
+            acl.write_text("".join(line + "\n" for line in [*self.users, *self.conf_lines]))
         # A session of its own: Ctrl-C in the terminal of `./mailer up` reaches only the stack,
         # which stops Redis last (after PostfixLog has handed Postfix' queue back to it).
         self.proc = subprocess.Popen(
@@ -124,22 +128,7 @@ class RedisProcess:
         return self
 
     def _answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-            log_text = (
-                (self.directory / "redis.log").read_text(errors="replace")[-2000:]
-                if (self.directory / "redis.log").exists()
-                else ""
-            )
-            raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err}{log_text}")
-        try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as s:
-                auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
-                s.sendall(auth + b"PING\r\n")
-                reply = s.recv(64)
-                return b"PONG" in reply or (bool(auth) and b"+OK" in reply)
-        except OSError:
-            return False
+        return _answers_ping(self.proc, self.port, self.password, self.directory / "redis.log")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Clean shutdown (SIGTERM: Redis flushes the AOF)."""
@@ -162,6 +151,72 @@ class RedisProcess:
         """Stop and start again on the same port and data directory."""
         self.stop()
         self.start()
+
+
+def _answers_ping(proc: subprocess.Popen[bytes] | None, port: int, password: str | None, log_file: Path) -> bool:
+    """True once the server on ``port`` answers PING; raises when its process has exited."""
+    if proc is not None and proc.poll() is not None:
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        log_text = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+        raise RuntimeError(f"redis-server exited with {proc.returncode}: {err}{log_text}")
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as s:
+            auth = f"AUTH {password}\r\n".encode() if password else b""
+            s.sendall(auth + b"PING\r\n")
+            reply = s.recv(64)
+            return b"PONG" in reply or (bool(auth) and b"+OK" in reply)
+    except OSError:
+        return False
+
+
+class SentinelProcess:
+    """A private Redis Sentinel on loopback; ``lines`` is its configuration (:func:`common.redisha.sentinel_lines`).
+
+    Sentinel rewrites its configuration file, so it lives in ``directory`` (mode 0600).
+    """
+
+    def __init__(self, directory: Path, port: int, lines: list[str], password: str | None = None) -> None:
+        self.directory = directory
+        self.port = port
+        self.lines = lines
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_file(self) -> Path:
+        """The sentinel's (rewritten) configuration."""
+        return self.directory / "sentinel.conf"
+
+    def start(self, timeout_s: float = 10.0) -> SentinelProcess:
+        """Write the configuration, start, and wait until it answers PING."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config_file.touch(mode=0o600)
+        log_file = self.directory / "sentinel.log"
+        lines = [line for line in self.lines if not line.startswith("logfile ")] + [f'logfile "{log_file}"']
+        self.config_file.write_text("".join(line + "\n" for line in lines))
+        self.proc = subprocess.Popen(
+            [require("redis-server"), str(self.config_file), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        wait_until(
+            lambda: _answers_ping(self.proc, self.port, self.password, log_file),
+            timeout_s,
+            what=f"sentinel on port {self.port}",
+        )
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from common import logs, redisacl
 from common.config import load_config
 from common.version import __version__
 from devtools import testing
+from devtools.redisha import LocalRedisHA
 from devtools.servers import RedisProcess, free_port, port_open, wait_until
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,11 @@ class Stack:
     peers: bool = True
     customer_override: Mapping[str, Any] = field(default_factory=dict)
     echo: Callable[[str], None] = lambda line: None
+    #: Above 0: Redis as a primary with this many replicas and three sentinels
+    #: (:class:`devtools.redisha.LocalRedisHA`, the deploy/ha layout; or pass ``ha``); needs a new ``run_dir``.
+    ha_replicas: int = 0
     redis: RedisProcess | None = None
+    ha: LocalRedisHA | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     sink: Any = None
     webhook: Any = None
@@ -227,11 +232,28 @@ class Stack:
                 )
         if not self.ports:
             self.ports = default_ports()
+        override: Mapping[str, Any] = self.customer_override
+        if self.ha is None and self.ha_replicas:
+            self.ha = LocalRedisHA(self.run_dir / "state" / "redis-ha", replicas=self.ha_replicas)
+        if self.ha is not None:
+            if self.customer_file.exists():
+                raise RuntimeError(f"{self.run_dir} has a configuration already; Redis with sentinels needs a new one")
+            self.ports["redis"] = self.ha.node_ports[0]
+            override = testing.merge(self._ha_override(self.ha), override)
         ports_file.write_text(json.dumps(self.ports, indent=2) + "\n")
         if not self.customer_file.exists():
-            customer = testing.merge(stack_customer_config(self.config_dir, self.ports), self.customer_override)
+            customer = testing.merge(stack_customer_config(self.config_dir, self.ports), override)
             testing.write_configs(self.config_dir, customer)
             self.echo(f"wrote configuration to {self.config_dir}")
+
+    @staticmethod
+    def _ha_override(ha: LocalRedisHA) -> dict[str, Any]:
+        """Every service finds the primary through the sentinels; the exporter watches node 0."""
+        block = ha.redis_block()
+        return {
+            "common-config": {"redis": {"sentinel": block["sentinel"]}},
+            "redis": {"reliable-queue": {"redis": {"password": ha.admin_password, "port": ha.node_ports[0]}}},
+        }
 
     def customer(self) -> dict[str, Any]:
         """The customer file as a dict."""
@@ -249,7 +271,12 @@ class Stack:
         self.echo(f"starting Redis on 127.0.0.1:{self.ports['redis']}")
         try:
             users = redisacl.user_lines(load_config(self.global_file, self.customer_file))
-            self.redis = RedisProcess(self.run_dir / "state" / "redis", self.ports["redis"], users=users).start()
+            if self.ha is not None:
+                self.ha.users = users
+                self.ha.start()
+                self.echo(f"Redis: primary, {self.ha.replicas} replica(s), sentinels on {self.ha.sentinel_ports}")
+            else:
+                self.redis = RedisProcess(self.run_dir / "state" / "redis", self.ports["redis"], users=users).start()
             if self.peers:
                 self._start_peers()
             for name in self.services:
@@ -362,6 +389,9 @@ class Stack:
             self.echo("stopping Redis")
             self.redis.stop()
             self.redis = None
+        if self.ha is not None:
+            self.echo("stopping Redis and its sentinels")
+            self.ha.stop()
 
     def __enter__(self) -> Stack:
         self.start()

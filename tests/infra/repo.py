@@ -59,6 +59,29 @@ VARIANTS = {
         "PrometheusRule": 1,
         "NetworkPolicy": 14,
     },
+    # deploy/scaled + three data nodes and three sentinels (tests/infra/test_ha_manifests.py).
+    "deploy/ha": {
+        "Deployment": 5,
+        "StatefulSet": 3,
+        "Service": 11,
+        "ServiceMonitor": 7,
+        "PrometheusRule": 1,
+        "NetworkPolicy": 18,
+        "PodDisruptionBudget": 2,
+    },
+    # deploy/ha + KEDA and HPAs (tests/infra/test_autoscaling.py).
+    "deploy/autoscaled": {
+        "Deployment": 5,
+        "StatefulSet": 3,
+        "Service": 11,
+        "ServiceMonitor": 7,
+        "PrometheusRule": 1,
+        "NetworkPolicy": 19,
+        "PodDisruptionBudget": 2,
+        "HorizontalPodAutoscaler": 2,
+        "ScaledObject": 3,
+        "TriggerAuthentication": 1,
+    },
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,11 +20,13 @@ from common.config import Config
 from common.config.globalfile import GlobalConfig
 from common.errors import ConfigError
 from common.queue import Consumer, Queues, QueueSettings
+from common.redisha import quote
 from devtools import testing
 from devtools.servers import free_port
+from redis_sidecar import topology
 from redis_sidecar.check import run_checks
 from redis_sidecar.exporter import RedisMetrics
-from redis_sidecar.server import container_memory_limit, is_loopback, quote, runtime_settings
+from redis_sidecar.server import container_memory_limit, is_loopback, runtime_settings
 
 PodConfig = Callable[..., Config]
 
@@ -205,3 +208,18 @@ def test_cli_server_refuses_public_redis_without_password(pod_config: PodConfig)
     result = _cli(pod_config(password=None, bind={"inet-interface": "0.0.0.0", "inet-port": free_port()}), "server")
     assert result.returncode == 2
     assert "common-config.redis.password: required when Redis listens on '0.0.0.0'" in result.stderr
+
+
+def test_a_pod_announces_the_name_the_shared_configuration_gives_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One ConfigMap for every pod of the StatefulSet: redis-1 finds itself in redis.replication.nodes.
+    nodes = [("redis-0.redis-nodes", 6379), ("redis-1.redis-nodes", 6379), ("10.0.0.9", 6379)]
+    monkeypatch.setattr(socket, "gethostname", lambda: "redis-1")
+    assert topology.announced(None, 6379, nodes) == ("redis-1.redis-nodes", 6379)
+    assert topology.announced("redis-1.other", 6379, nodes) == ("redis-1.other", 6379)
+    monkeypatch.setattr(socket, "getfqdn", lambda: "redis-7.redis-nodes.mail.svc.cluster.local")
+    monkeypatch.setattr(socket, "gethostname", lambda: "redis-7")
+    assert topology.announced(None, 6379, nodes) == ("redis-7.redis-nodes.mail.svc.cluster.local", 6379)
+    assert topology.same_node(("redis-1.redis-nodes", 6379), ("redis-1.redis-nodes.mail.svc", 6379))
+    assert not topology.same_node(("redis-1.redis-nodes", 6379), ("redis-1.redis-nodes", 6380))
+    assert not topology.same_node(("redis-1.a", 6379), ("redis-2.a", 6379))
+    assert not topology.same_node(("10.0.0.1", 6379), ("10.0.0.2", 6379))

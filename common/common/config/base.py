@@ -11,7 +11,7 @@ import ipaddress
 import re
 from typing import Final
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from common.errors import ConfigError
 
@@ -83,11 +83,76 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def split_address(address: str, default_port: int) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``; the port may be left out) as a (host, port) pair.
+
+    Raises:
+        ValueError: not a host name or address with an optional port in 1-65535.
+    """
+    text = address.strip()
+    host, port_text, has_port = text, "", False
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{address!r} is not host:port")
+        port_text, has_port = rest[1:], bool(rest)
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        has_port = True
+    if not host or any(ch.isspace() for ch in host):
+        raise ValueError(f"{address!r} is not host:port")
+    if not has_port:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{address!r}: the port must be a number in 1-65535")
+    return host, int(port_text)
+
+
+#: Where Sentinel listens unless an address says otherwise.
+SENTINEL_PORT: Final = 26379
+
+
+class SentinelSettings(StrictModel):
+    """Redis Sentinel: the clients ask the sentinels which node is the primary (DESIGN §8).
+
+    Replaces ``hostname``/``port``: every connection goes to the primary the sentinels name
+    now, so clients follow a failover by themselves.
+    """
+
+    master_name: str = Field(
+        ..., min_length=1, description="Name the sentinels monitor the primary under (sentinel monitor <name> ...)."
+    )
+    addresses: list[str] = Field(
+        ...,
+        min_length=1,
+        description="The sentinels, host:port each (port default 26379); any one that answers is enough.",
+    )
+    username: str | None = Field(None, description="User on the sentinels, when they have ACL users of their own.")
+    password: SecretStr | None = Field(
+        None, description="Password of the sentinels (their requirepass; not the data nodes' password)."
+    )
+    socket_timeout: float = Field(1.0, gt=0, description="Seconds before a sentinel that does not answer is skipped.")
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            split_address(address, SENTINEL_PORT)
+        return value
+
+    def hosts(self) -> list[tuple[str, int]]:
+        """The sentinels as (host, port) pairs."""
+        return [split_address(a, SENTINEL_PORT) for a in self.addresses]
+
+
 class RedisServer(StrictModel):
     """Where a service finds Redis (``<service>.reliable-queue.redis``)."""
 
-    hostname: str = Field("redis", description="Redis host name or IP address.")
-    port: int = Field(6379, ge=1, le=65535, description="Redis TCP port.")
+    hostname: str = Field("redis", description="Redis host name or IP address (unused with sentinel).")
+    port: int = Field(6379, ge=1, le=65535, description="Redis TCP port (unused with sentinel).")
+    sentinel: SentinelSettings | None = Field(
+        None, description="Find the primary through Redis Sentinel instead of hostname/port (deploy/ha)."
+    )
     password: SecretStr | None = Field(
         None, description="Redis password (use ${env:VAR} or ${file:/path} to keep it out of YAML)."
     )
@@ -108,15 +173,51 @@ class RedisServer(StrictModel):
     pool_timeout_seconds: float = Field(
         5.0, gt=0, description="Longest wait for a free pooled connection when all max-connections are busy."
     )
+    wait_replicas: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description=(
+            "Replicas that must confirm a submission (WAIT) before the receivers answer 250/200; "
+            "default 1 with sentinel, else 0 (no WAIT)."
+        ),
+    )
+    wait_timeout_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Longest WAIT for the replicas; then a temporary failure (451/503) and the client retries.",
+    )
+
+    @property
+    def replica_acks(self) -> int:
+        """Replicas a producer's WAIT asks for (0: no WAIT)."""
+        if self.wait_replicas is not None:
+            return self.wait_replicas
+        return 1 if self.sentinel is not None else 0
+
+    def on_loopback(self) -> bool:
+        """True when every address a client connects to is a loopback address."""
+        if self.sentinel is not None:
+            return all(is_loopback_host(host) for host, _ in self.sentinel.hosts())
+        return is_loopback_host(self.hostname)
 
     @model_validator(mode="after")
     def _strong_password(self) -> RedisServer:
         password = secret_text(self.password)
-        if password is not None and len(password) < MIN_REDIS_PASSWORD and not is_loopback_host(self.hostname):
+        if password is not None and len(password) < MIN_REDIS_PASSWORD and not self.on_loopback():
+            where = "the sentinels" if self.sentinel is not None else f"hostname {self.hostname!r}"
             raise ValueError(
                 f"password: {len(password)} characters; at least {MIN_REDIS_PASSWORD} are required when Redis "
-                f"is not on loopback (hostname {self.hostname!r}); {GENERATE_HINT}"
+                f"is not on loopback ({where}); {GENERATE_HINT}"
             )
+        if self.sentinel is not None:
+            sentinel_password = secret_text(self.sentinel.password)
+            if sentinel_password is not None and len(sentinel_password) < MIN_REDIS_PASSWORD and not self.on_loopback():
+                raise ValueError(
+                    f"sentinel.password: {len(sentinel_password)} characters; at least {MIN_REDIS_PASSWORD} are "
+                    f"required when the sentinels are not on loopback; {GENERATE_HINT}"
+                )
         return self
 
 

@@ -44,6 +44,7 @@ REQUIRED_SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "mxserver": ("mxserver", "transformer"),
     "backdata": ("backdata",),
     "redis": ("redis",),
+    "redis-sentinel": ("redis",),
 }
 
 #: Customer-file key paths whose ``${…}`` references each service resolves ("*": any section).
@@ -62,6 +63,8 @@ READS: Final[Mapping[str, tuple[str, ...]]] = {
     "backdata": ("backdata", "common-config.redis"),
     # The Redis pod: its own section, the backups, and every service's Redis user (ACL).
     "redis": ("redis", "common-config.redis", "common-config.object-storage", "*.reliable-queue.redis"),
+    # A Sentinel pod (deploy/ha): its own password and the one it logs in to the data nodes with.
+    "redis-sentinel": ("redis.sentinel", "redis.replication.sentinel-password", "common-config.redis.sentinel"),
 }
 
 _SECRET_WORDS = ("password", "secret", "key", "token")
