@@ -45,6 +45,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from backdata import bouncemanager
 from backdata.metrics import BackDataMetrics
 from backdata.parking import SINCE, Parking
@@ -128,7 +130,7 @@ class WebhookHandler:
         self.trace = trace_settings
         #: How long an event's feed marker lives: longer than the event can be retried.
         self.fed_ttl_s = int(max_age_s) + 86400
-        self.redis: Any = suppression.redis if suppression is not None else None
+        self.redis: redis.Redis | None = suppression.redis if suppression is not None else None
 
     # -- the worker's interface ----------------------------------------------------------------
 
@@ -174,8 +176,9 @@ class WebhookHandler:
         if not todo:
             return
         with redis_errors("feed the suppression list"):
-            sent = self._sent_records([item for item, _ in todo if not item.event.get("fd")])
-            pipe = self.redis.pipeline(transaction=False)
+            client = self.suppression.redis
+            sent = self._sent_records(client, [item for item, _ in todo if not item.event.get("fd")])
+            pipe = client.pipeline(transaction=False)
             fed: list[tuple[Item, str, str, str]] = []
             for item, reason in todo:
                 target = self._target(item, sent)
@@ -206,12 +209,12 @@ class WebhookHandler:
                     extra=logs.fields(uuid=_text(item.event.get("uuid")), recipient=address, event_id=item.event_id),
                 )
 
-    def _sent_records(self, items: list[Item]) -> dict[str, list[Sent]]:
+    def _sent_records(self, client: redis.Redis, items: list[Item]) -> dict[str, list[Sent]]:
         """The Transformer's records of the uuids whose events do not name their From domain."""
         uuids = sorted({u for item in items if (u := _text(item.event.get("uuid")))})
         if not uuids:
             return {}
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         for uuid in uuids:
             pipe.hgetall(keys.sent_record(uuid))
         return {uuid: binding.decode_record(raw) for uuid, raw in zip(uuids, pipe.execute(), strict=True)}

@@ -20,7 +20,9 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from common import keys
+import redis
+
+from common import keys, redisreply
 from common.queue import Entry, Output, Queues, redis_errors
 from common.retry import RetryPolicy
 
@@ -56,7 +58,7 @@ class Parking:
 
     def __init__(self, queues: Queues, queue: str, *, policy: RetryPolicy) -> None:
         self.queues = queues
-        self.redis: Any = queues.redis
+        self.redis: redis.Redis = queues.redis
         self.queue = queue
         self.policy = policy
         self._script = self.redis.register_script(_REQUEUE)
@@ -90,7 +92,7 @@ class Parking:
         now_ms = int((time.time() if now is None else now) * 1000)
         moved = 0
         with redis_errors(f"requeue from {PARKED}"):
-            rows = self.redis.xrange(PARKED, min=self._cursor, count=limit)
+            rows = redisreply.stream_rows(self.redis.xrange(PARKED, min=self._cursor, count=limit))
             self._cursor = f"({_id(rows[-1][0])}" if len(rows) == limit else "-"
             for raw_id, fields in rows:
                 if _due(fields) > now_ms:

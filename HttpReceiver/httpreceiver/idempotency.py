@@ -71,7 +71,7 @@ class IdempotencyStore:
     """Reserve / finish / release of idempotency records in Redis."""
 
     def __init__(self, client: redis.Redis, window_s: int) -> None:
-        self.client: Any = client
+        self.client: redis.Redis = client
         self.window_s = window_s
         self._release = client.register_script(_RELEASE)
 

@@ -27,12 +27,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Protocol
+from typing import BinaryIO, Final, Protocol
 
 import redis
 
 from common import keys as common_keys
-from common import logs
+from common import logs, redisreply
 from common.errors import TemporaryError
 from common.queue import redis_errors
 from common.trace import DISABLED, TraceSettings
@@ -239,7 +239,7 @@ class LogFollower:
         trace_settings: TraceSettings = DISABLED,
     ) -> None:
         self.reader = reader
-        self.redis: Any = client
+        self.redis: redis.Redis = client
         self.event_queue = event_queue
         self.instance_name = instance_name
         self.qid_ttl_s = qid_ttl_s
@@ -319,7 +319,7 @@ class LogFollower:
 
     def _move_legacy_position(self, key: str) -> bytes | None:
         """The position a PostfixLog before 2.1 saved in one shared hash, moved to ``key``."""
-        raw: bytes | None = self.redis.hget(records.LEGACY_POSITION_KEY, self.instance_name)
+        raw = redisreply.optional_bytes(self.redis.hget(records.LEGACY_POSITION_KEY, self.instance_name))
         if raw is not None:
             pipe = self.redis.pipeline(transaction=True)
             pipe.set(key, raw, ex=self.position_ttl_s)

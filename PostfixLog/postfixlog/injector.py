@@ -44,7 +44,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 
@@ -154,7 +154,7 @@ class Injector:
         providers: ProviderResolver | None = None,
         shaper: Shaper | None = None,
     ) -> None:
-        self.redis: Any = client
+        self.redis: redis.Redis = client
         self.host = host
         self.port = port
         self.event_queue = event_queue

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Final
+from typing import Final
 
 import redis
 
-from common import keys
+from common import keys, redisreply
 from common.queue import redis_errors
 from postfixlog import records
 
@@ -101,7 +101,7 @@ class Membership:
         state_ttl_s: int,
         stale_consumer_s: float,
     ) -> None:
-        self.redis: Any = client
+        self.redis: redis.Redis = client
         self.name = name
         self.stream = stream
         self.group = group
@@ -146,8 +146,8 @@ class Membership:
             QueueUnavailableError: Redis is down.
         """
         with redis_errors("list instances"):
-            rows = self.redis.zrange(INSTANCES_KEY, 0, -1, withscores=True)
-        return {(n.decode() if isinstance(n, bytes) else n): float(score) for n, score in rows}
+            rows = redisreply.scored(self.redis.zrange(INSTANCES_KEY, 0, -1, withscores=True))
+        return {redisreply.text(n): float(score) for n, score in rows}
 
     def retire(self) -> bool:
         """Forget this drained instance; True when its consumer could be deleted too.

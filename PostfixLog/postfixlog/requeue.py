@@ -77,7 +77,7 @@ class Requeuer:
 
     def __init__(self, instance: PostfixInstance, client: redis.Redis, *, incoming_queue: str, name: str) -> None:
         self.instance = instance
-        self.redis: Any = client
+        self.redis: redis.Redis = client
         self.incoming_queue = incoming_queue
         #: The PostfixLog instance whose records (``IB:postfixlog:qid:<name>:…``) describe the queue.
         self.name = name

@@ -29,7 +29,6 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry
@@ -78,7 +77,7 @@ class QueueResolver:
     """Did Postfix queue a transaction whose answer PostfixLog never read?  (see injector)."""
 
     def __init__(self, client: redis.Redis, instance: PostfixInstance, follower: LogFollower, name: str) -> None:
-        self.redis: Any = client
+        self.redis: redis.Redis = client
         self.instance = instance
         self.follower = follower
         self.name = name

@@ -42,7 +42,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import redis
 
@@ -295,7 +295,7 @@ class Shaper:
         metrics: ShapingMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.redis: Any = client
+        self.redis: redis.Redis = client
         self.rules = rules
         self.incoming = incoming
         self.metrics: ShapingMetrics = metrics or NoShapingMetrics()

@@ -24,11 +24,11 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import redis
 
-from common import keys
+from common import keys, redisreply
 from redis_sidecar.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class Backups:
 
     def __init__(self, client: redis.Redis, store: ObjectStore, layout: DataLayout) -> None:
         # redis-py types replies as unions of sync/async results.
-        self.redis: Any = client
+        self.redis: redis.Redis = client
         self.store = store
         self.layout = layout
 
@@ -200,7 +200,7 @@ class Backups:
 
     def _final_snapshot(self, timeout_s: float) -> None:
         # Held writes wait until Redis stops and are then dropped unanswered (clients retry).
-        self.redis.execute_command("CLIENT", "PAUSE", int(timeout_s * 1000), "WRITE")
+        redisreply.command(self.redis, "CLIENT", "PAUSE", int(timeout_s * 1000), "WRITE")
         started = time.monotonic()
         self.redis.save()
         log.info("final snapshot written in %.1fs (writes paused)", time.monotonic() - started)
@@ -208,7 +208,7 @@ class Backups:
     def _background_snapshot(self, timeout_s: float) -> None:
         before = int(self.redis.info("persistence").get("rdb_saves", 0))
         # SCHEDULE: if an AOF rewrite runs, Redis starts the save right after it.
-        self.redis.execute_command("BGSAVE", "SCHEDULE")
+        redisreply.command(self.redis, "BGSAVE", "SCHEDULE")
         deadline = time.monotonic() + timeout_s
         seen_running = False
         while True:
@@ -226,4 +226,4 @@ class Backups:
 
     def resume_writes(self) -> None:
         """Undo the pause of a final backup (when Redis is not stopped after all)."""
-        self.redis.execute_command("CLIENT", "UNPAUSE")
+        redisreply.command(self.redis, "CLIENT", "UNPAUSE")

@@ -83,7 +83,7 @@ def _offline(config: Config, store: ObjectStore | None) -> list[Finding]:
 
 def _live(config: Config, store: ObjectStore | None) -> list[Finding]:
     found: list[Finding] = []
-    client: Any = connect(connection.local_server(config), client_name="redis-sidecar-check")
+    client: redis.Redis = connect(connection.local_server(config), client_name="redis-sidecar-check")
     try:
         settings = {
             name: client.config_get(name).get(name)

@@ -6,7 +6,6 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -39,7 +38,7 @@ class Exporter:
         self.context = context
         section = connection.section(config)
         self.metrics_address = (section.prometheus.inet_interface, section.prometheus.inet_port)
-        self.client: Any = connect(connection.local_server(config), client_name="redis-sidecar-exporter")
+        self.client: redis.Redis = connect(connection.local_server(config), client_name="redis-sidecar-exporter")
         RedisMetrics(Queues(self.client, QueueSettings.from_config(config.global_)), config.global_, context.registry)
         context.health.add_check("redis", lambda: bool(self.client.ping()))
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common import keys
+from common import keys, redisreply
 from common.config.globalfile import GlobalConfig
 from common.errors import TemporaryError
 from common.queue import Queues, QueueStats
@@ -68,7 +67,7 @@ class QueueCollector(Collector):
 
     def __init__(self, queues: Queues, watched: Sequence[WatchedQueue]) -> None:
         self.queues = queues
-        self.redis: Any = queues.redis
+        self.redis: redis.Redis = queues.redis
         self.watched = tuple(watched)
 
     def describe(self) -> Iterator[Metric]:
@@ -102,8 +101,7 @@ class QueueCollector(Collector):
         """Read every queue (on the primary only); nothing at all when Redis does not answer."""
         fams = self._families()
         try:
-            role = self.redis.execute_command("ROLE")
-            primary = (role[0].decode() if isinstance(role[0], bytes) else str(role[0])) == "master"
+            primary = redisreply.role(self.redis) == "master"
             fams["mailer_redis_is_primary"].add_metric([], 1 if primary else 0)
             if not primary:
                 yield fams["mailer_redis_is_primary"]

@@ -29,11 +29,11 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import redis
 
-from common import redisacl, redisha
+from common import redisacl, redisha, redisreply
 from common.config import Config
 from common.config.redismodule import Replication
 from common.errors import ConfigError
@@ -135,8 +135,6 @@ class RedisLauncher:
         # SAVE of a large dataset takes longer than a queue command's timeout.
         local = connection.local_server(config).model_copy(update={"socket_timeout": 600.0})
         self.client = connect(local, client_name="redis-sidecar-server")
-        # redis-py types replies as unions of sync/async results.
-        self.redis: Any = self.client
         #: False while this data node is a replica (deploy/ha): it neither restores nor backs up.
         self.primary = True
 
@@ -191,12 +189,10 @@ class RedisLauncher:
         if self.section.replication is None:
             return True
         try:
-            role = self.redis.execute_command("ROLE")
+            return redisreply.role(self.client) == "master"
         except redis.exceptions.RedisError as exc:
             log.warning("cannot ask Redis for its role (%s); no backup", exc)
             return False
-        name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
-        return name == "master"
 
     def _start(self) -> subprocess.Popen[bytes]:
         command = [self.section.redis_server, str(self.section.config_file), "-"]

@@ -20,12 +20,12 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common import redisreply
 from common.config.base import SentinelSettings
 from common.config.redismodule import Replication
 
@@ -81,7 +81,7 @@ def primary_from_sentinels(sentinel: SentinelSettings, *, skip: Address | None =
     for host, port in sentinel.hosts():
         if skip is not None and same_node((host, port), skip):
             continue
-        client: Any = redis.Redis(
+        client = redis.Redis(
             host,
             port,
             username=sentinel.username,
@@ -96,7 +96,7 @@ def primary_from_sentinels(sentinel: SentinelSettings, *, skip: Address | None =
         except redis.exceptions.RedisError as exc:
             log.info("sentinel %s:%d does not answer (%s)", host, port, exc)
             continue
-        if found:
+        if isinstance(found, tuple):
             address = (_text(found[0]), int(found[1]))
             log.info("sentinel %s:%d names %s:%d as the primary", host, port, *address)
             return address
@@ -110,7 +110,7 @@ def primary_from_nodes(
     for host, port in nodes:
         if me is not None and same_node((host, port), me):
             continue
-        client: Any = redis.Redis(
+        client = redis.Redis(
             host,
             port,
             username=credentials.username,
@@ -121,11 +121,11 @@ def primary_from_nodes(
         )
         try:
             with contextlib.closing(client):
-                role = client.execute_command("ROLE")
+                role = redisreply.role(client)
         except redis.exceptions.RedisError as exc:
             log.info("data node %s:%d does not answer (%s)", host, port, exc)
             continue
-        if role and _text(role[0]) == "master":
+        if role == "master":
             log.info("data node %s:%d is a primary", host, port)
             return (host, port)
     return None

@@ -70,8 +70,9 @@ import redis.asyncio.sentinel
 import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT, StreamIdT
 
-from common import keys, logs
+from common import keys, logs, redisreply
 from common.config.base import RedisServer
 from common.config.globalfile import GlobalConfig
 from common.errors import QueueFullError, QueueUnavailableError, ReplicaAckError, TemporaryError
@@ -137,9 +138,9 @@ class Output:
     queue: str
     fields: Fields
 
-    def write(self, pipe: Any) -> None:
+    def write(self, pipe: redisreply.Pipeline) -> None:
         """Queue the XADD on a MULTI/EXEC pipeline."""
-        pipe.xadd(self.queue, dict(self.fields))
+        pipe.xadd(self.queue, redisreply.field_map(self.fields))
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,10 @@ class HashWrite:
     mapping: Mapping[str, str]
     ttl_s: int
 
-    def write(self, pipe: Any) -> None:
+    def write(self, pipe: redisreply.Pipeline) -> None:
         """Queue the HSET and EXPIRE on a MULTI/EXEC pipeline."""
         if self.mapping:
-            pipe.hset(self.key, mapping=dict(self.mapping))
+            pipe.hset(self.key, mapping=redisreply.field_map(self.mapping))
             pipe.expire(self.key, self.ttl_s)
 
 
@@ -174,7 +175,7 @@ class ListAppend:
     max_length: int
     ttl_s: int
 
-    def write(self, pipe: Any) -> None:
+    def write(self, pipe: redisreply.Pipeline) -> None:
         """Queue the RPUSH, LTRIM and EXPIRE on a MULTI/EXEC pipeline."""
         if self.values:
             pipe.rpush(self.key, *self.values)
@@ -486,7 +487,7 @@ class Queues:
     def __init__(self, client: redis.Redis, settings: QueueSettings, *, ack: ReplicaAck | None = None) -> None:
         self.client = client
         # redis-py types replies as unions of sync/async results; replies are decoded here.
-        self.redis: Any = client
+        self.redis: redis.Redis = client
         self.settings = settings
         #: WAIT after :meth:`enqueue_many` (default: what the client was configured with).
         self.ack = replica_ack(client) if ack is None else ack
@@ -572,8 +573,8 @@ class Queues:
         """The oldest dead-lettered entries of ``queue`` (fields include the ``dl-*`` metadata)."""
         dead = keys.dead_letter(queue)
         with redis_errors(f"read {dead}"):
-            rows = self.redis.xrange(dead, count=count)
-        return [Entry(dead, _decode_id(i), dict(f)) for i, f in rows]
+            rows = redisreply.stream_rows(self.redis.xrange(dead, count=count))
+        return [Entry(dead, _decode_id(i), f) for i, f in rows]
 
     def replay_dead_letters(self, queue: str, ids: Sequence[str] | None = None, count: int = 1000) -> int:
         """Move dead-lettered entries back to ``queue`` (metadata removed); returns how many.
@@ -585,17 +586,19 @@ class Queues:
         dead = keys.dead_letter(queue)
         with redis_errors(f"replay {dead}"):
             if ids is None:
-                rows = self.redis.xrange(dead, count=count)
+                rows = redisreply.stream_rows(self.redis.xrange(dead, count=count))
             else:
                 rows = []
-                for entry_id in ids:
-                    rows.extend(self.redis.xrange(dead, min=entry_id, max=entry_id))
+                for wanted in ids:
+                    rows.extend(redisreply.stream_rows(self.redis.xrange(dead, min=wanted, max=wanted)))
             if not rows:
                 return 0
-            now = repr(time.time())
+            now = repr(time.time()).encode()
             pipe = self.redis.pipeline(transaction=True)
             for entry_id, fields in rows:
-                original = {k: v for k, v in fields.items() if not k.startswith(DEAD_PREFIX.encode())}
+                original: dict[FieldT, EncodableT] = {
+                    k: v for k, v in fields.items() if not k.startswith(DEAD_PREFIX.encode())
+                }
                 original[REPLAYED_AT.encode()] = now
                 pipe.xadd(queue, original)
                 pipe.xdel(dead, entry_id)
@@ -642,7 +645,7 @@ class AsyncQueues:
             if limit and self._limit.blocked(queue):
                 self._limit.update(queue, int(await self.client.xlen(queue)), 0)
                 self._limit.check(queue)
-            pipe: Any
+            pipe: redisreply.Pipeline
             if self.ack.replicas:
                 pipe = self.client.pipeline(transaction=False)
                 _queue_acknowledged_add(pipe, queue, batch, self.ack, with_writes)
@@ -665,17 +668,19 @@ class AsyncQueues:
             return False
 
 
-def _queue_add(pipe: Any, queue: str, batch: Sequence[Fields], with_writes: Sequence[Write] = ()) -> None:
+def _queue_add(
+    pipe: redisreply.Pipeline, queue: str, batch: Sequence[Fields], with_writes: Sequence[Write] = ()
+) -> None:
     """XLEN (for the length limit), one XADD per entry and the entries' other writes, on a pipeline."""
     pipe.xlen(queue)
     for fields in batch:
-        pipe.xadd(queue, dict(fields))
+        pipe.xadd(queue, redisreply.field_map(fields))
     for write in with_writes:
         write.write(pipe)
 
 
 def _queue_acknowledged_add(
-    pipe: Any, queue: str, batch: Sequence[Fields], ack: ReplicaAck, with_writes: Sequence[Write] = ()
+    pipe: redisreply.Pipeline, queue: str, batch: Sequence[Fields], ack: ReplicaAck, with_writes: Sequence[Write] = ()
 ) -> None:
     """``MULTI``, the adds, ``EXEC``, then ``WAIT`` -- sent together on one connection.
 
@@ -758,7 +763,7 @@ class Consumer:
         if not streams:
             raise ValueError("a consumer needs at least one stream")
         self.queues = queues
-        self.client: Any = queues.redis
+        self.client: redis.Redis = queues.redis
         self.settings = queues.settings
         self.streams = list(streams)
         self.group = group
@@ -890,7 +895,7 @@ class Consumer:
         pipe = self.client.pipeline(transaction=False)
         spans = []
         for stream in self.streams:
-            ids = [e.id for e in entries if e.queue == stream]
+            ids: list[StreamIdT] = [e.id for e in entries if e.queue == stream]
             if ids:
                 spans.append(stream)
                 pipe.xpending_range(
@@ -986,7 +991,7 @@ class Consumer:
         """Count another delivery of entries that failed unexpectedly (XCLAIM bumps the counter)."""
         with redis_errors("redeliver"):
             for stream in self.streams:
-                ids = [e.id for e in entries if e.queue == stream]
+                ids: list[StreamIdT] = [e.id for e in entries if e.queue == stream]
                 if ids:
                     self.client.xclaim(stream, self.group, self.name, 0, ids)
         return [Entry(e.queue, e.id, e.fields, e.deliveries + 1) for e in entries]
@@ -1016,11 +1021,11 @@ class Consumer:
         """Reset the idle time of entries this consumer still works on (keeps them ours)."""
         with redis_errors("touch"):
             for stream in self.streams:
-                ids = [e.id for e in entries if e.queue == stream]
+                ids: list[StreamIdT] = [e.id for e in entries if e.queue == stream]
                 if ids:
                     self.client.xclaim(stream, self.group, self.name, 0, ids, justid=True)
 
-    def _ack_into(self, pipe: Any, items: Sequence[tuple[str, str]]) -> None:
+    def _ack_into(self, pipe: redisreply.Pipeline, items: Sequence[tuple[str, str]]) -> None:
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in items:
             by_stream.setdefault(stream, []).append(entry_id)

@@ -46,6 +46,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import redis
+
 from common import keys
 from common.config import Config
 from common.config.commonconfig import ReasonPolicy
@@ -277,8 +279,8 @@ class Page:
 class SuppressionList:
     """Reading and writing the list (Transformer, BackData, HttpReceiver, mailer-suppressions)."""
 
-    def __init__(self, client: Any, settings: SuppressionSettings) -> None:
-        self.redis: Any = client
+    def __init__(self, client: redis.Redis, settings: SuppressionSettings) -> None:
+        self.redis: redis.Redis = client
         self.settings = settings
         self._feed = client.register_script(FEED_SCRIPT)
 
@@ -318,7 +320,7 @@ class SuppressionList:
 
     def feed(
         self,
-        pipe: Any,
+        pipe: redis.client.Pipeline,
         *,
         scope: str,
         address: str,

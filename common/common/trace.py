@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from common import keys
+import redis
+
+from common import keys, redisreply
 from common.config import Config
 from common.queue import ListAppend
 
@@ -83,13 +85,13 @@ def append(settings: TraceSettings, uuid: str | None, *entries: str) -> list[Lis
     return [ListAppend(keys.trace(uuid), entries, settings.max_entries, settings.ttl_s)]
 
 
-def add_to(pipe: Any, settings: TraceSettings, uuid: str | None, *entries: str) -> None:
+def add_to(pipe: redisreply.Pipeline, settings: TraceSettings, uuid: str | None, *entries: str) -> None:
     """Queue the commands of :func:`append` on a pipeline the caller sends anyway."""
     for write in append(settings, uuid, *entries):
         write.write(pipe)
 
 
-def decode(raw: list[bytes] | list[str]) -> list[dict[str, Any]]:
+def decode(raw: Sequence[bytes | str]) -> list[dict[str, Any]]:
     """The entries of an ``LRANGE``, in time order (unreadable ones are skipped)."""
     out: list[dict[str, Any]] = []
     for item in raw:
@@ -103,13 +105,13 @@ def decode(raw: list[bytes] | list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def read(client: Any, uuid: str) -> list[dict[str, Any]]:
+def read(client: redis.Redis, uuid: str) -> list[dict[str, Any]]:
     """The timeline of ``uuid``: empty when unknown or expired.
 
     Raises:
         redis.exceptions.RedisError: Redis is down.
     """
-    return decode(client.lrange(keys.trace(uuid), 0, -1))
+    return decode(redisreply.strings(client.lrange(keys.trace(uuid), 0, -1)))
 
 
 def timeline(uuid: str, entries: list[dict[str, Any]], settings: TraceSettings) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from backdata.parking import DUE, PARKED, PARKS, SINCE, Parking, parks
+from common import redisreply
 from common.queue import Entry, Queues
 from common.retry import RetryPolicy
 
@@ -23,7 +24,7 @@ def test_due_event_is_requeued_once_even_by_two_replicas(queues: Queues) -> None
     out = a.output(entry, "HTTP 400", since=100.0, not_after=time.time() + 1000, now=time.time() - 3600)
     queues.enqueue(out.queue, out.fields, limit=False)
     assert a.requeue_due() + b.requeue_due() == 1
-    ((_, fields),) = queues.redis.xrange("EVENT_QUEUE")
+    ((_, fields),) = redisreply.stream_rows(queues.redis.xrange("EVENT_QUEUE"))
     assert fields[b"data"] == b'{"event":"bounce"}'
     assert fields[PARKS.encode()] == b"3"
     assert fields[SINCE.encode()] == b"100.0"

@@ -9,7 +9,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from common import keys
+from common import keys, redisreply
 from common.config import RedisServer
 from common.errors import QueueFullError, QueueUnavailableError
 from common.queue import (
@@ -40,7 +40,7 @@ def _read_until(consumer: Consumer, count: int, timeout_s: float = 10) -> list[E
 
 
 def _payloads(queues: Queues, stream: str) -> list[bytes]:
-    return [f[b"payload"] for _, f in queues.redis.xrange(stream)]
+    return [f[b"payload"] for _, f in redisreply.stream_rows(queues.redis.xrange(stream))]
 
 
 def test_enqueue_read_complete_hands_off_and_acks(queues: Queues) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common import cli, keys, queuectl, suppressionctl, trace
+from common import cli, keys, queuectl, redisreply, suppressionctl, trace
 from common.config import Config
 from common.queue import Consumer, Queues, QueueSettings
 
@@ -39,7 +39,7 @@ def test_stats_dead_and_replay(make_config, queues: Queues, capsys: pytest.Captu
     assert queuectl.main(_args(config, "replay", "EVENT_QUEUE")) == 0
     assert "replayed 1 dead-lettered entries of EVENT_QUEUE" in capsys.readouterr().out
     assert queues.length("EVENT_QUEUE") == 1
-    [(_, fields)] = queues.redis.xrange("EVENT_QUEUE")
+    [(_, fields)] = redisreply.stream_rows(queues.redis.xrange("EVENT_QUEUE"))
     assert b"replayed-at" in fields  # BackData's age limit restarts at the replay
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from common import redisreply
 from common.errors import PermanentError, TemporaryError
 from common.lifecycle import Stopper
 from common.queue import Consumer, Entry, Output, Queues
@@ -101,7 +102,7 @@ def test_handoff_is_atomic_under_repeated_sigkill(queues: Queues, redis_server: 
         wait_until(lambda: queues.redis.xlen("IN") == 0, timeout_s=20, what="drain")
         proc.terminate()
         proc.communicate(timeout=10)
-    out = [f[b"payload"] for _, f in queues.redis.xrange("OUT")]
+    out = [f[b"payload"] for _, f in redisreply.stream_rows(queues.redis.xrange("OUT"))]
     assert sorted(out) == sorted(f"m{i:04d}".encode() for i in range(total))
     assert len(out) == len(set(out)), "an entry was handed off twice"
     stats = queues.stats("IN", "g")
@@ -163,7 +164,7 @@ def test_temporary_permanent_and_unexpected_errors(queues: Queues) -> None:
     queues.enqueue_many("IN", [{"payload": p} for p in ("temp-5", "perm", "bug", "ok")])
     handler = _Scripted()
     _run_worker(queues, handler, lambda: queues.redis.xlen("OUT") == 2 and queues.redis.xlen("IN:dead") == 2)
-    assert sorted(f[b"payload"] for _, f in queues.redis.xrange("OUT")) == [b"ok", b"temp-5"]
+    assert sorted(f[b"payload"] for _, f in redisreply.stream_rows(queues.redis.xrange("OUT"))) == [b"ok", b"temp-5"]
     dead = {e.fields[b"payload"]: e.fields for e in queues.dead_letters("IN")}
     assert dead[b"perm"][b"dl-reason"] == b"never valid"
     assert dead[b"bug"][b"dl-reason"].startswith(b"failed 3 times; last error: ZeroDivisionError: oops")
