@@ -757,7 +757,7 @@ def main() -> None:
     say(f"  Postfix + OpenDKIM: Postfix + opendkim + smtp-sink {result['opendkim_cpu'] * 1000:.2f} ms per message")
     unsigned = [
         name
-        for name, (received, with_signature) in result["signed"].items()
+        for name, (received, with_signature, _) in result["signed"].items()
         if name != "Postfix alone" and with_signature < received
     ]
     if unsigned or not result["signed"]["Postfix + OpenDKIM"][0]:
