@@ -72,6 +72,8 @@ def server_pids(master: int, redis_pid: int) -> list[int]:
 
 
 def run_wrk(url: str, body_file: Path, auth: str, args: argparse.Namespace) -> dict[str, float]:
+    if not body_file.is_file() or body_file.stat().st_size == 0:
+        raise FileNotFoundError(f"no request body in {body_file}")
     script = body_file.with_suffix(".lua")
     script.write_text(
         'wrk.method = "POST"\n'
@@ -210,7 +212,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-httpreceiver-") as tmp:
         root = Path(tmp)
         body = message(args.size)
-        (root / "message.eml").write_bytes(body)
         workers = args.workers or os.cpu_count() or 1
         print(
             f"httpreceiver benchmark: {len(body)}-byte messages, {workers} gunicorn workers, "
@@ -254,6 +255,8 @@ class Server:
     def __init__(self, root: Path, name: str, args: argparse.Namespace) -> None:
         root.mkdir()
         self.root, self.name, self.args = root, name, args
+        # The body every request carries (wrk's Lua script reads it from this file).
+        (root / "message.eml").write_bytes(message(args.size))
         self.redis = RedisProcess(root / "redis", appendfsync=args.fsync).start()
         self.proc: subprocess.Popen[bytes] | None = None
         try:
