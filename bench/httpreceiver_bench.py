@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per round (wrk)")
     parser.add_argument("--requests", type=int, default=20_000, help="requests per round (Python generator)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the servers take turns in each")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load per server before the rounds (wrk)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", type=int, default=0, help="httpreceiver.workers (0 = one per core)")
@@ -224,6 +225,8 @@ def main() -> None:
         try:
             for name in names:
                 servers[name] = Server(root / name, name, args)
+            for server in servers.values():  # first requests: imports, password check, connections
+                server.load(warmup=True)
             results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
             for round_ in range(1, args.rounds + 1):
                 shift = (round_ - 1) % len(names)
@@ -308,10 +311,11 @@ class Server:
         if self.name == "httpreceiver":
             wait_until(lambda: _ready(self.metrics), 20, what="httpreceiver /readyz")
 
-    def load(self) -> dict[str, float]:
+    def load(self, *, warmup: bool = False) -> dict[str, float]:
         """One round of load; the figures (requests/s, latency, CPU, queued entries)."""
         assert self.proc is not None and self.redis.proc is not None
-        args = self.args
+        warm = {"duration": self.args.warmup, "requests": self.args.requests // 10}
+        args = argparse.Namespace(**{**vars(self.args), **warm}) if warmup else self.args
         auth = base64.b64encode(f"{testing.RECEIVER_USER}:{testing.RECEIVER_PASSWORD}".encode()).decode()
         pids = server_pids(self.proc.pid, self.redis.proc.pid)
         groups = {"workers": pids[2:], "master": pids[:1], "redis": pids[1:2]}
