@@ -741,6 +741,11 @@ def main() -> None:
         f"  pipeline / Postfix + OpenDKIM                             {dkim_ratio:8.2f}  "
         f"({'meets' if dkim_ratio >= 1.5 else 'below'} the 1.5 goal)"
     )
+    paired = [(r / a, r / d) for r, a, d in zip(result["rates"], result["alone"], result["opendkim"], strict=True)]
+    say(
+        f"  the rounds' own ratios (each round's contenders ran minutes apart at most), median: "
+        f"{statistics.median(x for x, _ in paired):.2f} and {statistics.median(y for _, y in paired):.2f}"
+    )
     for name, (received, with_signature, sample) in result["signed"].items():
         say(f"  DKIM-Signature in what the sink received, {name}: {with_signature:,} of {received:,} messages")
         if sample:
