@@ -41,6 +41,7 @@ destination), so this is where more instances help, unlike the CPU-bound loopbac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -384,16 +385,23 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "transformer": {"unsubscribe-url": None},
     }
     message = message_file(work, args.size)
-    alone = PostfixAlone(work)
-    opendkim = OpenDkim(testing.SENDER_DOMAIN)
-    signing = PostfixAlone(work, "postfix-opendkim", opendkim)
-    stack = Stack(work / "stack", ports=ports, peers=False, customer_override=override)
-    stack.start()
-    pipeline_dump = work / "dumps" / "pipeline.dump"
-    sink = smtp_sink(ports["sink"], pipeline_dump)
-    watch = DeliveredWatch()
-    hook = WebhookReceiver("127.0.0.1", ports["webhook"], responder=watch).start()
+    cleanup = contextlib.ExitStack()  # whatever was started is stopped, even when a later start fails
     try:
+        alone = PostfixAlone(work)
+        cleanup.callback(alone.close)
+        opendkim = OpenDkim(testing.SENDER_DOMAIN)
+        cleanup.callback(opendkim.close)
+        signing = PostfixAlone(work, "postfix-opendkim", opendkim)
+        cleanup.callback(signing.close)
+        stack = Stack(work / "stack", ports=ports, peers=False, customer_override=override)
+        cleanup.callback(stack.stop)
+        stack.start()
+        pipeline_dump = work / "dumps" / "pipeline.dump"
+        sink = smtp_sink(ports["sink"], pipeline_dump)
+        cleanup.callback(_stop, sink)
+        watch = DeliveredWatch()
+        hook = WebhookReceiver("127.0.0.1", ports["webhook"], responder=watch).start()
+        cleanup.callback(hook.stop)
         say("   warming up all three")
         alone.run(200, args.sessions, message)
         signing.run(200, args.sessions, message)
@@ -477,13 +485,12 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "signed": signed,
         }
     finally:
-        hook.stop()
-        stack.stop()
-        sink.terminate()
-        sink.wait(10)
-        alone.close()
-        signing.close()
-        opendkim.close()
+        cleanup.close()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(10)
 
 
 class TracedStack:
@@ -743,7 +750,7 @@ def main() -> None:
     )
     paired = [(r / a, r / d) for r, a, d in zip(result["rates"], result["alone"], result["opendkim"], strict=True)]
     say(
-        f"  the rounds' own ratios (each round's contenders ran minutes apart at most), median: "
+        f"  the rounds' own ratios (each round's contenders ran back to back), median: "
         f"{statistics.median(x for x, _ in paired):.2f} and {statistics.median(y for _, y in paired):.2f}"
     )
     for name, (received, with_signature, sample) in result["signed"].items():
