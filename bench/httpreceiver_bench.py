@@ -6,10 +6,15 @@ ports, then drives it with ``wrk`` (keep-alive connections, Lua body) when insta
 with a bounded Python load generator (threads, keep-alive, fixed request count).
 
 Prints requests/s, latency percentiles, the CPU time the server side (gunicorn + Redis) used
-per request, and checks that every 200 answer left exactly one entry in the queue.  Then runs
-the same load against a baseline -- a bare Flask view doing one XADD under the same gunicorn
-settings, with its own fresh Redis -- so a figure taken on a busy machine can be read against
-the floor measured in the same conditions.  Goal: >= 2,000 msg/s.
+per request, and checks that every 200 answer left exactly one entry in the queue.  Next to it,
+in the same run, two baselines, each with its own fresh Redis: a bare Flask view doing one XADD
+served by the same worker model (gunicorn's ``asgi`` worker, the versioned settings, the body
+read in the event loop and the view run by ``httpreceiver.bridge.WsgiBridge`` threads), and the
+same view on gunicorn ``gthread`` workers (4 threads, how a bare Flask app is usually served).
+The three servers run side by side and take turns for ``--rounds`` rounds (each goes first in
+turn); medians and the ratios httpreceiver / baseline are printed, so a figure taken on a busy
+machine can be read against floors measured in the same conditions.  Goals: >= 2,000 req/s and
+>= 1.0x the bare Flask view.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +72,8 @@ def server_pids(master: int, redis_pid: int) -> list[int]:
 
 
 def run_wrk(url: str, body_file: Path, auth: str, args: argparse.Namespace) -> dict[str, float]:
+    if not body_file.is_file() or body_file.stat().st_size == 0:
+        raise FileNotFoundError(f"no request body in {body_file}")
     script = body_file.with_suffix(".lua")
     script.write_text(
         'wrk.method = "POST"\n'
@@ -158,17 +166,37 @@ app = Flask("baseline")
 def send():
     client.xadd("BASELINE", {"raw": request.get_data()})
     return {"uuid": "x", "queue": "BASELINE"}
+
+
+if os.environ.get("BENCH_BRIDGE"):
+    # The same worker model as HttpReceiver: the asyncio worker reads the whole request, then
+    # one of the bridge's threads runs the Flask view.
+    from httpreceiver.bridge import WsgiBridge
+
+    app = WsgiBridge(app, threads=int(os.environ["BENCH_BRIDGE"]), max_body=10_000_001, body_timeout_s=30.0)
 """
+
+#: Contenders: HttpReceiver, and a bare Flask view doing one XADD served two ways.
+CONTENDERS = {
+    "httpreceiver": "httpreceiver (its gunicorn.conf.py)",
+    "flask-same-model": "bare Flask + XADD, same worker model (asgi worker + WsgiBridge threads)",
+    "flask-gthread": "bare Flask + XADD, gunicorn gthread workers (4 threads)",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=10_240, help="message size in bytes")
-    parser.add_argument("--duration", type=int, default=10, help="seconds of load (wrk)")
-    parser.add_argument("--requests", type=int, default=20_000, help="requests (Python generator)")
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per round (wrk)")
+    parser.add_argument("--requests", type=int, default=20_000, help="requests per round (Python generator)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the servers take turns in each")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load per server before the rounds (wrk)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", type=int, default=0, help="httpreceiver.workers (0 = one per core)")
+    parser.add_argument(
+        "--server-threads", type=int, default=4, help="httpreceiver.threads (and the same-model baseline's)"
+    )
     parser.add_argument("--fsync", choices=["always", "everysec"], default="always")
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument(
@@ -177,7 +205,7 @@ def main() -> None:
     parser.add_argument(
         "--no-baseline",
         action="store_true",
-        help="skip the floor: a bare Flask view doing one XADD under the same gunicorn settings",
+        help="skip the floors: a bare Flask view doing one XADD (same worker model, and gthread)",
     )
     args = parser.parse_args()
     args.client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
@@ -185,115 +213,164 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-httpreceiver-") as tmp:
         root = Path(tmp)
         body = message(args.size)
-        (root / "message.eml").write_bytes(body)
         workers = args.workers or os.cpu_count() or 1
         print(
             f"httpreceiver benchmark: {len(body)}-byte messages, {workers} gunicorn workers, "
             f"{args.connections} connections, client {args.client}, redis appendfsync {args.fsync}, "
             + (f"gunicorn {args.gunicorn_args!r}, " if args.gunicorn_args else "")
-            + f"{os.cpu_count()} cores shared by client, server and Redis"
+            + f"{args.rounds} rounds taking turns, {os.cpu_count()} cores shared by client, server and Redis"
         )
-        ours = measure(root, args, baseline=False)
-        report("httpreceiver", ours, args)
-        if not args.no_baseline:
-            floor = measure(root, args, baseline=True)
-            report("baseline (Flask view doing one XADD, same gunicorn)", floor, args)
-            print(f"  httpreceiver / baseline: {ours['rps'] / floor['rps']:.2f}")
-        print(f"  result: {'goal met' if ours['rps'] >= GOAL else 'below goal'} (goal >= {GOAL} msg/s)")
+        names = ["httpreceiver"] if args.no_baseline else list(CONTENDERS)
+        servers = {}
+        try:
+            for name in names:
+                servers[name] = Server(root / name, name, args)
+            for server in servers.values():  # first requests: imports, password check, connections
+                server.load(warmup=True)
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+            for round_ in range(1, args.rounds + 1):
+                shift = (round_ - 1) % len(names)
+                for name in names[shift:] + names[:shift]:  # each goes first in turn
+                    results[name].append(servers[name].load())
+                print(
+                    f"  round {round_}: " + ", ".join(f"{name} {results[name][-1]['rps']:,.0f} req/s" for name in names)
+                )
+        finally:
+            for server in servers.values():
+                server.stop()
+        medians = {name: statistics.median(r["rps"] for r in rounds) for name, rounds in results.items()}
+        for name in names:
+            report(CONTENDERS[name], results[name], args)
+        ours = medians["httpreceiver"]
+        print(f"  httpreceiver median: {ours:,.0f} req/s")
+        for name in names[1:]:
+            ratio = ours / medians[name]
+            print(
+                f"  httpreceiver / {name}: {ratio:.2f} ({ours:,.0f} vs {medians[name]:,.0f} req/s, medians; "
+                f"{'meets' if ratio >= 1.0 else 'below'} the 1.0 goal)"
+            )
+        print(f"  result: {'goal met' if ours >= GOAL else 'below goal'} (goal >= {GOAL} req/s)")
 
 
-def measure(root: Path, args: argparse.Namespace, *, baseline: bool) -> dict[str, float]:
-    """Start a fresh Redis and the server (httpreceiver or the baseline), load it; the figures."""
-    server = RedisProcess(root / ("redis-baseline" if baseline else "redis"), appendfsync=args.fsync).start()
-    try:
-        return _measure(root, server, args, baseline=baseline)
-    finally:
-        server.stop()
+class Server:
+    """One contender: a fresh Redis and its gunicorn, kept running between rounds."""
 
+    def __init__(self, root: Path, name: str, args: argparse.Namespace) -> None:
+        root.mkdir()
+        self.root, self.name, self.args = root, name, args
+        # The body every request carries (wrk's Lua script reads it from this file).
+        (root / "message.eml").write_bytes(message(args.size))
+        self.redis = RedisProcess(root / "redis", appendfsync=args.fsync).start()
+        self.proc: subprocess.Popen[bytes] | None = None
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
 
-def _measure(root: Path, server: RedisProcess, args: argparse.Namespace, *, baseline: bool) -> dict[str, float]:
-    assert server.proc is not None
-    api, metrics = free_port(), free_port()
-    env = {**os.environ, "INBOXBOOSTER_LOG_LEVEL": os.environ.get("INBOXBOOSTER_LOG_LEVEL", "INFO")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    if args.gunicorn_args:
-        env["GUNICORN_CMD_ARGS"] = args.gunicorn_args
-    workers = args.workers or os.cpu_count() or 1
-    if baseline:
-        (root / "baseline.py").write_text(BASELINE_APP)
-        settings = Path(__file__).resolve().parents[1] / "HttpReceiver" / "gunicorn.conf.py"
-        # The versioned settings without their hooks (those drive the httpreceiver app object).
-        (root / "baseline_conf.py").write_text(
-            "import runpy\n"
-            f"_all = runpy.run_path({str(settings)!r})\n"
-            "globals().update({k: v for k, v in _all.items() if not k.startswith('_') and not callable(v)})\n"
-            # A bare WSGI app: threaded workers (HttpReceiver's asyncio worker runs its own bridge).
-            "worker_class = 'gthread'\nthreads = 4\n"
-        )
-        env["BENCH_REDIS_PORT"] = str(server.port)
-        command = [sys.executable, "-m", "gunicorn", "-c", str(root / "baseline_conf.py"), "--chdir", str(root),
-                   "-w", str(workers), "-b", f"127.0.0.1:{api}", "baseline:app"]  # fmt: skip
-        queue = "BASELINE"
-    else:
-        customer = testing.customer_config(
-            root, redis_port=server.port, ports={"httpreceiver": api, "httpreceiver-metrics": metrics}
-        )
-        customer["httpreceiver"]["workers"] = args.workers
-        global_ = testing.merge(testing.global_config(), {"reliable-queue": {"max-queue-length": 0}})
-        gpath, cpath = testing.write_configs(root / "configs", customer, global_)
-        command = testing.service_command("httpreceiver", gpath, cpath)
-        queue = "IB-MAIL-QUEUE-P1"
-    with (root / ("baseline.log" if baseline else "httpreceiver.log")).open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_until(lambda: port_open("127.0.0.1", api), 20, what="the API port")
-        wait_until(lambda: len(server_pids(proc.pid, 0)) - 2 >= workers, 20, what="all workers")
-        if not baseline:
-            wait_until(lambda: _ready(metrics), 20, what="httpreceiver /readyz")
+    def _start(self) -> None:
+        args, root = self.args, self.root
+        self.api, self.metrics = free_port(), free_port()
+        env = {**os.environ, "INBOXBOOSTER_LOG_LEVEL": os.environ.get("INBOXBOOSTER_LOG_LEVEL", "INFO")}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if args.gunicorn_args:
+            env["GUNICORN_CMD_ARGS"] = args.gunicorn_args
+        self.workers = args.workers or os.cpu_count() or 1
+        if self.name != "httpreceiver":
+            (root / "baseline.py").write_text(BASELINE_APP)
+            settings = Path(__file__).resolve().parents[1] / "HttpReceiver" / "gunicorn.conf.py"
+            # The versioned settings without their hooks (those drive the httpreceiver app object).
+            conf = (
+                "import runpy\n"
+                f"_all = runpy.run_path({str(settings)!r})\n"
+                "globals().update({k: v for k, v in _all.items() if not k.startswith('_') and not callable(v)})\n"
+            )
+            if self.name == "flask-gthread":
+                conf += "worker_class = 'gthread'\nthreads = 4\n"
+            else:
+                env["BENCH_BRIDGE"] = str(args.server_threads)
+            (root / "baseline_conf.py").write_text(conf)
+            env["BENCH_REDIS_PORT"] = str(self.redis.port)
+            command = [sys.executable, "-m", "gunicorn", "-c", str(root / "baseline_conf.py"), "--chdir", str(root),
+                       "-w", str(self.workers), "-b", f"127.0.0.1:{self.api}", "baseline:app"]  # fmt: skip
+            self.queue = "BASELINE"
+        else:
+            customer = testing.customer_config(
+                root, redis_port=self.redis.port, ports={"httpreceiver": self.api, "httpreceiver-metrics": self.metrics}
+            )
+            customer["httpreceiver"]["workers"] = args.workers
+            customer["httpreceiver"]["threads"] = args.server_threads
+            global_ = testing.merge(testing.global_config(), {"reliable-queue": {"max-queue-length": 0}})
+            gpath, cpath = testing.write_configs(root / "configs", customer, global_)
+            command = testing.service_command("httpreceiver", gpath, cpath)
+            self.queue = "IB-MAIL-QUEUE-P1"
+        with (root / "server.log").open("wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_until(lambda: port_open("127.0.0.1", self.api), 20, what="the API port")
+        wait_until(lambda: len(server_pids(self.proc.pid, 0)) - 2 >= self.workers, 20, what="all workers")  # type: ignore[union-attr]
+        if self.name == "httpreceiver":
+            wait_until(lambda: _ready(self.metrics), 20, what="httpreceiver /readyz")
+
+    def load(self, *, warmup: bool = False) -> dict[str, float]:
+        """One round of load; the figures (requests/s, latency, CPU, queued entries)."""
+        assert self.proc is not None and self.redis.proc is not None
+        warm = {"duration": self.args.warmup, "requests": self.args.requests // 10}
+        args = argparse.Namespace(**{**vars(self.args), **warm}) if warmup else self.args
         auth = base64.b64encode(f"{testing.RECEIVER_USER}:{testing.RECEIVER_PASSWORD}".encode()).decode()
-        pids = server_pids(proc.pid, server.proc.pid)
+        pids = server_pids(self.proc.pid, self.redis.proc.pid)
         groups = {"workers": pids[2:], "master": pids[:1], "redis": pids[1:2]}
+        client = redis.Redis(port=self.redis.port)
+        queued_before = int(client.xlen(self.queue))
         before = {name: cpu_seconds(group) for name, group in groups.items()}
         wall_before = time.perf_counter()
         if args.client == "wrk":
-            figures = run_wrk(f"http://127.0.0.1:{api}/v1/mail/send", root / "message.eml", auth, args)
+            figures = run_wrk(f"http://127.0.0.1:{self.api}/v1/mail/send", self.root / "message.eml", auth, args)
         else:
-            figures = run_python(api, (root / "message.eml").read_bytes(), auth, args)
+            figures = run_python(self.api, message(args.size), auth, args)
         wall = time.perf_counter() - wall_before
         for name, group in groups.items():
             figures[f"cpu_{name}"] = cpu_seconds(group) - before[name]
         figures["wall"] = wall
-        client = redis.Redis(port=server.port)
-        figures["queued"] = float(client.xlen(queue))
+        figures["queued"] = float(int(client.xlen(self.queue)) - queued_before)
         client.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    return figures
+        return figures
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+            self.proc = None
+        self.redis.stop()
 
 
-def report(name: str, figures: dict[str, float], args: argparse.Namespace) -> None:
-    """Print one server's figures."""
-    queued = max(figures["queued"], 1.0)
-    cpu = {key.removeprefix("cpu_"): value for key, value in figures.items() if key.startswith("cpu_")}
+def report(name: str, rounds: list[dict[str, float]], args: argparse.Namespace) -> None:
+    """Print one server's figures: medians over the rounds, totals for the counts."""
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in rounds if key in r)
+
+    requests = sum(r["requests"] for r in rounds)
+    errors = sum(r["errors"] for r in rounds)
+    queued = sum(r["queued"] for r in rounds)
+    cpu_keys = [key for key in rounds[0] if key.startswith("cpu_")]
+    cpu = {key.removeprefix("cpu_"): sum(r[key] for r in rounds) for key in cpu_keys}
     total = sum(cpu.values())
+    wall = sum(r["wall"] for r in rounds)
     print(f"{name}:")
+    print(f"  requests: {requests:.0f} ({errors:.0f} errors), queued entries: {queued:.0f}")
+    print(f"  throughput: {med('rps'):.0f} requests/s (median of {len(rounds)} rounds)")
     print(
-        f"  requests: {figures['requests']:.0f} ({figures['errors']:.0f} errors), "
-        f"queued entries: {figures['queued']:.0f}"
-    )
-    print(f"  throughput: {figures['rps']:.0f} requests/s")
-    print(
-        "  latency ms: " + ", ".join(f"p{p} {figures[f'p{p}']:.2f}" for p in ("50", "90", "99") if f"p{p}" in figures)
+        "  latency ms (medians): "
+        + ", ".join(f"p{p} {med(f'p{p}'):.2f}" for p in ("50", "90", "99") if f"p{p}" in rounds[0])
     )
     print(
-        f"  server CPU: {total / queued * 1000:.3f} ms per request ("
-        + ", ".join(f"{key} {value / queued * 1000:.3f}" for key, value in cpu.items())
-        + f"), {total / figures['wall'] * 100:.0f}% of one core"
+        f"  server CPU: {total / max(queued, 1.0) * 1000:.3f} ms per request ("
+        + ", ".join(f"{key} {value / max(queued, 1.0) * 1000:.3f}" for key, value in cpu.items())
+        + f"), {total / wall * 100:.0f}% of one core"
     )
-    ok = figures["requests"] - figures["errors"]
-    if abs(figures["queued"] - ok) > args.connections:
-        print(f"  WARNING: {ok:.0f} successful answers but {figures['queued']:.0f} queued entries")
+    ok = requests - errors
+    if abs(queued - ok) > args.connections * len(rounds):
+        print(f"  WARNING: {ok:.0f} successful answers but {queued:.0f} queued entries")
 
 
 def _ready(port: int) -> bool:
