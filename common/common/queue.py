@@ -529,7 +529,11 @@ class Queues:
     def _added(
         self, queue: str, batch: Sequence[Fields], reply: list[Any], acked: int | None, *, limit: bool
     ) -> list[str]:
-        """The ids of an XLEN+XADD(+writes) transaction's reply; :class:`ReplicaAckError` when too few replicas confirmed."""
+        """The ids of an XLEN+XADD(+writes) transaction's reply.
+
+        Raises:
+            ReplicaAckError: too few replicas confirmed the writes.
+        """
         if limit:
             self._limit.update(queue, int(reply[0]), len(batch))
         ids = [_decode_id(i) for i in reply[1 : len(batch) + 1]]
