@@ -3,13 +3,14 @@ header bytes and the fields we read; the queued bytes are what the Transformer w
 
 from __future__ import annotations
 
+import email.utils
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.submission import Rejection, accept, normalise
+from common.submission import Rejection, accept, getaddresses, normalise
 
 HEAD = b"From: app@example.test\r\nTo: a@dest.test\r\nX-Uuid: u1\r\n"
 
@@ -85,3 +86,62 @@ def test_normalise_gives_crlf_only_and_keeps_everything_else(head: bytes, body: 
     assert out.endswith(b"\r\n")
     assert re.sub(rb"\r\n|\r|\n", b"", out) == re.sub(rb"\r\n|\r|\n", b"", raw)
     assert normalise(out) == out
+
+
+# getaddresses: the fast path for plain address lists gives the standard library's answer.
+
+_ADDRESS_PIECES = st.sampled_from(
+    [
+        "a",
+        "Bob",
+        "x.y",
+        "o'neil",
+        "#!",
+        "ü",
+        "@",
+        ".",
+        ",",
+        "<",
+        ">",
+        " ",
+        "\t",
+        "\r\n ",
+        "\f",
+        '"',
+        "(",
+        ")",
+        "\\",
+        "[",
+        "]",
+        ":",
+        ";",
+        "example.test",
+        "-",
+    ]
+)
+_ADDRESS_TEXT = st.lists(_ADDRESS_PIECES, max_size=14).map("".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_ADDRESS_TEXT, max_size=3))
+def test_getaddresses_matches_the_standard_library(values: list[str]) -> None:
+    assert getaddresses(values) == email.utils.getaddresses(values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["app@example.test"],
+        ["App <app@example.test>"],
+        ["  Some  Name\r\n <a.b-c+d@mail.example.test> , x@y.test,<z@w.test>"],
+        ["One <one@a.test>", "two@b.test"],
+    ],
+)
+def test_getaddresses_plain_lists_take_the_fast_path(values: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = email.utils.getaddresses(values)
+
+    def refuse(_: object) -> None:
+        raise AssertionError("the standard library's parser was used")
+
+    monkeypatch.setattr(email.utils, "getaddresses", refuse)
+    assert getaddresses(values) == expected
