@@ -94,7 +94,8 @@ class ReceiverProcess:
             accounts=Accounts(self.section.auth_logins),
             guard=AsyncLoginGuard(client, "receiver", self.section.auth_lockout),
             lockout=self.section.auth_lockout,
-            queues=AsyncQueues(client, QueueSettings.from_config(self.config.global_)),
+            # Group commit: the messages of concurrent sessions share one MULTI/EXEC.
+            queues=AsyncQueues(client, QueueSettings.from_config(self.config.global_), coalesce=True),
             queue_names=QueueNames(primary=names.primary_queue, default=names.default_queue),
             is_configured_domain=lambda domain: transformer.domain(domain) is not None,
             metrics=self.metrics,
