@@ -35,7 +35,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import Header
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime
 from typing import Final
 
 from common import binding
@@ -43,7 +43,7 @@ from common.addressing import AddressSigner, valid_uuid
 from common.errors import PermanentError
 from common.payloads import OutboundMail, SubmittedMail
 from common.queue import HashWrite
-from common.submission import recipients
+from common.submission import getaddresses, recipients
 from transformer import beacon, customersig, wire
 from transformer.message import MessageError, RawMessage
 from transformer.settings import DomainProfile, Settings

@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 from aiosmtpd.smtp import SMTP
 
@@ -203,6 +203,32 @@ def call_limits() -> dict[str, int]:
     return {**IDLE_COMMAND_BUDGET, "*": OTHER_COMMAND_BUDGET}
 
 
+@runtime_checkable
+class Writable(Protocol):
+    """A transport that writes and closes: asyncio's, or uvloop's.
+
+    uvloop's transports are not registered as :class:`asyncio.WriteTransport` subclasses, so an
+    ``isinstance`` test against that class would skip every plain-TCP connection under uvloop
+    (no ``421`` at shutdown or idle timeout, no abort).
+    """
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for sending."""
+        ...
+
+    def is_closing(self) -> bool:
+        """True once closing."""
+        ...
+
+    def close(self) -> None:
+        """Close after flushing."""
+        ...
+
+    def abort(self) -> None:
+        """Close now, discarding what is buffered."""
+        ...
+
+
 class BaseSMTP(SMTP):
     """One client connection of Receiver or MxServer (see the module docstring)."""
 
@@ -243,7 +269,7 @@ class BaseSMTP(SMTP):
             self._peer_ip = client_key(str(peer[0])) if isinstance(peer, tuple) and peer else ""
             refusal = self._sessions.admit(self, self._peer_ip)
             if refusal is not None:
-                if isinstance(transport, asyncio.WriteTransport):
+                if isinstance(transport, Writable):
                     transport.write(f"{refusal}\r\n".encode())
                 transport.close()
                 return
@@ -288,8 +314,8 @@ class BaseSMTP(SMTP):
             self._say_and_close(replies.SESSION_TOO_LONG)
 
     def _say_and_close(self, reply: str) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport: object = self.transport  # typed BaseTransport by aiosmtpd; see Writable
+        if isinstance(transport, Writable) and not transport.is_closing():
             transport.write(f"{reply}\r\n".encode())
             transport.close()
 
@@ -345,6 +371,7 @@ class BaseSMTP(SMTP):
 
     def abort(self) -> None:
         """Drop the connection now, TLS close handshake or not."""
-        for transport in (self.transport, self._original_transport):
-            if isinstance(transport, asyncio.WriteTransport):
+        transports: tuple[object, ...] = (self.transport, self._original_transport)
+        for transport in transports:
+            if isinstance(transport, Writable):
                 transport.abort()

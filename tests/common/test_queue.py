@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -13,13 +15,16 @@ from common import keys, redisreply
 from common.config import RedisServer
 from common.errors import QueueFullError, QueueUnavailableError
 from common.queue import (
+    AsyncQueues,
     Consumer,
     Entry,
+    ListAppend,
     Output,
     PoolExhaustedError,
     Queues,
     QueueSettings,
     connect,
+    connect_async,
     redis_errors,
 )
 from devtools.servers import RedisProcess, free_port, wait_until
@@ -199,3 +204,49 @@ def _clients_named(redis_server: RedisProcess, name: str) -> int:
         return sum(1 for c in clients if c.get("name") == name)
     finally:
         admin.close()
+
+
+def _exec_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0))
+
+
+def test_coalesced_enqueues_of_concurrent_tasks_share_one_transaction(
+    redis_server: RedisProcess, redis_client: redis.Redis, queue_settings: QueueSettings
+) -> None:
+    server = RedisServer(hostname="127.0.0.1", port=redis_server.port)
+    before = _exec_calls(redis_client)
+
+    async def main() -> list[str]:
+        client = connect_async(server)
+        queues = AsyncQueues(client, queue_settings, coalesce=True)
+        try:
+            return await asyncio.gather(
+                *(
+                    queues.enqueue("Q", {"n": str(i)}, with_writes=[ListAppend(f"T{i}", [f"step {i}"], 10, 60)])
+                    for i in range(10)
+                )
+            )
+        finally:
+            await client.aclose()
+
+    ids = asyncio.run(main())
+    assert _exec_calls(redis_client) - before == 1
+    entries: list[Any] = redis_client.xrange("Q") or []
+    assert [entry_id.decode() for entry_id, _ in entries] == ids
+    assert [fields[b"n"] for _, fields in entries] == [str(i).encode() for i in range(10)]
+    assert all(redis_client.lrange(f"T{i}", 0, -1) == [f"step {i}".encode()] for i in range(10))
+
+
+def test_coalesced_enqueues_all_get_the_error_of_their_transaction(queue_settings: QueueSettings) -> None:
+    server = RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1.0)
+
+    async def main() -> list[object]:
+        client = connect_async(server)
+        queues = AsyncQueues(client, queue_settings, coalesce=True)
+        try:
+            return await asyncio.gather(*(queues.enqueue("Q", {"n": str(i)}) for i in range(3)), return_exceptions=True)
+        finally:
+            await client.aclose()
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, QueueUnavailableError) for r in results), results

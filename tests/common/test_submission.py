@@ -3,13 +3,14 @@ header bytes and the fields we read; the queued bytes are what the Transformer w
 
 from __future__ import annotations
 
+import email.utils
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.submission import Rejection, accept, normalise
+from common.submission import PlainHeaders, Rejection, accept, getaddresses, header_end, normalise, parse_headers
 
 HEAD = b"From: app@example.test\r\nTo: a@dest.test\r\nX-Uuid: u1\r\n"
 
@@ -85,3 +86,128 @@ def test_normalise_gives_crlf_only_and_keeps_everything_else(head: bytes, body: 
     assert out.endswith(b"\r\n")
     assert re.sub(rb"\r\n|\r|\n", b"", out) == re.sub(rb"\r\n|\r|\n", b"", raw)
     assert normalise(out) == out
+
+
+# getaddresses: the fast path for plain address lists gives the standard library's answer.
+
+_ADDRESS_PIECES = st.sampled_from(
+    [
+        "a",
+        "Bob",
+        "x.y",
+        "o'neil",
+        "#!",
+        "ü",
+        "@",
+        ".",
+        ",",
+        "<",
+        ">",
+        " ",
+        "\t",
+        "\r\n ",
+        "\f",
+        '"',
+        "(",
+        ")",
+        "\\",
+        "[",
+        "]",
+        ":",
+        ";",
+        "example.test",
+        "-",
+    ]
+)
+_ADDRESS_TEXT = st.lists(_ADDRESS_PIECES, max_size=14).map("".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_ADDRESS_TEXT, max_size=3))
+def test_getaddresses_matches_the_standard_library(values: list[str]) -> None:
+    assert getaddresses(values) == email.utils.getaddresses(values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["app@example.test"],
+        ["App <app@example.test>"],
+        ["  Some  Name\r\n <a.b-c+d@mail.example.test> , x@y.test,<z@w.test>"],
+        ["One <one@a.test>", "two@b.test"],
+    ],
+)
+def test_getaddresses_plain_lists_take_the_fast_path(values: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = email.utils.getaddresses(values)
+
+    def refuse(_: object) -> None:
+        raise AssertionError("the standard library's parser was used")
+
+    monkeypatch.setattr(email.utils, "getaddresses", refuse)
+    assert getaddresses(values) == expected
+
+
+# PlainHeaders: the fields of a plain header block, as the standard parser reads them.
+
+_HEADER_PIECES = st.sampled_from(
+    [
+        "To",
+        "X-Uuid",
+        "from",
+        "CC",
+        ":",
+        " ",
+        "\t",
+        "\r\n",
+        "\r\n ",
+        "\r\n\t",
+        "a@b.test",
+        "<x@y.test>",
+        "u1",
+        "\n",
+        "\r",
+        "ü",
+        "From ",
+        "\r\n\r\n",
+        "Bob",
+        ",",
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_HEADER_PIECES, max_size=24).map("".join))
+def test_plain_headers_read_what_the_standard_parser_reads(text: str) -> None:
+    head = text.encode("utf-8")
+    plain = PlainHeaders.parse(head[: header_end(head)])
+    if plain is None:
+        return
+    parsed = parse_headers(head)
+    assert not parsed.defects
+    assert plain.keys() == parsed.keys()
+    for name in {*plain.keys(), "To", "Cc", "From", "X-Uuid", "X-Priority", "X-Stream-Id"}:
+        assert plain.get_all(name) == parsed.get_all(name), name
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"From: App <app@example.test>\r\nTo: a@b.test,\r\n  c@d.test\r\nX-Uuid:u1\r\n\r\nbody\r\n",
+        b"To:   \r\n\tx@y.test \r\nSubject: s\r\n",
+        b"\r\nbody",
+    ],
+)
+def test_plain_headers_cases(head: bytes) -> None:
+    plain = PlainHeaders.parse(head[: header_end(head)])
+    assert plain is not None
+    parsed = parse_headers(head)
+    assert plain.keys() == parsed.keys()
+    assert all(plain.get_all(k) == parsed.get_all(k) for k in parsed)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b" folded first\r\nTo: a@b.test\r\n\r\n", b"From x@y Mon\r\nTo: a@b.test\r\n\r\n", b"To: \xc3\xbc@b.test\r\n\r\n"],
+)
+def test_headers_that_are_not_plain_go_to_the_standard_parser(head: bytes) -> None:
+    assert PlainHeaders.parse(head[: header_end(head)]) is None

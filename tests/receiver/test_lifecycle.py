@@ -203,3 +203,25 @@ def test_reuseport_spreads_connections_over_workers(tmp_path: Path, redis_server
         for sock in sockets:
             sock.close()
         receiver.stop()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_closes_an_idle_plain_connection_with_421(
+    tmp_path: Path, redis_server: RedisProcess, processes: int
+) -> None:
+    # A connection that never started TLS (uvloop's own transport, not asyncio's) is closed
+    # with 421 4.3.2 at once, and the process does not wait for the grace period.
+    receiver = start_receiver(tmp_path, redis_server.port, {"receiver": {"processes": processes}})
+    try:
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as sock, sock.makefile("rb") as lines:
+            assert lines.readline().startswith(b"220")
+            sock.sendall(b"EHLO client.test\r\n")
+            while not lines.readline().startswith(b"250 "):
+                pass
+            started = time.monotonic()
+            receiver.signal(signal.SIGTERM)
+            assert lines.readline().startswith(b"421 4.3.2")
+            assert receiver.wait(30) == 0
+            assert time.monotonic() - started < 5
+    finally:
+        receiver.stop()
