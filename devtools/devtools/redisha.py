@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.sentinel
 from pydantic import SecretStr
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -184,11 +185,40 @@ class LocalRedisHA:
         self.nodes[index] = fresh
         fresh.start()
 
+    def discovered_primary_port(self) -> int | None:
+        """The primary's port as a client finds it, or None while no sentinel gives one.
+
+        That is redis-py's discovery: the first sentinel whose view of the primary is current
+        (not down).
+        """
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            [(LOOPBACK, port) for port in self.sentinel_ports],
+            sentinel_kwargs={"password": self.sentinel_password, "socket_timeout": 0.5, "retry": _NO_RETRY},
+        )
+        try:
+            _, port = sentinel.discover_master(MASTER_NAME)  # type: ignore[no-untyped-call]
+        except redis.exceptions.RedisError:
+            return None
+        finally:
+            for client in sentinel.sentinels:
+                client.close()
+        return int(port)
+
     def wait_for_failover(self, old_port: int, timeout_s: float = 30.0) -> float:
-        """Seconds until the sentinels name a primary other than ``old_port``."""
+        """Seconds until the sentinels name a primary other than ``old_port`` and clients find it.
+
+        A sentinel that has promoted a replica answers at once; the others still describe the old
+        primary as down for a moment, and a client asking one of them finds no primary.  Both must
+        be over before a client is sure to reach the new primary.
+        """
         started = time.monotonic()
         wait_until(
-            lambda: self.primary_port() not in (None, old_port), timeout_s, interval_s=0.05, what="a new primary"
+            lambda: (
+                self.primary_port() not in (None, old_port) and self.discovered_primary_port() not in (None, old_port)
+            ),
+            timeout_s,
+            interval_s=0.05,
+            what="a new primary that clients find",
         )
         return time.monotonic() - started
 
