@@ -28,6 +28,8 @@ from prometheus_client import (
 )
 
 log = logging.getLogger(__name__)
+# How often serve_forever looks for a shutdown request: close() returns within this.
+_POLL_SECONDS = 0.05
 
 
 class Health:
@@ -85,7 +87,9 @@ class MetricsServer:
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, args=(_POLL_SECONDS,), name="metrics", daemon=True
+        )
         self._thread.start()
         log.info("metrics and health on %s:%d", host, self.port)
 

@@ -31,6 +31,8 @@ from typing import Any
 from common import logs
 
 log = logging.getLogger(__name__)
+# How often serve_forever looks for a shutdown request: close() returns within this.
+_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -91,7 +93,9 @@ class WebhookReceiver:
         self.httpd.daemon_threads = True
         self.host = host
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="webhook", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, args=(_POLL_SECONDS,), name="webhook", daemon=True
+        )
 
     @property
     def url(self) -> str:

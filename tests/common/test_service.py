@@ -37,6 +37,7 @@ COMMANDS = [
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.slow
 def test_every_command_prints_its_version(command: str) -> None:
     binary = Path(sys.executable).parent / command
     done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
@@ -122,6 +123,7 @@ def test_runs_the_service_serves_metrics_and_stops_on_request(make_config, monke
     assert status == [7]
 
 
+@pytest.mark.slow
 def test_bad_key_fails_transformer_check_config(make_config, tmp_path: Path) -> None:
     # The Transformer's keys are loaded by build: --check-config and a real start fail alike (exit 2).
     config = make_config(service="transformer")

@@ -53,6 +53,7 @@ def _kill(proc: subprocess.Popen[str]) -> None:
     proc.communicate(timeout=10)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_batch_loses_nothing(queues: Queues, redis_server: RedisProcess) -> None:
     # A consumer killed with SIGKILL while holding a batch: another consumer gets every
     # entry, each with delivery count 2.
@@ -109,6 +110,7 @@ def test_handoff_is_atomic_under_repeated_sigkill(queues: Queues, redis_server: 
     assert (stats.pending, stats.dead) == (0, 0)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_and_acks_batch_then_exits_zero(queues: Queues, redis_server: RedisProcess) -> None:
     queues.enqueue_many("IN", [{"payload": f"m{i}"} for i in range(10)])
     proc = _spawn(redis_server, "--mode", "handoff", "--delay", "0.1", "--batch", "10")

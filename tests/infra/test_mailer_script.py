@@ -181,6 +181,7 @@ def test_deptry_finds_an_undeclared_import(tmp_path: Path) -> None:
 # -- the fast tier -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_fast_tier_leaves_out_the_whole_stack_and_real_postfix() -> None:
     (markers,) = re.findall(r'^FAST_MARKERS="([^"]+)"', MAILER.read_text(), re.M)
     targets = ["tests/e2e", "tests/postfixlog/test_crash.py", "tests/postfixlog/test_service.py"]

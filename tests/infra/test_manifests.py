@@ -65,6 +65,7 @@ def _builtin_kind_files() -> list[Path]:
     return [p for p in manifest_files() if not any(d.get("kind") in OTHER_SCHEMAS for d in load_yaml(p))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_manifest_passes_kubernetes_validate_strict(version: str) -> None:
     files = _builtin_kind_files()
@@ -80,6 +81,7 @@ def test_every_manifest_passes_kubernetes_validate_strict(version: str) -> None:
     assert output.count(" passed for resource ") == sum(len(load_yaml(f)) for f in files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_kustomize_output_passes_kubernetes_validate_strict(variant: str, tmp_path: Path) -> None:
     docs = [d for d in kustomize(variant) if d["kind"] not in OTHER_SCHEMAS]
@@ -133,6 +135,7 @@ def _crd_docs() -> list[tuple[Path, dict[str, Any]]]:
     return [(p, d) for p in manifest_files() for d in load_yaml(p) if d.get("kind") in CRD_KINDS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("path", "doc"), _crd_docs(), ids=lambda v: str(v.relative_to(ROOT)) if isinstance(v, Path) else ""
 )

@@ -113,6 +113,7 @@ def test_any_bounce_from_anywhere_can_be_read_without_configuration(
     assert status == 1 and "cannot read" in err
 
 
+@pytest.mark.slow
 def test_console_script_reads_stdin_and_refuses_a_bad_configuration(
     configs: tuple[Path, Path], tmp_path: Path, make_config: Callable[..., Any]
 ) -> None:

@@ -76,6 +76,7 @@ def test_original_keys_still_load(tmp_path: Path, customer_dict: dict[str, Any])
     assert config.customer.postfixlog.string_replacer.main_cf["smtputf8_enable"] is False
 
 
+@pytest.mark.slow
 def test_check_config_cli(tmp_path: Path, customer_dict: dict[str, Any]) -> None:
     gpath, cpath = _write(tmp_path, customer_dict)
     ok = subprocess.run(

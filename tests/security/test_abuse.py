@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import redis
 
 from tests.security.conftest import POSTMASTER, Mx, events, record, return_path
@@ -63,6 +64,7 @@ def banner(sock: socket.socket) -> bytes:
     return sock.recv(200)
 
 
+@pytest.mark.slow
 def test_fifty_idle_connections_lock_out_nobody_else(mx: Mx, r: redis.Redis) -> None:
     # 50 idle sessions from 50 addresses: a well-behaved client is still served (no 421).
     record(r, {UUID: [READER]})
@@ -78,6 +80,7 @@ def test_fifty_idle_connections_lock_out_nobody_else(mx: Mx, r: redis.Redis) -> 
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.slow
 def test_noop_loops_and_slow_data_are_cut_in_bounded_time(mx: Mx) -> None:
     # A NOOP every half second cannot renew the session past max-session-seconds (4 s); a DATA
     # trickling one line a second is cut by the idle timeout (3 s, counted from DATA).

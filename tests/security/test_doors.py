@@ -38,7 +38,8 @@ from devtools.servers import RedisProcess, wait_until
 from tests.receiver.conftest import RunningReceiver, message, start_receiver
 from tests.security.attack import SmtpSession, Tally, client_tls, median_ms, one_guess, report, timed
 
-pytestmark = pytest.mark.redis
+# Load, timing and slow-client attacks on running services: whole seconds each.
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 USER, PASSWORD = testing.RECEIVER_USER, testing.RECEIVER_PASSWORD
 SENDER = f"app@{testing.SENDER_DOMAIN}"

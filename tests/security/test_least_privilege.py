@@ -43,23 +43,34 @@ P0, P1, EVENTS, INCOMING = "IB-MAIL-QUEUE-P0", "IB-MAIL-QUEUE-P1", "EVENT_QUEUE"
 SETTINGS = QueueSettings(max_length=1000, max_deliveries=3, claim_idle_ms=500, batch_size=10)
 
 
-@pytest.fixture
-def acl_config(tmp_path: Path) -> Config:
-    """The test customer file with a Redis user per service (Redis port filled in by ``acl_redis``)."""
-    port = free_port()
-    customer = testing.merge(testing.customer_config(tmp_path, redis_port=port), testing.redis_users())
-    gpath, cpath = testing.write_configs(tmp_path / "configs", customer)
-    return load_config(gpath, cpath)
+@pytest.fixture(scope="module")
+def acl_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, RedisProcess]]:
+    """The test customer file with a Redis user per service, and redis-server with those users.
 
-
-@pytest.fixture
-def acl_redis(tmp_path: Path, acl_config: Config) -> Iterator[RedisProcess]:
-    """redis-server with the generated users; the default user stays the (password-less, loopback) admin."""
-    server = RedisProcess(
-        tmp_path / "redis", acl_config.redis_for("receiver").port, users=redisacl.user_lines(acl_config)
-    ).start()
-    yield server
+    One per module (starting Redis for each of the ~50 tests cost seconds); ``acl_redis`` empties
+    it and its ACL log before each test. The default user stays the (password-less, loopback) admin.
+    """
+    tmp_path = tmp_path_factory.mktemp("acl")
+    customer = testing.merge(testing.customer_config(tmp_path, redis_port=free_port()), testing.redis_users())
+    config = load_config(*testing.write_configs(tmp_path / "configs", customer))
+    server = RedisProcess(tmp_path / "redis", config.redis_for("receiver").port, users=redisacl.user_lines(config))
+    server.start()
+    yield config, server
     server.stop()
+
+
+@pytest.fixture
+def acl_config(acl_stack: tuple[Config, RedisProcess]) -> Config:
+    return acl_stack[0]
+
+
+@pytest.fixture
+def acl_redis(acl_stack: tuple[Config, RedisProcess]) -> RedisProcess:
+    server = acl_stack[1]
+    with redis.Redis(port=server.port) as admin:
+        admin.flushall()
+        admin.acl_log_reset()
+    return server
 
 
 def _as(config: Config, service: str) -> redis.Redis:
@@ -236,6 +247,7 @@ def test_two_services_sharing_a_user_or_a_user_without_password_is_a_config_erro
     ]
 
 
+@pytest.mark.slow
 def test_redis_launcher_starts_redis_with_every_service_user(tmp_path: Path) -> None:
     # redis-sidecar server (the Redis pod) feeds the same user lines to redis-server on stdin.
     admin_password = "admin-" + os.urandom(12).hex()

@@ -167,6 +167,7 @@ def test_undecodable_bytes_never_stop_the_worker(running: Running, queues: Queue
     assert running.thread.is_alive()
 
 
+@pytest.mark.slow
 def test_a_crashing_message_is_retried_then_dead_lettered_with_an_event(
     running: Running, queues: Queues, redis_client, monkeypatch: pytest.MonkeyPatch
 ) -> None:

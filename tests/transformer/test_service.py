@@ -30,6 +30,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_check_config_accepts_a_good_file_and_names_a_bad_key(tmp_path: Path, customer_dict: dict[str, Any]) -> None:
     ok = _run([*_files(tmp_path, customer_dict), "--check-config"])
     assert ok.returncode == 0, ok.stderr
@@ -44,6 +45,7 @@ def test_check_config_accepts_a_good_file_and_names_a_bad_key(tmp_path: Path, cu
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_console_script_transforms_serves_metrics_and_stops_on_sigterm(
     tmp_path: Path, customer_dict: dict[str, Any], redis_client: redis.Redis
 ) -> None:
