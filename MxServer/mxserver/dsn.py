@@ -207,11 +207,7 @@ def _report(pairs: Iterable[tuple[str, str]], *, scraped: bool) -> Report:
         if name in PER_MESSAGE:
             per_message.setdefault(name, value)
             continue
-        # A recipient field that repeats, or follows a block's Action/Status, starts the next
-        # recipient: blank lines between blocks are not needed.
-        if current is None or (
-            name in _RECIPIENT_START and (name in current or "action" in current or "status" in current)
-        ):
+        if current is None or _starts_next_block(name, current):
             if len(records) >= MAX_RECIPIENTS:
                 break
             current = {}
@@ -221,6 +217,20 @@ def _report(pairs: Iterable[tuple[str, str]], *, scraped: bool) -> Report:
     reporting = strip_type(per_message.get("reporting-mta", "")) or None
     blocks = sum(1 for r in records if _RECIPIENT_START & set(r) or "action" in r)
     return Report(reporting, tuple(failures), blocks, scraped)
+
+
+def _starts_next_block(name: str, current: dict[str, str]) -> bool:
+    """Whether field ``name`` begins the next recipient's block rather than continuing ``current``.
+
+    Blank lines between blocks are not needed: a recipient field that repeats, or comes after a
+    block's recipient and its Action/Status, starts the next one; so does an Action or Status
+    repeated in a block that already names its recipient.  Fields may come in any order within
+    a block (some MTAs write Action before Final-Recipient).
+    """
+    has_recipient = not _RECIPIENT_START.isdisjoint(current)
+    if name in _RECIPIENT_START:
+        return name in current or (has_recipient and ("action" in current or "status" in current))
+    return name in ("action", "status") and name in current and has_recipient
 
 
 def _failure(block: dict[str, str]) -> Failure | None:
