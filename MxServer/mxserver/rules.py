@@ -48,6 +48,7 @@ class Rule:
     unroutable: bool = False
     without_code: BounceType | None = None
     suppress: bool = True
+    yields_to_status: bool = False
 
     def matches(self, text: str) -> bool:
         """True when one of the patterns is found in ``text``."""
@@ -65,6 +66,7 @@ class Rule:
             unroutable=model.unroutable,
             without_code=model.without_code,
             suppress=model.suppress,
+            yields_to_status=model.yields_to_status,
         )
 
 
@@ -145,7 +147,9 @@ class Rules:
             code = code if code is not None else found_code
             status = status or found_status
         rule = self.rule_for(reason, context)
-        classification = rule.classification if rule else (self.by_status(status) or "other")
+        if rule is not None and rule.yields_to_status and bounces.beyond_the_address(status):
+            rule = None
+        classification = rule.classification if rule else (self.by_status(status) or bounces.by_subject(status))
         if expired and classification != "sender-rejected":
             classification = "expired"
         bounce_type = self._type(rule, classification, status, code, delayed, expired, remote, permanent)

@@ -81,6 +81,9 @@ def _rx(*alternatives: str) -> re.Pattern[str]:
 #: (classification, pattern) -- first match wins, so specific patterns come first.
 #: (MxServer reads reports with its own, operator-extensible rule file, mxserver/bounce-rules.yaml,
 #: over the same taxonomy.)
+#: "Recipient address rejected" and its kin: a dead address unless the status says otherwise.
+GENERIC_REJECTION: Final = _rx(r"recipient (?:address )?rejected", r"mailbox unavailable", r"undeliverable address")
+
 TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     (
         # About our envelope sender, not the recipient: before every recipient wording.
@@ -267,9 +270,10 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
         ),
     ),
     (
-        # Generic wordings that also front policy rejections: only when nothing above matched.
+        # Generic wordings that also front policy rejections: only when nothing above matched,
+        # and only when the status is not about something else (see _beyond_the_address).
         "user-unknown",
-        _rx(r"recipient (?:address )?rejected", r"mailbox unavailable", r"undeliverable address"),
+        GENERIC_REJECTION,
     ),
     (
         "network",
@@ -364,7 +368,7 @@ def classify(
     found_code, found_status = parse_reply(text)
     code = code if code is not None else found_code
     status = status or found_status
-    classification = _by_text(text) or _by_status(status) or "other"
+    classification = _by_text(text, status) or _by_status(status) or by_subject(status)
     if expired:
         classification = "expired"
     bounce_type = _type(code, status, classification, expired, text)
@@ -372,11 +376,35 @@ def classify(
     return Verdict(classification, suppress, bounce_type, status, code)
 
 
-def _by_text(text: str) -> str | None:
+def _by_text(text: str, status: str | None) -> str | None:
     for classification, pattern in TEXT_RULES:
         if pattern.search(text):
+            if pattern is GENERIC_REJECTION and beyond_the_address(status):
+                return None
             return classification
     return None
+
+
+#: Status subjects (RFC 3463) that say a failure is not about the address or the mailbox:
+#: mail system (3), network and routing (4), content (6), security or policy (7).  Not protocol
+#: (5): Microsoft answers a missing mailbox with 5.5.0 "Requested action not taken: mailbox
+#: unavailable".
+_NOT_THE_ADDRESS: Final = frozenset("3467")
+
+
+def beyond_the_address(status: str | None) -> bool:
+    """True for an enhanced status about something other than the address or the mailbox.
+
+    A generic wording ("Recipient address rejected: …") then tells nothing about the
+    recipient: 5.7.26 "Recipient address rejected: Multiple authentication checks failed" is an
+    authentication failure, not a dead address.
+    """
+    return status is not None and status.split(".")[1] in _NOT_THE_ADDRESS
+
+
+def by_subject(status: str | None) -> str:
+    """The classification of a status no entry names: security or policy (X.7.Y), else other."""
+    return "policy" if status is not None and status.split(".")[1] == "7" else "other"
 
 
 def _by_status(status: str | None) -> str | None:

@@ -77,8 +77,21 @@ def test_never_suppress_wins_over_a_dead_address_wording() -> None:
         # The text decides over a generic status.
         ("550 5.7.1 No such user!", {}, ("user-unknown", "hard", True)),
         ("554 5.3.0 mx.example.org_is_blocked", {}, ("blocked", "hard", False)),
+        # A generic "Recipient address rejected" is a dead address only when the status does not
+        # say the failure is about something else (policy, content, mail system, network).
+        ("550 5.1.1 <a@b.example>: Recipient address rejected", {}, ("user-unknown", "hard", True)),
+        ("550 <a@b.example>: Recipient address rejected: Not here", {}, ("user-unknown", "hard", True)),
+        (
+            "550 5.7.26 <a@b.example>: Recipient address rejected: Multiple authentication checks failed",
+            {},
+            ("auth-failure", "hard", False),
+        ),
+        ("551 5.7.1 <a@b.example>: Recipient address rejected: Delivery not authorized", {}, ("policy", "hard", False)),
+        ("550 5.6.0 <a@b.example>: Recipient address rejected: Media error", {}, ("other", "hard", False)),
+        ("554 5.3.0 <a@b.example>: Recipient address rejected: Internal error", {}, ("other", "hard", False)),
         # Nothing known: the status, else "other".
         ("550 5.2.1 zzz", {}, ("mailbox-disabled", "hard", True)),
+        ("550 5.7.0 zzz", {}, ("policy", "hard", False)),
         ("something odd", {}, ("other", "soft", False)),
     ],
 )

@@ -59,6 +59,13 @@ class BounceRule(StrictModel):
         None, description="Type when the report gives no reply code and no status."
     )
     suppress: bool = Field(True, description="false: never suppress the recipient, whatever the classification.")
+    yields_to_status: bool = Field(
+        False,
+        description=(
+            "A generic wording: when the enhanced status is about something other than the "
+            "address or the mailbox (X.3, X.4, X.6, X.7: e.g. 5.7.1 policy, 5.6.0 content), the status decides."
+        ),
+    )
     enabled: bool = Field(True, description="false: remove the shipped rule of this name.")
 
     @field_validator("classification")
