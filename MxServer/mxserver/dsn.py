@@ -222,15 +222,20 @@ def _report(pairs: Iterable[tuple[str, str]], *, scraped: bool) -> Report:
 def _starts_next_block(name: str, current: dict[str, str]) -> bool:
     """Whether field ``name`` begins the next recipient's block rather than continuing ``current``.
 
-    Blank lines between blocks are not needed: a recipient field that repeats, or comes after a
-    block's recipient and its Action/Status, starts the next one; so does an Action or Status
-    repeated in a block that already names its recipient.  Fields may come in any order within
-    a block (some MTAs write Action before Final-Recipient).
+    Blank lines between blocks are not needed, and fields may come in any order within a block
+    (some MTAs write Action before Final-Recipient, or Original- after Final-Recipient): a field
+    that repeats starts the next block (Action or Status only once the block names its
+    recipient), and so does a recipient field that comes after the block's recipient *and* an
+    Action or Status given after that recipient.
     """
     has_recipient = not _RECIPIENT_START.isdisjoint(current)
-    if name in _RECIPIENT_START:
-        return name in current or (has_recipient and ("action" in current or "status" in current))
-    return name in ("action", "status") and name in current and has_recipient
+    if name in current:
+        return name in _RECIPIENT_START or (name in ("action", "status") and has_recipient)
+    if name not in _RECIPIENT_START or not has_recipient:
+        return False
+    order = list(current)
+    first_recipient = min(order.index(k) for k in _RECIPIENT_START if k in current)
+    return any(k in current and order.index(k) > first_recipient for k in ("action", "status"))
 
 
 def _failure(block: dict[str, str]) -> Failure | None:

@@ -27,7 +27,15 @@ BLOCKS = {
         "Action: failed\nFinal-Recipient: rfc822; a@example.org\nStatus: 5.1.1\n"
         "Action: delayed\nFinal-Recipient: rfc822; b@example.org\nStatus: 4.2.2\n"
     ),
+    "Action first, Original- after Final-Recipient": (
+        "Reporting-MTA: dns; mx.example.org\n\n"
+        "Action: failed\nFinal-Recipient: rfc822; a@example.org\nOriginal-Recipient: rfc822; a@example.org\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 no such user\nStatus: 5.1.1\n\n"
+        "Action: delayed\nFinal-Recipient: rfc822; b@example.org\nOriginal-Recipient: rfc822; b@example.org\n"
+        "Status: 4.2.2\n"
+    ),
     "Original-Recipient first": (
+        "Reporting-MTA: dns; mx.example.org\n"
         "Original-Recipient: rfc822; a@example.org\nFinal-Recipient: rfc822; a@example.org\n"
         "Action: failed\nStatus: 5.1.1\n"
         "Original-Recipient: rfc822; b@example.org\nFinal-Recipient: rfc822; b@example.org\n"
