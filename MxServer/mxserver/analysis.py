@@ -223,6 +223,7 @@ class _Job:
             self.ses()
             or self.complaint()
             or self.delivery_status()
+            or self.pasted()
             or self.text_bounce()
             or self.forwarded()
             or self.auto_reply()
@@ -351,6 +352,20 @@ class _Job:
             block = self.text[match.end() :].lstrip("\n")
             if forward_header(block):
                 reports.append(mime.parse(block.encode("utf-8", "replace")))
+        return self._first_inner_bounce(reports)
+
+    def pasted(self) -> Analysis | None:
+        """A whole bounce (headers and body) pasted into a plain-text mail.
+
+        ISP relays paste the DSN after a line of dashes; it is read before the outer text, whose
+        own addresses are only the forwarder's.
+        """
+        inner = mime.inline_message(self.text)
+        if inner is None or not (dsn.is_dsn(inner) or textbounces.daemon_sender(inner)):
+            return None
+        return self._first_inner_bounce([inner])
+
+    def _first_inner_bounce(self, reports: list[Message]) -> Analysis | None:
         forwarder = frozenset(
             a.lower() for name in ("From", "To", "Cc", "Reply-To") for a in mime.addresses(mime.header(self.msg, name))
         )

@@ -378,6 +378,22 @@ _HEADER_START_RE: Final = re.compile(
 _KEY_HEADER_RE: Final = re.compile(r"^(?:Message-ID|Return-Path|Received):", re.M | re.I)
 
 
+def inline_message(text: str) -> Message | None:
+    """A whole message quoted inline (headers and body), or None.
+
+    The first header block as :func:`quoted_original` finds it, parsed together with everything
+    after it -- e.g. a bounce pasted into a plain-text mail after a line of dashes.
+    """
+    for tries, match in enumerate(_HEADER_START_RE.finditer(text)):
+        if tries >= 40:
+            break
+        end = text.find("\n\n", match.start())
+        head = text[match.start() : end if end >= 0 else len(text)]
+        if _KEY_HEADER_RE.search(head):
+            return parse(text[match.start() :].encode("utf-8", "replace"))
+    return None
+
+
 def quoted_original(text: str) -> Message | None:
     """Headers of an original message quoted inline in a plain-text bounce, or None.
 

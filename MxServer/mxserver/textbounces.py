@@ -279,8 +279,18 @@ def addresses_in(line: str) -> list[str]:
     return found
 
 
+#: Words before an address that make it a contact, not a recipient ("please contact <support@…>",
+#: "forward this email to abuse@…").
+_CONTACT_RE: Final = re.compile(
+    r"\b(?:contact|forward (?:this|the) (?:e-?mail|message|mail) to|write to|send (?:\w+ ){0,3}to|e-?mail us at"
+    r"|assistance|questions)\b[^@]{0,20}$",
+    re.IGNORECASE,
+)
+
+
 def _candidates(lines: Sequence[str], excluded: set[str], preferred: Sequence[str]) -> list[tuple[str, int]]:
     found: dict[str, tuple[str, int]] = {}
+    contacts: set[str] = set()
     for i, line in enumerate(lines):
         if _ID_LINE.search(line):
             continue
@@ -288,7 +298,12 @@ def _candidates(lines: Sequence[str], excluded: set[str], preferred: Sequence[st
             key = addr.lower()
             if key in excluded or key.partition("@")[0] in DAEMON_LOCALS:
                 continue
+            before = line[: max(line.lower().find(key), 0)][-80:]
+            if _CONTACT_RE.search(before):
+                contacts.add(key)
             found.setdefault(key, (addr, i))
+    for key in contacts.difference(a.lower() for a in preferred):
+        found.pop(key, None)
     if preferred:
         chosen = []
         for address in preferred[:MAX_CANDIDATES]:
@@ -416,7 +431,8 @@ def parse(
     others = {addr.lower() for addr, _ in candidates}
     response = _response(lines)
     for address, start in candidates:
-        reason, context = _best_reason(reader, lines, address, start, others - {address.lower()})
+        rest = others - {address.lower()}
+        reason, context = _best_reason(reader, lines, address, start, rest)
         if response and not _has_code(reason):
             reason, context = response, f"{context} {response}"
         aliases = tuple(m.group(1) for m in _GENERATED_FROM.finditer(context))
