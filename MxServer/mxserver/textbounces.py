@@ -87,6 +87,10 @@ FORMATS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
         ),
     ),
     ("barracuda", _rx(r"Barracuda")),
+    ("trend-micro-imss", _rx(r"InterScan Messaging Security Suite", r"InterScan (?:NT|Notification)")),
+    ("dragonfly", _rx(r"This is the DragonFly Mail Agent")),
+    # au/KDDI's notices: "Your mail sent on: … Could not be delivered to: <…> As their mailbox is full."
+    ("kddi", _rx(r"Could not be delivered to:\s*<[^>\s]+@")),
     ("yandex", _rx(r"Message was not delivered", r"Сообщение не доставлено", r"Yandex")),
 )
 
@@ -215,18 +219,22 @@ class TextBounce:
 def looks_like_bounce(msg: Message, text: str, rules: Rules | None = None) -> bool:
     """True when the message presents itself as a non-delivery report.
 
-    ``X-Failed-Recipients``, a bounce subject, or a mail-system sender (``MAILER-DAEMON``,
-    ``postmaster``, "Mail Delivery System") whose text uses a known MTA wording or states a
-    failure reason (an SMTP reply, or a wording of the bounce rules).
+    ``X-Failed-Recipients``, a bounce subject, a known MTA wording with the returned message
+    attached, or a mail-system sender (``MAILER-DAEMON``, ``postmaster``, "Mail Delivery System")
+    whose text uses a known MTA wording or states a failure reason (an SMTP reply, or a wording
+    of the bounce rules).
     """
     if mime.has_header(msg, "X-Failed-Recipients"):
         return True
     subject = mime.header(msg, "Subject")
     if subject and not _REPLY_PREFIX.search(subject) and BOUNCE_SUBJECT.search(subject):
         return True
+    known_wording = format_name(text) != "generic"
+    if known_wording and mime.original_message(msg) is not None:
+        return True  # a known MTA's wording with the returned message attached (au/KDDI's no-reply@)
     if not daemon_sender(msg):
         return False
-    if format_name(text) != "generic":
+    if known_wording:
         return True
     reader = _Reader(rules)
     return any(reader.carries(line) for line in report_region(text)[:5000].split("\n") if line.strip())
