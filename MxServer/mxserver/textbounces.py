@@ -29,7 +29,7 @@ from typing import Final
 
 from common import bounces
 from mxserver import mime
-from mxserver.dsn import Action, clean_reason, find_status, host_ip
+from mxserver.dsn import Action, clean_reason, host_ip
 from mxserver.rules import Rules
 
 
@@ -177,7 +177,12 @@ _ORIGINAL_MARKER: Final = _rx(
     r"^\s*The original message (?:headers )?(?:was|were|is) (?:included|attached) (?:below|as attachment)",
     r"^(?:Return-Path|Received|DKIM-Signature|ARC-Seal):[ \t]",
 )
-_ID_LINE: Final = _rx(r"^\s*(?:Message-ID|In-Reply-To|References|Reporting-MTA|Arrival-Date)\b")
+_ID_LINE: Final = re.compile(
+    r"(?i:^\s*(?:Message-ID|In-Reply-To|References|Reporting-MTA|Arrival-Date)\b)"
+    # A transcript's MAIL command names our sender, not a recipient ("In: MAIL FROM:<…>", or the
+    # command folded onto an indented "FROM:<…>" line).
+    r"|(?i:\bMAIL\s+FROM:)|^\s+FROM:\s*<"
+)
 MAX_WINDOW: Final = 8
 #: Addresses read from one report (each of our copies has one recipient; a report about more
 #: is a list expansion at most, and thousands are an attack).
@@ -502,7 +507,7 @@ def _failure(
     return TextFailure(
         final_recipient=address,
         action="delayed" if delayed else "failed",
-        status=find_status(reason),
+        status=bounces.parse_reply(reason)[1],
         diagnostic=reason,
         context=context,
         ip=host_ip(context),

@@ -338,8 +338,10 @@ STATUS_RULES: Final[dict[str, str]] = {
 }
 _AUTH_DETAILS: Final = frozenset(str(n) for n in range(20, 28))
 
-_CODE_RE: Final = re.compile(r"(?<![\d.:])([245]\d\d)(?:[ -]|:\s|$)")
-_STATUS_RE: Final = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+#: Failure replies only: a 2xx reply or 2.x.x status quoted in a transcript ("250 2.1.0 Ok") says
+#: nothing about why delivery failed.
+_CODE_RE: Final = re.compile(r"(?<![\d.:])([45]\d\d)(?:[ -]|:\s|$)")
+_STATUS_RE: Final = re.compile(r"(?<![\d.])([45])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,7 @@ class Verdict:
 
 
 def parse_reply(text: str) -> tuple[int | None, str | None]:
-    """(SMTP reply code, enhanced status) found in a reply or diagnostic text."""
+    """(SMTP failure reply code, enhanced status) found in a reply or diagnostic text (4xx/5xx only)."""
     code_match = _CODE_RE.search(text)
     status_match = _STATUS_RE.search(text)
     code = int(code_match.group(1)) if code_match else None

@@ -40,3 +40,19 @@ def test_a_recipient_named_in_a_sentence_is_still_one() -> None:
         b"The error that the other server returned was:\n550 5.1.1 The email account does not exist.\n"
     )
     assert _recipients(raw) == ["jo@example.net"]
+
+
+def test_a_transcript_names_the_failed_recipient_with_the_failure_reply() -> None:
+    # Success replies and the MAIL FROM of the transcript are neither reasons nor recipients.
+    raw = (
+        b"From: MAILER-DAEMON@mx.example.net (Mail Delivery System)\nSubject: Undelivered Mail Returned to Sender\n\n"
+        b"Transcript of session follows.\n\n"
+        b" Out: 220 mx.example.net ESMTP\n In:  EHLO mta.example.test\n Out: 250 mx.example.net\n"
+        b" In:  MAIL\n     FROM:<bounce-x@bounces.example.test> SIZE=2048\n Out: 250 2.1.0 Ok\n"
+        b" In:  RCPT TO:<jo@example.net>\n Out: 250 2.1.5 Ok\n In:  DATA\n Out: 354 go ahead\n"
+        b" Out: 451 4.3.0 Error: queue file write error\n In:  QUIT\n Out: 221 2.0.0 Bye\n"
+    )
+    msg = mime.parse(raw)
+    found = textbounces.parse(msg, mime.body_text(msg), rules=rules.shipped())
+    assert found is not None
+    assert [(f.final_recipient, f.status) for f in found.failures] == [("jo@example.net", "4.3.0")]
