@@ -146,10 +146,14 @@ class Rules:
             found_code, found_status = bounces.parse_reply(reason)
             code = code if code is not None else found_code
             status = status or found_status
+        # A generic Status (X.0.0: OpenSMTPD, Exim) says less than the status in the reply itself.
+        telling = status
+        if status is None or status.split(".")[1] == "0":
+            telling = bounces.parse_reply(reason)[1] or status
         rule = self.rule_for(reason, context)
-        if rule is not None and rule.yields_to_status and bounces.beyond_the_address(status):
+        if rule is not None and rule.yields_to_status and bounces.beyond_the_address(telling):
             rule = None
-        classification = rule.classification if rule else (self.by_status(status) or bounces.by_subject(status))
+        classification = rule.classification if rule else (self.by_status(telling) or bounces.by_subject(telling))
         if expired and classification != "sender-rejected":
             classification = "expired"
         bounce_type = self._type(rule, classification, status, code, delayed, expired, remote, permanent)

@@ -201,11 +201,23 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
             r"\bDKIM\b",
             r"unauthenticated (?:email|mail|sender)",
             r"not (?:properly )?authenticated",
+            r"does not have authentication information",
+            r"fails? to pass authentication",
             r"sender (?:address )?verification",
         ),
     ),
-    # "Relay access denied" is about the destination, not about our reputation.
-    ("policy", _rx(r"relay(?:ing)? (?:access )?(?:denied|not permitted)")),
+    # "Relay access denied" is about the destination, not about our reputation; a message that
+    # breaks the format rules is policy even when the reply adds "blocked".
+    (
+        "policy",
+        _rx(
+            r"relay(?:ing)? (?:access )?(?:denied|not permitted)",
+            r"not RFC ?5322 compliant",
+            r"not (?:RFC|standards?)[- ]compliant",
+            r"duplicate header",
+            r"multiple (?:From|Subject|Date|To|Message-ID) headers",
+        ),
+    ),
     (
         # Content verdicts that also say "blocked"/"rejected": the content is what matters.
         "spam-content",
@@ -276,6 +288,7 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
             r"suspicious",
             r"bulk mail",
             r"unsolicited",
+            r"spam ?signature",
         ),
     ),
     (
@@ -287,6 +300,9 @@ TEXT_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     (
         "network",
         _rx(
+            r"hop count exceeded",
+            r"mail (?:forwarding )?loop",
+            r"too many hops",
             r"connection (?:timed out|refused|reset)",
             r"lost connection",
             r"conversation with \S+ timed out",

@@ -89,6 +89,13 @@ def test_never_suppress_wins_over_a_dead_address_wording() -> None:
         ("551 5.7.1 <a@b.example>: Recipient address rejected: Delivery not authorized", {}, ("policy", "hard", False)),
         ("550 5.6.0 <a@b.example>: Recipient address rejected: Media error", {}, ("other", "hard", False)),
         ("554 5.3.0 <a@b.example>: Recipient address rejected: Internal error", {}, ("other", "hard", False)),
+        # A generic Status field (X.0.0) says less than the status in the reply itself.
+        (
+            "550 5.7.26 <a@b.example>: Recipient address rejected: Multiple authentication checks failed",
+            {"status": "5.0.0"},
+            ("auth-failure", "hard", False),
+        ),
+        ("550 5.1.1 zzz", {"status": "5.0.0"}, ("user-unknown", "hard", True)),
         # Nothing known: the status, else "other".
         ("550 5.2.1 zzz", {}, ("mailbox-disabled", "hard", True)),
         ("550 5.7.0 zzz", {}, ("policy", "hard", False)),
