@@ -149,7 +149,7 @@ class Rules:
         # A generic Status (X.0.0: OpenSMTPD, Exim) says less than the status in the reply itself.
         telling = status
         if status is None or status.split(".")[1] == "0":
-            telling = bounces.parse_reply(reason)[1] or status
+            telling = bounces.parse_reply(reason)[1] or bounces.parse_reply(context)[1] or status
         rule = self.rule_for(reason, context)
         if rule is not None and rule.yields_to_status and bounces.beyond_the_address(telling):
             rule = None
