@@ -88,7 +88,7 @@ def test_the_mx_runs_no_smuggled_transaction(mx: Mx, r: redis.Redis, ending: byt
     # One mail was received. It carries two copies' tags (the smuggled text is its content), so
     # it may not verify; either way no event is about the smuggled recipient.
     wait_until(
-        lambda: events(r) or mx.metric("mailer_mxserver_unverified_total") > unverified,
+        lambda: bool(events(r)) or mx.metric("mailer_mxserver_unverified_total") > unverified,
         timeout_s=20,
         what="the mail to be classified",
     )
