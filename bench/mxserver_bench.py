@@ -35,9 +35,9 @@ import aiosmtplib
 import redis
 
 from common import binding
+from common import bouncerules as rules
 from devtools import mxcorpus, testing
 from devtools.servers import RedisProcess, free_port, port_open, wait_until
-from mxserver import rules
 from mxserver.analysis import Settings
 from mxserver.classifier import Classifier, records_of
 

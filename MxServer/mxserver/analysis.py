@@ -38,8 +38,8 @@ from email.message import Message
 from typing import Any, Final, Literal
 
 from common import bounces
+from common.bouncerules import Reading, Rules
 from mxserver import arf, autoreply, dsn, mime, ses, tags, textbounces
-from mxserver.rules import Reading, Rules
 from mxserver.tags import Found
 
 Kind = Literal["unsubscribe", "spam-report", "bounce", "autoreply", "own-report", "unclassified"]

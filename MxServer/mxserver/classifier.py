@@ -14,11 +14,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from common import bouncerules as rules
 from common.addressing import AddressSigner
 from common.binding import Sent
 from common.config import Config
 from common.config.mxserver import BounceRule
-from mxserver import rules
 from mxserver.analysis import Analysis, Settings, analyse
 from mxserver.verification import Outcome, verify
 

@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from common import bouncerules as rules
 from common import cli
 from common.addressing import AddressSigner, parse_address
 from common.config import Config, load_config
 from common.errors import ConfigError
 from common.events import public
-from mxserver import rules
 from mxserver.analysis import Settings, analyse
 from mxserver.classifier import records_of, settings_from_config
 from mxserver.verification import readings, verify

@@ -28,9 +28,9 @@ from email.message import Message
 from typing import Final
 
 from common import bounces
+from common.bouncerules import Rules, shipped
 from mxserver import mime
 from mxserver.dsn import Action, clean_reason, host_ip
-from mxserver.rules import Rules
 
 
 def _rx(*alternatives: str) -> re.Pattern[str]:
@@ -341,9 +341,7 @@ def _carries_reason(text: str, rules: Rules | None = None) -> bool:
     code, status = bounces.parse_reply(text)
     if code is not None or status is not None:
         return True
-    if rules is not None:
-        return rules.rule_for(text) is not None
-    return bounces.classify(text).classification != "other"
+    return (rules or shipped()).rule_for(text) is not None
 
 
 def _has_code(text: str) -> bool:

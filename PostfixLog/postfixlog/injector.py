@@ -49,7 +49,7 @@ from typing import Protocol
 import redis
 
 from common import logs, trace
-from common.bounces import classify
+from common.bouncerules import classify
 from common.errors import PermanentError, TemporaryError
 from common.events import Event, error_event, make_event_id
 from common.payloads import OutboundMail

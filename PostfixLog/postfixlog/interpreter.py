@@ -9,7 +9,7 @@ Events (DESIGN §5):
 
 * ``status=sent``      -> ``delivered`` with the remote IP (``relay=host[ip]:port``);
 * ``status=bounced``   -> ``bounce`` with ``type`` hard/soft/unroutable, ``reason``, ``status``,
-  ``classification`` and ``suppress`` from :func:`common.bounces.classify`;
+  ``classification`` and ``suppress`` from :func:`common.bouncerules.classify`;
 * ``status=deferred``  -> ``deferred`` with the remote reply (never ``suppress``);
 * qmgr's message-level ``status=expired`` -> ``bounce`` classified ``expired``, with the last
   deferral's reason.
@@ -27,7 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from common import trace
-from common.bounces import BounceType, classify
+from common.bouncerules import classify
+from common.bounces import BounceType
 from common.events import Event, EventKind, make_event_id
 from postfixlog.logparser import Line
 from postfixlog.records import Delivery

@@ -19,11 +19,11 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from common import binding
+from common import bouncerules as rules
 from common.config import Config
 from common.metrics import Health
 from devtools import mxcorpus
 from devtools.testing import RETURN_PATH_DOMAIN, SENDER_DOMAIN
-from mxserver import rules
 from mxserver.analysis import Settings
 from mxserver.classifier import Classifier
 from mxserver.metrics import MxMetrics

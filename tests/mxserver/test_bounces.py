@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common import bounces
+from common import bouncerules, bounces
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [
@@ -18,7 +18,7 @@ ROWS = [
 
 @pytest.mark.parametrize(("classification", "kind", "suppress", "text"), ROWS, ids=[r[3][:60] for r in ROWS])
 def test_taxonomy(classification: str, kind: str, suppress: str, text: str) -> None:
-    verdict = bounces.classify(text)
+    verdict = bouncerules.classify(text)
     assert (verdict.classification, verdict.type, verdict.suppress) == (classification, kind, suppress == "true")
 
 
@@ -28,14 +28,14 @@ def test_table_covers_every_failure_classification() -> None:
 
 
 def test_expired_is_soft_and_never_suppresses() -> None:
-    verdict = bounces.classify("connect to mx.example.org[192.0.2.25]:25: Connection timed out", expired=True)
+    verdict = bouncerules.classify("connect to mx.example.org[192.0.2.25]:25: Connection timed out", expired=True)
     assert (verdict.classification, verdict.type, verdict.suppress) == ("expired", "soft", False)
 
 
 def test_status_decides_when_the_text_says_nothing() -> None:
-    assert bounces.classify("550 5.1.1 go away").classification == "user-unknown"
-    assert bounces.classify("x", code=552, status="5.2.2").classification == "mailbox-full"
-    assert bounces.classify("550 5.7.27 x").classification == "auth-failure"
+    assert bouncerules.classify("550 5.1.1 go away").classification == "user-unknown"
+    assert bouncerules.classify("x", code=552, status="5.2.2").classification == "mailbox-full"
+    assert bouncerules.classify("550 5.7.27 x").classification == "auth-failure"
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import bounces
+from common import bouncerules, bounces
 from common.addressing import valid_uuid
 from devtools import mxcorpus
 from devtools.testing import RETURN_PATH_DOMAIN
@@ -152,7 +152,7 @@ def test_generated_reports_never_raise(raw: bytes, rcpts: list[str]) -> None:
 @FUZZ
 @given(text=st.text(max_size=3000))
 def test_bounce_taxonomy_never_raises(text: str) -> None:
-    verdict = bounces.classify(text)
+    verdict = bouncerules.classify(text)
     assert verdict.classification in bounces.CLASSIFICATIONS
     assert not verdict.suppress or verdict.classification in bounces.DEAD_ADDRESS
 

@@ -1,4 +1,4 @@
-"""The bounce rules file (MxServer/mxserver/bounce-rules.yaml): every rule, its examples, its loading.
+"""The bounce rules file (common/common/bounce-rules.yaml): every rule, its examples, its loading.
 
 Every example of every rule must be classified by that rule -- so no earlier rule shadows it
 and its patterns really match -- and the operator's rules (``mxserver.bounce-rules``) add to
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from common import bouncerules as rules
 from common import bounces
+from common.bouncerules import Rules
 from common.config import Config
 from common.config.mxserver import BounceRule
 from common.errors import ConfigError
-from mxserver import rules
-from mxserver.rules import Rules
 
 SHIPPED = rules.shipped()
 EXAMPLES = [(rule.name, example) for rule in SHIPPED.rules for example in rule.examples]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mxserver import mime, rules, textbounces
+from common import bouncerules as rules
+from mxserver import mime, textbounces
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "mx"
 

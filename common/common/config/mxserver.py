@@ -38,7 +38,7 @@ class Abuse(StrictModel):
 
 
 class BounceRule(StrictModel):
-    """One rule of MxServer's bounce rules (``mxserver/bounce-rules.yaml``; ``mxserver.bounce-rules``).
+    """One bounce rule (``common/bounce-rules.yaml``, shared with PostfixLog; ``mxserver.bounce-rules``).
 
     A rule whose ``name`` is one of the shipped rules replaces it (``enabled: false`` removes
     it); a new name is tried before every shipped rule.

@@ -1,15 +1,17 @@
 """The bounce rules: what the reason of a failed delivery means (classification, type, suppress).
 
-Part of MxServer's pure classification phase (:mod:`mxserver.analysis`): a reason text, the
-report's Status and reply code go in, a :class:`common.bounces.Verdict` comes out.  The rules
-are data -- ``mxserver/bounce-rules.yaml`` (format and order of evaluation in its header) --
-loaded and validated once at start by :func:`load`; a rule the operator adds or replaces in the
-customer file (``mxserver.bounce-rules``, model :class:`common.config.mxserver.BounceRule`) is
-merged in by :func:`merge`.  A broken file is a :class:`common.errors.ConfigError` naming the
-file and the rule.
+One rule set for both places that read failures: MxServer's pure classification phase
+(:mod:`mxserver.analysis`, asynchronous bounces) and PostfixLog (:func:`classify`: Postfix' status
+lines and the replies to its injection).  A reason text, the report's Status and reply code go
+in, a :class:`common.bounces.Verdict` comes out.  The rules are data --
+``common/bounce-rules.yaml`` (format and order of evaluation in its header) -- loaded and
+validated once by :func:`load`; a rule the operator adds or replaces in the customer file
+(``mxserver.bounce-rules``, model :class:`common.config.mxserver.BounceRule`) is merged in by
+:func:`merge` (MxServer).  A broken file is a :class:`common.errors.ConfigError` naming the file
+and the rule.
 
 The taxonomy itself (the classifications, which of them are a dead address) is
-:mod:`common.bounces`, shared with PostfixLog.
+:mod:`common.bounces`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from common.bounces import BounceType, Verdict
 from common.config.mxserver import BounceRule
 from common.errors import ConfigError
 
-#: The rules shipped with MxServer.
+#: The rules shipped with the platform (next to this module).
 RULES_FILE: Final = "bounce-rules.yaml"
 _TYPES: Final = frozenset(("hard", "soft", "unroutable"))
 _STATUS_KEY: Final = re.compile(r"^\d{1,3}\.\d{1,3}$")
@@ -193,6 +195,35 @@ class Rules:
         return self.without_code.get(classification) or self.without_code.get("default") or "hard"
 
 
+#: What Postfix writes itself when no server could be reached: connection failures, DNS
+#: failures, null MX.  A text with an SMTP reply code came from a remote server.
+_NO_ROUTE: Final = re.compile(
+    r"connect to |connection refused|connection timed out|no route to host|network is unreachable"
+    r"|host or domain name not found|name service error|does not accept mail|null ?MX",
+    re.IGNORECASE,
+)
+
+
+def classify(text: str, *, code: int | None = None, status: str | None = None, expired: bool = False) -> Verdict:
+    """Classify one failure Postfix reports (a status line's text or a reply) with the shipped rules.
+
+    ``expired`` marks a message that ran out of queue lifetime (Postfix' ``status=expired``).  A
+    4xx failure is soft (Postfix retries it); the type is ``unroutable`` when no remote server
+    answered and the rule says the destination could not be found or reached.
+    """
+    found_code, found_status = bounces.parse_reply(text)
+    klass = (status or found_status or str(code or found_code or ""))[:1]
+    reading = shipped().read(
+        text,
+        status=status,
+        code=code,
+        expired=expired,
+        delayed=klass == "4",
+        remote=found_code is not None or not _NO_ROUTE.search(text),
+    )
+    return reading.verdict
+
+
 def status_of(text: str) -> str | None:
     """The first enhanced status code in ``text``."""
     match = _STATUS_RE.search(text)
@@ -210,7 +241,7 @@ def load(path: Path | None = None, *, extra: Sequence[BounceRule] = ()) -> Rules
             the file and the rule).
     """
     if path is None:
-        resource = importlib.resources.files("mxserver").joinpath(RULES_FILE)
+        resource = importlib.resources.files("common").joinpath(RULES_FILE)
         text, where = resource.read_text(encoding="utf-8"), str(resource)
     else:
         try:
