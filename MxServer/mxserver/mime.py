@@ -378,33 +378,33 @@ _HEADER_START_RE: Final = re.compile(
 _KEY_HEADER_RE: Final = re.compile(r"^(?:Message-ID|Return-Path|Received):", re.M | re.I)
 
 
+def _quoted_header_block(text: str) -> tuple[int, str] | None:
+    """Where the first quoted header block of ``text`` starts, and its text; None when there is none.
+
+    A header block counts when it includes a Message-ID, Return-Path or Received line (40
+    candidate starts are tried at most).
+    """
+    for tries, match in enumerate(_HEADER_START_RE.finditer(text)):
+        if tries >= 40:
+            break
+        end = text.find("\n\n", match.start())
+        head = text[match.start() : end if end >= 0 else len(text)]
+        if _KEY_HEADER_RE.search(head):
+            return match.start(), head
+    return None
+
+
 def inline_message(text: str) -> Message | None:
     """A whole message quoted inline (headers and body), or None.
 
     The first header block as :func:`quoted_original` finds it, parsed together with everything
     after it -- e.g. a bounce pasted into a plain-text mail after a line of dashes.
     """
-    for tries, match in enumerate(_HEADER_START_RE.finditer(text)):
-        if tries >= 40:
-            break
-        end = text.find("\n\n", match.start())
-        head = text[match.start() : end if end >= 0 else len(text)]
-        if _KEY_HEADER_RE.search(head):
-            return parse(text[match.start() :].encode("utf-8", "replace"))
-    return None
+    block = _quoted_header_block(text)
+    return parse(text[block[0] :].encode("utf-8", "replace")) if block else None
 
 
 def quoted_original(text: str) -> Message | None:
-    """Headers of an original message quoted inline in a plain-text bounce, or None.
-
-    Looks for the first header block (a run of ``Name: value`` lines that includes a
-    Message-ID, Return-Path or Received line) and parses it.
-    """
-    for tries, match in enumerate(_HEADER_START_RE.finditer(text)):
-        if tries >= 40:
-            break
-        end = text.find("\n\n", match.start())
-        head = text[match.start() : end if end >= 0 else len(text)]
-        if _KEY_HEADER_RE.search(head):
-            return parse_headers(head + "\n\n")
-    return None
+    """Headers of an original message quoted inline in a plain-text bounce, or None."""
+    block = _quoted_header_block(text)
+    return parse_headers(block[1] + "\n\n") if block else None

@@ -36,7 +36,6 @@ from common.errors import ConfigError
 RULES_FILE: Final = "bounce-rules.yaml"
 _TYPES: Final = frozenset(("hard", "soft", "unroutable"))
 _STATUS_KEY: Final = re.compile(r"^\d{1,3}\.\d{1,3}$")
-_STATUS_RE: Final = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 
 @dataclass(frozen=True)
@@ -222,12 +221,6 @@ def classify(text: str, *, code: int | None = None, status: str | None = None, e
         remote=found_code is not None or not _NO_ROUTE.search(text),
     )
     return reading.verdict
-
-
-def status_of(text: str) -> str | None:
-    """The first enhanced status code in ``text``."""
-    match = _STATUS_RE.search(text)
-    return ".".join(match.groups()) if match else None
 
 
 # -- loading ------------------------------------------------------------------------------------
