@@ -22,6 +22,7 @@ def _status(code: int, delay: float = 0.0, headers: dict[str, str] | None = None
     return respond
 
 
+@pytest.mark.slow
 def test_every_failure_mode_then_recovery_loses_nothing(start_backdata, bd, event_queues) -> None:
     # Endpoint down, dropping connections, 500, 400 for everything, timing out, then healthy:
     # every event arrives at least once and the queue ends empty, nothing parked or dead.
@@ -55,6 +56,7 @@ def test_batches_are_batch_size(start_backdata, bd, webhook) -> None:
     assert len(bd.received_ids(webhook)) == 120
 
 
+@pytest.mark.slow
 def test_max_wait_fills_a_batch(start_backdata, bd, webhook, event_queues) -> None:
     # The first event is read, then BackData waits (up to batch-max-wait-ms) for more.
     start_backdata(batch_max_wait_ms=1500, batch_size=10)
@@ -75,6 +77,7 @@ def test_max_wait_bounds_the_delay_of_a_lone_event(start_backdata, bd, webhook) 
     assert bd.batch_sizes(webhook) == [1]
 
 
+@pytest.mark.slow
 def test_retry_after_is_honoured(start_backdata, bd, webhook) -> None:
     arrivals: list[float] = []
 
@@ -101,6 +104,7 @@ def test_webhook_id_is_stable_across_retries(start_backdata, bd, webhook) -> Non
     assert ids.pop().startswith("msg_")
 
 
+@pytest.mark.slow
 def test_one_refused_event_is_isolated_and_the_rest_flow(start_backdata, bd, webhook, event_queues) -> None:
     # The endpoint refuses any body with the poison event: the batch is split, the other
     # events are delivered, the poison one is parked and retried on its own while new events flow.
@@ -116,6 +120,7 @@ def test_one_refused_event_is_isolated_and_the_rest_flow(start_backdata, bd, web
     assert event_queues.stats(bd.queue, "backdata").dead == 0
 
 
+@pytest.mark.slow
 def test_refused_event_ages_out_alone(start_backdata, bd, webhook, event_queues) -> None:
     webhook.set_responder(lambda r: (422 if b"poison" in r.body else 200, {}, 0.0))
     good = bd.enqueue(bd.events(9))
@@ -131,6 +136,7 @@ def test_refused_event_ages_out_alone(start_backdata, bd, webhook, event_queues)
     assert event_queues.length(PARKED) == 0
 
 
+@pytest.mark.slow
 def test_endpoint_refusing_everything_blocks_but_peels(start_backdata, bd, webhook, event_queues) -> None:
     # 404 for every body: the batch waits like a transient failure (nothing new is read),
     # one event per round is parked, and recovery delivers everything.

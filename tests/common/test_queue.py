@@ -168,6 +168,7 @@ def test_default_queue_used_when_priority_is_empty(queues: Queues) -> None:
     assert [e.queue for e in batch] == ["P1", "P1"]
 
 
+@pytest.mark.slow
 def test_pool_is_sized_from_config_and_reports_exhaustion(
     redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:

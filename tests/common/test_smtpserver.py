@@ -129,6 +129,7 @@ def test_idle_timeout_says_421(start) -> None:
     assert line(sock).startswith(b"421 4.4.2")
 
 
+@pytest.mark.slow
 def test_noop_loop_cannot_renew_the_session_forever(start) -> None:
     # The idle timer restarts with every command; the total session length does not.
     server = start(idle_timeout_s=1.0, max_session_s=1.5)

@@ -122,6 +122,7 @@ _ADDRESS_PIECES = st.sampled_from(
 _ADDRESS_TEXT = st.lists(_ADDRESS_PIECES, max_size=14).map("".join)
 
 
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None)
 @given(st.lists(_ADDRESS_TEXT, max_size=3))
 def test_getaddresses_matches_the_standard_library(values: list[str]) -> None:
@@ -175,6 +176,7 @@ _HEADER_PIECES = st.sampled_from(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=3000, deadline=None)
 @given(st.lists(_HEADER_PIECES, max_size=24).map("".join))
 def test_plain_headers_read_what_the_standard_parser_reads(text: str) -> None:

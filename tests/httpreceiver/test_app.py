@@ -104,6 +104,7 @@ def test_auth_is_checked_before_anything_else(hr: AppUnderTest) -> None:
     assert resp.status_code == 401
 
 
+@pytest.mark.slow
 def test_brute_force_lockout(make_app: Callable[..., AppUnderTest]) -> None:
     # Three wrong passwords from one address lock out the address and the account: 429 with
     # Retry-After, even with the right password; another account from another address is

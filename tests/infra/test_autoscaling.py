@@ -61,6 +61,7 @@ def test_keda_resources_match_the_crd_schema(kind: str, built: list[dict[str, An
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_the_schema_check_can_fail(built: list[dict[str, Any]], tmp_path: Path) -> None:
     # A misspelled field and a mistyped one are caught (the vendored schema is strict).
     scaled = copy.deepcopy(by_kind(built, "ScaledObject")["transformer"])

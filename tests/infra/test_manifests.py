@@ -143,6 +143,7 @@ def test_prometheus_operator_resources_match_their_crd(path: Path, doc: dict[str
     assert _crd_problems(doc) == []
 
 
+@pytest.mark.slow
 def test_crd_check_catches_unknown_and_mistyped_fields() -> None:
     (monitor,) = load_yaml(ROOT / "Redis" / "serviceMonitor.yml")
     typo = copy.deepcopy(monitor)

@@ -148,6 +148,7 @@ def _attempt(receiver: RunningReceiver, password: str, source: str, user: str = 
         return client.docmd("AUTH", f"PLAIN {plain}")
 
 
+@pytest.mark.slow
 def test_brute_force_lockout(fresh: RunningReceiver, redis_client: redis.Redis) -> None:
     # max-failures 3 within the window -> the address and the account get 454 4.7.0 for
     # lockout-seconds (2 s), even with the right password; another account from another address
