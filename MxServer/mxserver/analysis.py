@@ -360,6 +360,11 @@ class _Job:
         ISP relays paste the DSN after a line of dashes; it is read before the outer text, whose
         own addresses are only the forwarder's.
         """
+        # Every text bounce quotes a header block (the returned original's): parse the whole
+        # rest only when it can be a report -- a mail system's sender or a delivery-status part.
+        head = mime.quoted_original(self.text)
+        if head is None or not (textbounces.daemon_sender(head) or "delivery-status" in self.text.lower()):
+            return None
         inner = mime.inline_message(self.text)
         if inner is None or not (dsn.is_dsn(inner) or textbounces.daemon_sender(inner)):
             return None

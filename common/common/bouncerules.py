@@ -143,18 +143,17 @@ class Rules:
             remote: a remote server answered (decides ``unroutable`` for rules that allow it).
             permanent: the report's own verdict when there is no status nor code (SES bounceType).
         """
-        if code is None or status is None:
-            found_code, found_status = bounces.parse_reply(reason)
-            code = code if code is not None else found_code
-            status = status or found_status
+        found_code, found_status = bounces.parse_reply(reason)
+        code = code if code is not None else found_code
+        status = status or found_status
         # A generic Status (X.0.0: OpenSMTPD, Exim) says less than the status in the reply itself.
         telling = status
         if status is None or status.split(".")[1] == "0":
-            telling = bounces.parse_reply(reason)[1] or bounces.parse_reply(context)[1] or status
+            telling = found_status or bounces.parse_reply(context)[1] or status
         rule = self.rule_for(reason, context)
-        if rule is not None and rule.yields_to_status and bounces.beyond_the_address(telling):
+        if rule is not None and rule.yields_to_status and _beyond_the_address(telling):
             rule = None
-        classification = rule.classification if rule else (self.by_status(telling) or bounces.by_subject(telling))
+        classification = rule.classification if rule else (self.by_status(telling) or _by_subject(telling))
         if expired and classification != "sender-rejected":
             classification = "expired"
         bounce_type = self._type(rule, classification, status, code, delayed, expired, remote, permanent)
@@ -214,13 +213,35 @@ def classify(text: str, *, code: int | None = None, status: str | None = None, e
     klass = (status or found_status or str(code or found_code or ""))[:1]
     reading = shipped().read(
         text,
-        status=status,
-        code=code,
+        status=status or found_status,
+        code=code if code is not None else found_code,
         expired=expired,
         delayed=klass == "4",
         remote=found_code is not None or not _NO_ROUTE.search(text),
     )
     return reading.verdict
+
+
+#: Status subjects (RFC 3463) that say a failure is not about the address or the mailbox:
+#: mail system (3), network and routing (4), content (6), security or policy (7).  Not protocol
+#: (5): Microsoft answers a missing mailbox with 5.5.0 "Requested action not taken: mailbox
+#: unavailable".
+_NOT_THE_ADDRESS: Final = frozenset("3467")
+
+
+def _beyond_the_address(status: str | None) -> bool:
+    """True for an enhanced status about something other than the address or the mailbox.
+
+    A generic wording ("Recipient address rejected: …") then tells nothing about the
+    recipient: 5.7.26 "Recipient address rejected: Multiple authentication checks failed" is an
+    authentication failure, not a dead address.
+    """
+    return status is not None and status.split(".")[1] in _NOT_THE_ADDRESS
+
+
+def _by_subject(status: str | None) -> str:
+    """The classification of a status no entry names: security or policy (X.7.Y), else other."""
+    return "policy" if status is not None and status.split(".")[1] == "7" else "other"
 
 
 # -- loading ------------------------------------------------------------------------------------

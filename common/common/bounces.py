@@ -96,25 +96,3 @@ def parse_reply(text: str) -> tuple[int | None, str | None]:
     code = int(code_match.group(1)) if code_match else None
     status = ".".join(status_match.groups()) if status_match else None
     return code, status
-
-
-#: Status subjects (RFC 3463) that say a failure is not about the address or the mailbox:
-#: mail system (3), network and routing (4), content (6), security or policy (7).  Not protocol
-#: (5): Microsoft answers a missing mailbox with 5.5.0 "Requested action not taken: mailbox
-#: unavailable".
-_NOT_THE_ADDRESS: Final = frozenset("3467")
-
-
-def beyond_the_address(status: str | None) -> bool:
-    """True for an enhanced status about something other than the address or the mailbox.
-
-    A generic wording ("Recipient address rejected: …") then tells nothing about the
-    recipient: 5.7.26 "Recipient address rejected: Multiple authentication checks failed" is an
-    authentication failure, not a dead address.
-    """
-    return status is not None and status.split(".")[1] in _NOT_THE_ADDRESS
-
-
-def by_subject(status: str | None) -> str:
-    """The classification of a status no entry names: security or policy (X.7.Y), else other."""
-    return "policy" if status is not None and status.split(".")[1] == "7" else "other"

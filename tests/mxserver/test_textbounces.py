@@ -11,11 +11,15 @@ from mxserver import mime, textbounces
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "mx"
 
 
-def _recipients(raw: bytes) -> list[str | None]:
+def _failures(raw: bytes) -> list[textbounces.TextFailure]:
     msg = mime.parse(raw)
     found = textbounces.parse(msg, mime.body_text(msg), rules=rules.shipped())
     assert found is not None
-    return [f.final_recipient for f in found.failures]
+    return found.failures
+
+
+def _recipients(raw: bytes) -> list[str | None]:
+    return [f.final_recipient for f in _failures(raw)]
 
 
 def test_a_contact_address_in_the_template_is_no_recipient() -> None:
@@ -53,7 +57,4 @@ def test_a_transcript_names_the_failed_recipient_with_the_failure_reply() -> Non
         b" In:  RCPT TO:<jo@example.net>\n Out: 250 2.1.5 Ok\n In:  DATA\n Out: 354 go ahead\n"
         b" Out: 451 4.3.0 Error: queue file write error\n In:  QUIT\n Out: 221 2.0.0 Bye\n"
     )
-    msg = mime.parse(raw)
-    found = textbounces.parse(msg, mime.body_text(msg), rules=rules.shipped())
-    assert found is not None
-    assert [(f.final_recipient, f.status) for f in found.failures] == [("jo@example.net", "4.3.0")]
+    assert [(f.final_recipient, f.status) for f in _failures(raw)] == [("jo@example.net", "4.3.0")]
