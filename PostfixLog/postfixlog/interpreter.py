@@ -165,6 +165,12 @@ class Interpreter:
             effects.qid_deletes.add(qid)
             effects.qid_updates.pop(qid, None)
             return None
+        if delivery.final:
+            # This recipient's outcome is already out.  Postfix marks a recipient done in its
+            # queue file just after logging it; a Postfix stopped in between tries it again and
+            # logs a second outcome for the same copy -- the customer gets the first one only.
+            effects.counts["status-after-final"] += 1
+            return delivery
         event = self.event(line, qid, delivery)
         if event is None:
             effects.counts["status-ignored"] += 1

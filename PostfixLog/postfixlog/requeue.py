@@ -12,7 +12,9 @@ between, the next start removes the marked messages before starting Postfix
 (:meth:`Requeuer.finish_interrupted`), so none is sent twice.
 
 Messages without a record (Postfix' own notifications, mail from other clients) stay in
-Postfix' queue and are delivered when it starts again.
+Postfix' queue and are delivered when it starts again.  A message whose outcome the log already
+gave (record ``fin``: Postfix logged it, then stopped before marking the recipient done) is
+removed, not requeued: it would be delivered twice.
 
 While Postfix runs, :meth:`Requeuer.withdraw` takes the deferred mail of paused providers out of
 it (automatic back-off, :mod:`postfixlog.shaping`): ``postsuper -h`` first (Postfix stops
@@ -50,6 +52,8 @@ class RequeueReport:
     """What a requeue pass did."""
 
     requeued: int = 0
+    #: Messages whose outcome was already logged: removed from Postfix, not requeued.
+    finished: int = 0
     removed: int = 0
     left: int = 0
     failed: int = 0
@@ -124,6 +128,13 @@ class Requeuer:
                 report.left += 1
                 if message.get("sender"):
                     log.warning("queued message %s has no PostfixLog record; left in Postfix' queue", qid)
+                continue
+            if delivery.final:
+                # Its outcome is logged (and reported); Postfix was stopped before it marked the
+                # recipient done.  Sending it again would deliver it twice.
+                log.info("not requeued: %s (uuid=%s) has its final outcome already", qid, delivery.uuid)
+                done.append(qid)
+                report.finished += 1
                 continue
             try:
                 self._requeue_one(message, delivery)

@@ -8,7 +8,8 @@ environment listing or on disk -- followed by one ACL ``user`` line per service
 The default user (this launcher, the exporter, backups, operators) keeps every right.
 
 Stop (SIGTERM/SIGINT): with object storage configured, a final backup (writes paused, SAVE,
-upload), then SIGTERM to redis-server, which fsyncs the AOF and exits; the launcher exits with
+upload), then SIGTERM to redis-server -- repeated while Redis postpones its shutdown, e.g. while
+it writes its initial AOF -- which fsyncs the AOF and exits; the launcher exits with
 redis-server's status.  redis-server runs in its own session, so a terminal's Ctrl-C reaches
 only the launcher and the backup happens before Redis stops.  With ``backup-interval-seconds``
 the launcher also uploads a BGSAVE snapshot periodically.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -37,7 +37,7 @@ from common import redisacl, redisha, redisreply
 from common.config import Config
 from common.config.redismodule import Replication
 from common.errors import ConfigError
-from common.lifecycle import Stopper
+from common.lifecycle import Stopper, stop_process
 from common.queue import connect
 from redis_sidecar import connection, topology
 from redis_sidecar.backup import BackupError, Backups, DataLayout, restore
@@ -231,13 +231,9 @@ class RedisLauncher:
             self._backup(final=True)
         elif self.store is None:
             log.info("no object storage configured: the data stays only in %s", self.layout.directory)
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            status = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.error("redis-server did not stop within %.0fs; killing it", timeout_s)
-            self.proc.kill()
-            status = self.proc.wait()
+        # Repeated SIGTERM: Redis handles one request once and stays up when it cannot stop at that
+        # moment ("Writing initial AOF, can't exit." while a freshly synced replica writes its AOF).
+        status = stop_process(self.proc, timeout_s, what="redis-server")
         log.info("redis-server stopped with status %d", status)
         return status
 

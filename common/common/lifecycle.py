@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -72,3 +74,27 @@ class Stopper:
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; returns True (early) when a stop is requested."""
         return self._event.wait(max(seconds, 0.0))
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float, *, what: str, repeat_every_s: float = 1.0) -> int:
+    """Stop a child cleanly: SIGTERM every ``repeat_every_s`` until it exits, SIGKILL after ``timeout_s``.
+
+    Returns its exit status.
+
+    Some servers act on one stop request once and keep running when they cannot stop at that
+    moment: redis-server logs "Writing initial AOF, can't exit." while a replica that has just
+    synced writes its first AOF, and then waits for the next request.
+    """
+    deadline = time.monotonic() + timeout_s
+    proc.send_signal(signal.SIGTERM)
+    while True:
+        try:
+            return proc.wait(max(0.0, min(repeat_every_s, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() >= deadline:
+            log.error("%s did not stop within %.0fs; killing it", what, timeout_s)
+            proc.kill()
+            return proc.wait()
+        log.info("%s is still running (its log says why); asking it to stop again", what)
+        proc.send_signal(signal.SIGTERM)

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from common.lifecycle import stop_process
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -131,15 +133,10 @@ class RedisProcess:
         return _answers_ping(self.proc, self.port, self.password, self.directory / "redis.log")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Clean shutdown (SIGTERM: Redis flushes the AOF)."""
+        """Clean shutdown (SIGTERM, repeated while Redis postpones it: Redis flushes the AOF)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout_s, what=f"redis-server on port {self.port}")
 
     def kill(self) -> None:
         """SIGKILL: what a crash looks like."""

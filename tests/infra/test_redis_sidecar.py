@@ -19,10 +19,11 @@ from common import keys
 from common.config import Config
 from common.config.globalfile import GlobalConfig
 from common.errors import ConfigError
+from common.lifecycle import stop_process
 from common.queue import Consumer, Queues, QueueSettings
 from common.redisha import quote
 from devtools import testing
-from devtools.servers import free_port
+from devtools.servers import RedisProcess, free_port
 from redis_sidecar import topology
 from redis_sidecar.check import run_checks
 from redis_sidecar.exporter import RedisMetrics
@@ -223,3 +224,28 @@ def test_a_pod_announces_the_name_the_shared_configuration_gives_it(monkeypatch:
     assert not topology.same_node(("redis-1.redis-nodes", 6379), ("redis-1.redis-nodes", 6380))
     assert not topology.same_node(("redis-1.a", 6379), ("redis-2.a", 6379))
     assert not topology.same_node(("10.0.0.1", 6379), ("10.0.0.2", 6379))
+
+
+@pytest.mark.redis
+def test_redis_writing_its_initial_aof_is_asked_again_and_stops_cleanly(tmp_path: Path) -> None:
+    # A replica that has just synced writes its first AOF and meanwhile answers one SIGTERM with
+    # "Writing initial AOF, can't exit." and keeps running; the launcher repeats the request, so
+    # Redis exits cleanly (status 0, AOF complete) as soon as it is done -- not killed at the deadline.
+    server = RedisProcess(tmp_path / "redis", extra={"appendonly": "no"}).start()
+    assert server.proc is not None
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    client.mset({f"k{i}": "v" for i in range(20)})
+    client.config_set("rdb-key-save-delay", 100_000)  # µs per key: the initial AOF takes ~2 s
+    client.config_set("appendonly", "yes")
+    client.close()
+    status = stop_process(server.proc, timeout_s=60, what="redis-server", repeat_every_s=0.2)
+    log = (tmp_path / "redis" / "redis.log").read_text()
+    assert "Writing initial AOF, can't exit." in log  # the first request really was refused
+    assert status == 0
+    assert "ready to exit, bye bye" in log
+    server.extra = {}  # restart with the AOF on: it holds every key
+    server.start()
+    try:
+        assert redis.Redis(host="127.0.0.1", port=server.port).dbsize() == 20
+    finally:
+        server.stop()

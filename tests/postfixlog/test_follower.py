@@ -88,6 +88,22 @@ def test_restart_resumes_where_it_stopped(redis_client: Any, log_path: Path) -> 
     assert not redis_client.keys("IB:postfixlog:qid:*")  # removed -> record deleted
 
 
+def test_a_second_outcome_for_a_finished_recipient_is_not_reported_again(redis_client: Any, log_path: Path) -> None:
+    # Postfix logs "status=sent", then marks the recipient done in its queue file; stopped in
+    # between, it delivers the same copy again after the restart and logs a second outcome (here
+    # across a follower restart too): the customer gets one terminal event per recipient.
+    _record(redis_client, 1)
+    lines = _message_lines(1)
+    _append(log_path, lines[:3])
+    _drain(_follower(redis_client, log_path))
+    second = lines[2].replace("status=sent (250 ok 1)", "status=sent (250 ok again)").replace("[12]", "[13]")
+    bounced = lines[2].replace("dsn=2.0.0, status=sent (250 ok 1)", "dsn=5.1.1, status=bounced (550 5.1.1 gone)")
+    _append(log_path, [second, bounced, lines[3]])
+    _drain(_follower(redis_client, log_path))
+    assert [(e["uuid"], e["event"]) for e in events_of(redis_client)] == [("u1", "delivered")]
+    assert not redis_client.keys("IB:postfixlog:qid:*")
+
+
 def test_instances_never_read_each_others_records(redis_client: Any, tmp_path: Path) -> None:
     # Two delivery instances whose Postfix gave two different messages the same queue id (they
     # run on different volumes): each instance's lines are interpreted with its own record only.

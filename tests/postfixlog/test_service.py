@@ -226,6 +226,40 @@ def test_shutdown_requeues_deferred_mail_which_is_delivered_after_restart(
     assert instance.queue_json() == []
 
 
+def test_shutdown_removes_but_never_requeues_a_recipient_whose_outcome_is_logged(
+    service_config, queues: Queues, redis_client: Any, sink: Sink
+) -> None:
+    # Postfix logs a recipient's outcome, then marks it done in the queue file.  Stopped in
+    # between, the message is still in its queue although its outcome is out (record "fin"):
+    # shutdown removes it from Postfix and does not put it back in Redis, where it would be
+    # delivered and reported a second time.  Here the record of a deferred message is marked
+    # final by hand: the state such a stop leaves behind.
+    sink.handler.rules[:] = compile_rules([(r"^later", "450 4.2.0 <{addr}>: try later")])
+    queues.enqueue_many(INCOMING, [outbound(u, [f"later-{u}@dest.test"]).to_fields() for u in ("u20", "u21")])
+    running = RunningService(service_config()).start()
+    try:
+        wait_until(
+            lambda: len({e["recipient"] for e in events_of(redis_client) if e["event"] == "deferred"}) == 2,
+            30,
+            what="two deferred recipients",
+        )
+        finished = [
+            key
+            for key in redis_client.scan_iter(match="IB:postfixlog:qid:*")
+            if (delivery := Delivery.from_hash(redis_client.hgetall(key))) and delivery.uuid == "u20"
+        ]
+        assert len(finished) == 1
+        redis_client.hset(finished[0], "fin", "1")
+    finally:
+        assert running.stop() == 0
+    assert running.service.instance.queue_json() == []
+    requeued = [OutboundMail.from_fields(f) for _, f in redis_client.xrange(INCOMING)]
+    assert [m.uuid for m in requeued] == ["u21"]
+    report = running.service.requeuer.last_report
+    assert report is not None and (report.requeued, report.finished, report.left) == (1, 1, 0)
+    assert not redis_client.keys("IB:postfixlog:qid:*")
+
+
 def test_redelivered_entry_skips_recipients_already_handled(
     service_config, queues: Queues, redis_client: Any, sink: Sink
 ) -> None:
