@@ -35,6 +35,7 @@ from common import keys as common_keys
 from common import logs, redisreply
 from common.errors import TemporaryError
 from common.queue import redis_errors
+from common.retry import RetryPolicy
 from common.trace import DISABLED, TraceSettings
 from postfixlog import records
 from postfixlog.interpreter import Effects, Interpreter
@@ -44,6 +45,11 @@ from postfixlog.records import Delivery, Position
 log = logging.getLogger(__name__)
 
 FINGERPRINT_BYTES: Final = 512
+#: How often the end of the log is checked for new lines: a delivery's event waits half of it
+#: on average; an idle check is one read() that returns nothing.
+POLL_SECONDS: Final = 0.02
+#: Waits after a failed step (Redis down, an unexpected error): 1 s, doubling up to 10 s.
+_RETRY: Final = RetryPolicy(base_s=1.0, cap_s=10.0)
 
 
 def fingerprint(first_line: bytes) -> str:
@@ -235,7 +241,7 @@ class LogFollower:
         rotate: Callable[[], object] | None = None,
         rotate_bytes: int = 0,
         chunk_bytes: int = 1 << 20,
-        poll_s: float = 0.1,
+        poll_s: float = POLL_SECONDS,
         trace_settings: TraceSettings = DISABLED,
     ) -> None:
         self.reader = reader
@@ -292,12 +298,12 @@ class LogFollower:
             except TemporaryError as exc:
                 failures += 1
                 log.warning("log follower: %s; retrying", exc)
-                time.sleep(min(0.5 * 2**failures, 10.0))
+                time.sleep(_RETRY.delay(failures))
                 continue
             except Exception:  # the follower thread must survive any bad line or bug (logged)
                 failures += 1
                 log.exception("log follower failed; retrying")
-                time.sleep(min(0.5 * 2**failures, 10.0))
+                time.sleep(_RETRY.delay(failures))
                 continue
             if not worked:
                 if self._draining.is_set():

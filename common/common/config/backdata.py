@@ -66,7 +66,7 @@ class BackDataSection(StrictModel):
         None, description="Second secret, also used to sign during a rotation."
     )
     batch_size: int = Field(50, ge=1, le=10_000, description="Events per POST.")
-    batch_max_wait_ms: int = Field(200, ge=0, description="Longest wait to fill a batch.")
+    batch_max_wait_ms: int = Field(50, ge=0, description="Longest wait to fill a batch.")
     max_age_seconds: int = Field(259_200, ge=1, description="Events older than this are dead-lettered (3 days).")
     timeout_seconds: float = Field(10.0, gt=0, description="HTTP timeout of one POST.")
     max_backoff_seconds: float = Field(300.0, gt=0, description="Longest wait between retries.")
