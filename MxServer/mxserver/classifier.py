@@ -18,7 +18,6 @@ from common import bouncerules as rules
 from common.addressing import AddressSigner
 from common.binding import Sent
 from common.config import Config
-from common.config.mxserver import BounceRule
 from mxserver.analysis import Analysis, Settings, analyse
 from mxserver.verification import Outcome, verify
 
@@ -27,11 +26,9 @@ def settings_from_config(config: Config) -> Settings:
     """The analysis settings of a loaded configuration (reads the bounce rules: may raise ConfigError)."""
     section = config.customer.mxserver
     own: set[str] = set()
-    extra_rules: tuple[BounceRule, ...] = ()
     abuse: frozenset[str] = frozenset()
     if section is not None:
         own.update(h.lower().rstrip(".") for h in section.own_hostnames)
-        extra_rules = tuple(section.bounce_rules)
         abuse = section.abuse.all()
     postfixlog = config.customer.postfixlog
     if postfixlog is not None:
@@ -43,7 +40,7 @@ def settings_from_config(config: Config) -> Settings:
     senders = frozenset(s.domain.lower() for s in transformer.domain_settings) if transformer else frozenset()
     return Settings(
         domains=frozenset(d.lower() for d in domains),
-        rules=rules.load(extra=extra_rules),
+        rules=rules.configured(config),
         own_hosts=frozenset(own),
         abuse_addresses=abuse,
         from_domains=senders,

@@ -33,6 +33,7 @@ import redis
 
 from common import keys as common_keys
 from common import logs, redisreply
+from common.bouncerules import Rules
 from common.errors import TemporaryError
 from common.queue import redis_errors
 from common.retry import RetryPolicy
@@ -243,6 +244,7 @@ class LogFollower:
         chunk_bytes: int = 1 << 20,
         poll_s: float = POLL_SECONDS,
         trace_settings: TraceSettings = DISABLED,
+        rules: Rules | None = None,
     ) -> None:
         self.reader = reader
         self.redis: redis.Redis = client
@@ -258,7 +260,7 @@ class LogFollower:
         self.chunk_bytes = chunk_bytes
         self.poll_s = poll_s
         self.trace = trace_settings
-        self.interpreter = Interpreter()
+        self.interpreter = Interpreter(rules)
         self.last_progress = time.monotonic()
         self._progress = threading.Condition()
         self._draining = threading.Event()

@@ -49,7 +49,7 @@ from typing import Protocol
 import redis
 
 from common import logs, trace
-from common.bouncerules import classify
+from common.bouncerules import Rules, classify
 from common.errors import PermanentError, TemporaryError
 from common.events import Event, error_event, make_event_id
 from common.payloads import OutboundMail
@@ -153,6 +153,7 @@ class Injector:
         trace_settings: TraceSettings = DISABLED,
         providers: ProviderResolver | None = None,
         shaper: Shaper | None = None,
+        rules: Rules | None = None,
     ) -> None:
         self.redis: redis.Redis = client
         self.host = host
@@ -165,6 +166,8 @@ class Injector:
         self.timeout_s = timeout_s
         self.local_hostname = local_hostname
         self.metrics: InjectorMetrics = metrics or NoMetrics()
+        #: The bounce rules that read Postfix' refusals (default: the shipped ones).
+        self.rules = rules
         self.trace = trace_settings
         #: Provider of each recipient (routing header, shaping); None: no routing at all.
         self.providers = providers
@@ -488,7 +491,7 @@ class Injector:
     def _refusal_events(self, state: _EntryState) -> list[Event]:
         events = []
         for rcpt, reply in sorted(state.refused.items()):
-            verdict = classify(reply)
+            verdict = classify(reply, rules=self.rules)
             events.append(
                 Event(
                     event="bounce",

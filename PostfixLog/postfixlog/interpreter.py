@@ -9,7 +9,8 @@ Events (DESIGN §5):
 
 * ``status=sent``      -> ``delivered`` with the remote IP (``relay=host[ip]:port``);
 * ``status=bounced``   -> ``bounce`` with ``type`` hard/soft/unroutable, ``reason``, ``status``,
-  ``classification`` and ``suppress`` from :func:`common.bouncerules.classify`;
+  ``classification`` and ``suppress`` from :func:`common.bouncerules.classify` with the
+  installation's rules (the shipped ones and the customer file's ``common-config.bounce-rules``);
 * ``status=deferred``  -> ``deferred`` with the remote reply (never ``suppress``);
 * qmgr's message-level ``status=expired`` -> ``bounce`` classified ``expired``, with the last
   deferral's reason.
@@ -27,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from common import trace
-from common.bouncerules import classify
+from common.bouncerules import Rules, classify
 from common.bounces import BounceType
 from common.events import Event, EventKind, make_event_id
 from postfixlog.logparser import Line
@@ -66,6 +67,10 @@ class Effects:
 
 class Interpreter:
     """Stateless rules; the state lives in Redis records fetched per chunk."""
+
+    def __init__(self, rules: Rules | None = None) -> None:
+        #: The bounce rules that read failures (default: the shipped ones).
+        self.rules = rules
 
     def needs(self, lines: Iterable[Line]) -> tuple[set[str], set[str]]:
         """(tokens, queue ids) whose records :meth:`apply` needs for ``lines``.
@@ -199,7 +204,7 @@ class Interpreter:
             return _event("delivered", delivery, event_id, ip=line.ip, status=line.dsn)
         if line.status not in ("bounced", "deferred"):
             return None
-        verdict = classify(line.text)
+        verdict = classify(line.text, rules=self.rules)
         return _event(
             "bounce" if line.status == "bounced" else "deferred",
             delivery,
@@ -232,8 +237,8 @@ class Interpreter:
         # type keeps what the last attempt says: soft after a 4xx reply, unroutable when the
         # destination never answered (DNS failure, connection refused or timed out).
         last = delivery.last_reason
-        verdict = classify(last or "", expired=True)
-        bounce_type = classify(last).type if last else "soft"
+        verdict = classify(last or "", expired=True, rules=self.rules)
+        bounce_type = classify(last, rules=self.rules).type if last else "soft"
         return _event(
             "bounce",
             delivery,

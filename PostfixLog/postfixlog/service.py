@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import redis
 from prometheus_client import CollectorRegistry
 
-from common import keys
+from common import bouncerules, keys
 from common.config import Config
 from common.config.postfixlog import PostfixLogSection
 from common.errors import ConfigError, TemporaryError
@@ -180,6 +180,8 @@ class PostfixLogService:
         self.name = name or consumer_name(SERVICE)
         shaping = section.shaping
         self.rules = load_rules(shaping, config.customer_path)
+        #: How failures read: the shipped bounce rules and the customer file's (the MX's too).
+        self.bounce_rules = bouncerules.configured(config)
         self.instance = PostfixInstance.from_config(section, self.rules if shaping.enabled else None)
         self.redis = connect(config.redis_for(SERVICE), client_name=self.name)
         self.incoming = config.global_.postfix.incoming_queue_name
@@ -214,6 +216,7 @@ class PostfixLogService:
             rotate_bytes=section.log_rotate_bytes,
             trace_settings=trace_settings,
             observer=self._observe if self.shaper is not None else None,
+            rules=self.bounce_rules,
         )
         self.requeuer = Requeuer(self.instance, self.redis, incoming_queue=self.incoming, name=self.name)
         self.membership = Membership(
@@ -238,6 +241,7 @@ class PostfixLogService:
             trace_settings=trace_settings,
             providers=self.providers,
             shaper=self.shaper,
+            rules=self.bounce_rules,
         )
         queues = Queues(self.redis, QueueSettings.from_config(config.global_))
         # Batches of several rounds per connection: the sessions idle only between batches.

@@ -6,8 +6,9 @@ lines and the replies to its injection).  A reason text, the report's Status and
 in, a :class:`common.bounces.Verdict` comes out.  The rules are data --
 ``common/bounce-rules.yaml`` (format and order of evaluation in its header) -- loaded and
 validated once by :func:`load`; a rule the operator adds or replaces in the customer file
-(``mxserver.bounce-rules``, model :class:`common.config.mxserver.BounceRule`) is merged in by
-:func:`merge` (MxServer).  A broken file is a :class:`common.errors.ConfigError` naming the file
+(``common-config.bounce-rules``, and the older ``mxserver.bounce-rules``; model
+:class:`common.config.mxserver.BounceRule`) is merged in by :func:`merge`, for both readers
+(:func:`configured`).  A broken file is a :class:`common.errors.ConfigError` naming the file
 and the rule.
 
 The taxonomy itself (the classifications, which of them are a dead address) is
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 
 from common import bounces
 from common.bounces import BounceType, Verdict
+from common.config import Config
 from common.config.mxserver import BounceRule
 from common.errors import ConfigError
 
@@ -202,8 +204,15 @@ _NO_ROUTE: Final = re.compile(
 )
 
 
-def classify(text: str, *, code: int | None = None, status: str | None = None, expired: bool = False) -> Verdict:
-    """Classify one failure Postfix reports (a status line's text or a reply) with the shipped rules.
+def classify(
+    text: str,
+    *,
+    code: int | None = None,
+    status: str | None = None,
+    expired: bool = False,
+    rules: Rules | None = None,
+) -> Verdict:
+    """Classify one failure Postfix reports (a status line's text or a reply) with ``rules`` (default: shipped).
 
     ``expired`` marks a message that ran out of queue lifetime (Postfix' ``status=expired``).  A
     4xx failure is soft (Postfix retries it); the type is ``unroutable`` when no remote server
@@ -211,7 +220,7 @@ def classify(text: str, *, code: int | None = None, status: str | None = None, e
     """
     found_code, found_status = bounces.parse_reply(text)
     klass = (status or found_status or str(code or found_code or ""))[:1]
-    reading = shipped().read(
+    reading = (rules or shipped()).read(
         text,
         status=status or found_status,
         code=code if code is not None else found_code,
@@ -263,6 +272,17 @@ def load(path: Path | None = None, *, extra: Sequence[BounceRule] = ()) -> Rules
         except OSError as exc:
             raise ConfigError([f"{path}: cannot read the bounce rules: {exc.strerror or exc}"]) from None
     return merge(parse(text, where), extra)
+
+
+def configured(config: Config) -> Rules:
+    """The shipped rules with the customer file's: ``common-config.bounce-rules``, then ``mxserver.bounce-rules``.
+
+    Raises:
+        ConfigError: the shipped file is broken.
+    """
+    customer = config.customer
+    extra = [*customer.common_config.bounce_rules, *(customer.mxserver.bounce_rules if customer.mxserver else [])]
+    return load(extra=extra) if extra else shipped()
 
 
 @functools.cache

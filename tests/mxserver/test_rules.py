@@ -197,6 +197,33 @@ def test_operator_rules_come_from_the_customer_file(mx_config: Callable[..., Con
     assert settings.own_hosts == frozenset({"mta.example.test"})
 
 
+def test_operator_rules_in_common_config_come_first_and_the_older_place_still_counts(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    from mxserver.classifier import settings_from_config
+
+    common = {"name": "acme", "classification": "blocked", "patterns": ["ACME-1"], "examples": ["ACME-1 no"]}
+    older = {"name": "acme-2", "classification": "blocked", "patterns": ["ACME-2"], "examples": ["ACME-2 no"]}
+    config = make_config(
+        {
+            "common-config": {"bounce-rules": [common]},
+            "mxserver": {"eml-directory": str(tmp_path / "eml"), "bounce-rules": [older]},
+        },
+        service="mxserver",
+    )
+    names = [r.name for r in settings_from_config(config).rules.rules]
+    assert names[:2] == ["acme", "acme-2"]
+    assert [r.name for r in rules.configured(config).rules] == names  # PostfixLog reads the same set
+
+
+def test_a_bad_operator_rule_in_common_config_names_the_key(make_config: Callable[..., Config]) -> None:
+    rule = {"name": "acme", "classification": "blocked", "patterns": ["ACME-1"], "examples": ["nothing"]}
+    with pytest.raises(ConfigError) as caught:
+        make_config({"common-config": {"bounce-rules": [rule]}}, service="postfixlog")
+    text = "\n".join(caught.value.problems)
+    assert "common-config.bounce-rules[0]: rule 'acme': example 'nothing' is matched by none of its patterns" in text
+
+
 def test_a_bad_operator_rule_names_the_key(mx_config: Callable[..., Config]) -> None:
     rule = {"name": "acme", "classification": "blocked", "patterns": ["ACME-1"], "examples": ["nothing"]}
     with pytest.raises(ConfigError) as caught:

@@ -134,9 +134,15 @@ def events_of(client: Any, queue: str = "EVENT_QUEUE") -> list[dict[str, Any]]:
 def service_config(make_config, postfix_dir: Path, sink: Sink) -> Callable[..., Config]:
     """Factory: a loaded config for PostfixLog with a fresh Postfix port, relaying to ``sink``."""
 
-    def make(main_cf: dict[str, Any] | None = None, nexthop: str | None = None, **section: Any) -> Config:
+    def make(
+        main_cf: dict[str, Any] | None = None,
+        nexthop: str | None = None,
+        customer: dict[str, Any] | None = None,
+        **section: Any,
+    ) -> Config:
         port = free_port()
         override = {
+            **(customer or {}),
             "postfixlog": {
                 "postfix": {"port": port},
                 "string-replacer": {
@@ -146,7 +152,7 @@ def service_config(make_config, postfix_dir: Path, sink: Sink) -> Callable[..., 
                 "sandbox": {"enabled": True, "nexthop": nexthop or f"[127.0.0.1]:{sink.port}"},
                 "instance-directory": str(postfix_dir / "pf"),
                 **section,
-            }
+            },
         }
         config: Config = make_config(override, service="postfixlog")
         return config

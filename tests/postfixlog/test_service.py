@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from common import bouncerules
 from common.events import make_event_id
 from common.lifecycle import Stopper
 from common.metrics import Health
@@ -166,6 +167,28 @@ def _without_first_received(data: bytes) -> bytes:
     while lines[i][:1] in (b" ", b"\t"):
         i += 1
     return b"\r\n".join(lines[i:])
+
+
+def test_the_customer_files_bounce_rules_read_postfix_failures_too(
+    service_config, queues: Queues, redis_client: Any, sink: Sink
+) -> None:
+    # One rule set: a rule in common-config.bounce-rules classifies Postfix' own failures as it
+    # does the MX's bounce mail. The shipped rules read this gateway's reply as policy (no
+    # suppression); the operator knows it means a dead mailbox.
+    reply = "550 5.7.1 ACME-GW: mailbox jdoe unknown"
+    assert bouncerules.classify(reply).classification == "policy"
+    rule = {"name": "acme-gateway", "classification": "user-unknown", "patterns": [r"ACME-GW: mailbox \w+ unknown"]}
+    rule["examples"] = [reply]
+    sink.handler.rules[:] = compile_rules([(r"^jdoe", reply)])
+    queues.enqueue(INCOMING, outbound("u30", ["jdoe@dest.test"]).to_fields())
+    running = RunningService(service_config(customer={"common-config": {"bounce-rules": [rule]}})).start()
+    try:
+        wait_until(lambda: bool(_by_recipient(events_of(redis_client), "bounce")), 30, what="the bounce event")
+    finally:
+        assert running.stop() == 0
+    bounce = _by_recipient(events_of(redis_client), "bounce")["jdoe@dest.test"]
+    assert (bounce["classification"], bounce["suppress"]) == ("user-unknown", True)
+    assert running.service.injector.rules is running.service.bounce_rules  # Postfix' refusals too
 
 
 def test_shutdown_requeues_deferred_mail_which_is_delivered_after_restart(

@@ -7,6 +7,7 @@ from typing import Final, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from common.config.base import GENERATE_HINT, RedisServer, StrictModel, secret_text
+from common.config.mxserver import BounceRule
 
 #: Shortest configured address secret (bytes): the HMAC key of every return path and unsubscribe tag.
 MIN_ADDRESS_SECRET: Final = 32
@@ -131,6 +132,11 @@ class CommonConfig(StrictModel):
         ),
     )
     suppression: Suppression = Field(default_factory=Suppression)
+    bounce_rules: list[BounceRule] = Field(
+        default_factory=list,
+        description="Bounce rules added to (new names, tried first) or replacing (same name) the shipped ones, "
+        "for every reader of failures: PostfixLog (Postfix' own) and MxServer (bounce mail).",
+    )
     trace: Trace = Field(default_factory=Trace)
     dns_check: DnsCheck = Field(default_factory=DnsCheck)
     binding_retention_days: float = Field(

@@ -38,7 +38,7 @@ class Abuse(StrictModel):
 
 
 class BounceRule(StrictModel):
-    """One bounce rule (``common/bounce-rules.yaml``, shared with PostfixLog; ``mxserver.bounce-rules``).
+    """One bounce rule (``common/bounce-rules.yaml``; the customer's in ``common-config.bounce-rules``).
 
     A rule whose ``name`` is one of the shipped rules replaces it (``enabled: false`` removes
     it); a new name is tried before every shipped rule.
@@ -134,7 +134,7 @@ class MxServerSection(SmtpLimits):
     )
     bounce_rules: list[BounceRule] = Field(
         default_factory=list,
-        description="Bounce rules added to (new names, tried first) or replacing (same name) the shipped ones.",
+        description="Older place of common-config.bounce-rules (read after them, by PostfixLog and MxServer alike).",
     )
     classify_processes: int = Field(
         4,
