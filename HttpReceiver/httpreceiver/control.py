@@ -190,7 +190,7 @@ class ControlApi:
         if raw.strip():
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…
                 raise BadRequest('the body must be a JSON object such as {"reason": "manual"}') from None
             if not isinstance(body, dict) or set(body) - {"reason"}:
                 raise BadRequest('the body must be a JSON object with at most "reason"')
@@ -333,5 +333,8 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             yield number, f"not JSON: {exc.msg}"
+            continue
+        except RecursionError:
+            yield number, "not JSON: nested too deeply"
             continue
         yield number, value if isinstance(value, dict) else "not a JSON object"

@@ -7,6 +7,7 @@ permanent ones (5xx) tell it the message will never be accepted as it is.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 # -- connection and session (both listeners) ---------------------------------------------------
@@ -16,6 +17,8 @@ IDLE_TIMEOUT: Final = "421 4.4.2 Error: timeout exceeded"
 SESSION_TOO_LONG: Final = "421 4.4.2 Error: session too long, please reconnect"
 SHUTTING_DOWN: Final = "421 4.3.2 Service shutting down, try again later"
 TLS_UNAVAILABLE: Final = "454 4.7.0 TLS not available due to temporary reason"
+ALREADY_TLS: Final = "503 5.5.1 Already running TLS"
+AUTH_LINE_TOO_LONG: Final = "500 5.5.6 Authentication exchange line is too long, closing connection"
 INTERNAL_ERROR: Final = "451 4.3.0 Internal error, try again later"
 OK: Final = "250 2.0.0 OK"
 
@@ -108,3 +111,45 @@ def rewrites(size_limit: int | None) -> dict[str, str]:
         "501 Syntax: NOOP": "501 5.5.4 Syntax: NOOP",
         "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
     }
+
+
+#: Enhanced status (RFC 3463) for a reply of aiosmtpd's that names none and is not in
+#: :func:`rewrites` (e.g. ``500 Error: command "BDAT" not recognized``), by reply code.
+_STATUS_OF_CODE: Final = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
+}
+_HAS_STATUS: Final = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def with_status(reply: str) -> str:
+    """``reply`` with an enhanced status after its code when it has none (RFC 2034).
+
+    Not for the greeting, the answers to HELO/EHLO, or 3xx continuations (334, 354), which
+    carry none by definition.
+    """
+    code = reply[:3]
+    if reply[3:4] not in (" ", "-", "") or _HAS_STATUS.match(reply):
+        return reply
+    status = _STATUS_OF_CODE.get(code) or (f"{code[0]}.0.0" if code[:1] in ("2", "4", "5") else None)
+    if status is None or code == "220":
+        return reply
+    return f"{code}{reply[3:4] or ' '}{status}{' ' + reply[4:] if reply[4:] else ''}"

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP
 
 from common import smtpreplies as replies
 from common.authguard import client_key
@@ -245,6 +245,8 @@ class BaseSMTP(SMTP):
         self._peer_ip = ""
         self._session_deadline: asyncio.TimerHandle | None = None
         self._expired = False
+        #: True while answering HELO/EHLO: those lines carry no enhanced status (RFC 2034).
+        self._greeting = False
 
     def __dir__(self) -> list[str]:
         """Only the names aiosmtpd looks up by prefix (``smtp_*``, ``auth_*``).
@@ -333,8 +335,51 @@ class BaseSMTP(SMTP):
         """Send one reply line: enhanced codes added, always ASCII, never a stray CR/LF."""
         if isinstance(status, str):
             status = self._rewrites.get(status, status)
+            if not (self._greeting and status.startswith("250")):
+                status = replies.with_status(status)
+            elif status == "250 HELP":  # the last EHLO line: say that every reply has a status
+                await super().push(b"250-ENHANCEDSTATUSCODES")
             status = status.replace("\r", " ").replace("\n", " ").encode("ascii", errors="replace")
         await super().push(status)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        """HELO as aiosmtpd answers it (its 250 line carries no enhanced status)."""
+        self._greeting = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._greeting = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        """EHLO as aiosmtpd answers it, with ENHANCEDSTATUSCODES (RFC 2034) advertised."""
+        self._greeting = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._greeting = False
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS (RFC 3207); inside TLS already it is refused, never nested."""
+        transport = self.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            await self.push(replies.ALREADY_TLS)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> Any:
+        """The AUTH challenge of aiosmtpd; an answer longer than a command line ends the session.
+
+        aiosmtpd reads the answer with ``readline``, which raises when the line exceeds the
+        reader's limit: that would be a ``451`` and a traceback for the client's own fault.
+        """
+        try:
+            return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
+        except ValueError:
+            log.info("%s: AUTH answer longer than a command line; closing", self._peer_ip or "client")
+            self._say_and_close(replies.AUTH_LINE_TOO_LONG)
+            return MISSING
 
     # -- transactions and shutdown ---------------------------------------------------------------
 

@@ -10,9 +10,13 @@ queued, so both doors accept, normalise and refuse every message the same way (D
 * **header lines** longer than 998 octets are refused (``header-line-too-long``, RFC 5322
   §2.1.1): folding them would change what the customer wrote.  Body lines of any length are
   accepted: the Transformer re-encodes those parts (quoted-printable/base64) before signing;
+* **header syntax** (``header-syntax``): every line of the header block is a field (``name:``)
+  or the continuation of one -- the Transformer, and receivers, could not read it otherwise;
 * **raw 8-bit header bytes** must be UTF-8 (``header-not-utf8``, RFC 6532);
-* the header fields we read -- ``X-Uuid``, ``X-Priority``, ``X-Stream-Id``, ``From``, ``To``,
-  ``Cc`` -- hold no control characters (``header-control-char``);
+* **NUL** is refused in every header field (``header-control-char``; RFC 5322 allows it nowhere,
+  Postfix cuts a header at it, which would break the signature), and the header fields we read
+  -- ``X-Uuid``, ``X-Priority``, ``X-Stream-Id``, ``From``, ``To``, ``Cc`` -- hold no control
+  characters at all (other fields may: RFC 5322's obsolete syntax allows them);
 
 then the message is accepted only when (DESIGN §4):
 
@@ -157,10 +161,11 @@ def normalise(raw: bytes) -> bytes:
 
 
 def check_header_block(head: bytes) -> None:
-    """Rules on the raw header block of a normalised message (line length, UTF-8, controls).
+    """Rules on the raw header block of a normalised message (line length, syntax, UTF-8, controls).
 
     Raises:
-        Rejection: ``header-line-too-long``, ``header-not-utf8`` or ``header-control-char``.
+        Rejection: ``header-line-too-long``, ``header-syntax``, ``header-not-utf8`` or
+            ``header-control-char``.
     """
     lines = head.split(b"\r\n")
     if max(map(len, lines), default=0) > MAX_LINE:
@@ -170,6 +175,14 @@ def check_header_block(head: bytes) -> None:
             f"header line {number} is longer than {MAX_LINE} octets (RFC 5322 2.1.1); fold it",
             status="5.6.3",
         )
+    for number, line in enumerate(lines, 1):
+        if not line:
+            break  # the empty line that ends the block
+        if line[:1] in (b" ", b"\t"):
+            if number == 1:
+                raise Rejection("header-syntax", "the header block starts with a continuation line", status="5.6.0")
+        elif _FIELD_NAME.match(line) is None:
+            raise Rejection("header-syntax", f"header line {number} is not a header field (no 'name:')", status="5.6.0")
     if not head.isascii():
         try:
             head.decode("utf-8")
@@ -180,6 +193,9 @@ def check_header_block(head: bytes) -> None:
     for name, value in _read_fields(head):
         if _CONTROL.search(value):
             raise Rejection("header-control-char", f"the {name} header holds a control character", status="5.6.0")
+    if b"\0" in head:
+        number = next(i for i, line in enumerate(lines, 1) if b"\0" in line)
+        raise Rejection("header-control-char", f"header line {number} holds a NUL byte", status="5.6.0")
 
 
 def _read_fields(head: bytes) -> list[tuple[str, bytes]]:

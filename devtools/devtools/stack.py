@@ -185,6 +185,11 @@ class Stack:
     sink: Any = None
     webhook: Any = None
 
+    def __post_init__(self) -> None:
+        # Absolute: the files written into the configuration (the DKIM key's path) are read
+        # relative to the configuration file's directory, not to where `./mailer up` ran.
+        self.run_dir = self.run_dir.absolute()
+
     # -- layout --------------------------------------------------------------------------
 
     @property

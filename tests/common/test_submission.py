@@ -71,6 +71,33 @@ def test_control_characters_elsewhere_and_tabs_are_accepted() -> None:
     assert _accept(HEAD + b"Subject: tab\there \x01\r\nX-Stream-Id: a\r\n\tfolded\r\n\r\nb\r\n")
 
 
+def test_nul_is_refused_in_every_header_field() -> None:
+    # Postfix cuts a header at a NUL: the copy would arrive changed, its signature broken.
+    assert _rule(HEAD + b"Subject: a\x00b\r\n\r\nb\r\n") == (
+        "header-control-char",
+        "554 5.6.0 header line 4 holds a NUL byte",
+    )
+    assert _rule(HEAD + b"X-Foo: a\r\n b\x00\r\n\r\nb\r\n")[1] == "554 5.6.0 header line 5 holds a NUL byte"
+
+
+@pytest.mark.parametrize(
+    ("head", "reply"),
+    [
+        # No empty line: the "body" is read as header lines, which the Transformer cannot parse.
+        (HEAD + b"this is the body\r\n", "554 5.6.0 header line 4 is not a header field (no 'name:')"),
+        (HEAD + b"Subject hi\r\n\r\n", "554 5.6.0 header line 4 is not a header field (no 'name:')"),
+        (b"From nobody 2026\r\n" + HEAD + b"\r\n", "554 5.6.0 header line 1 is not a header field (no 'name:')"),
+        (b" folded\r\n" + HEAD + b"\r\n", "554 5.6.0 the header block starts with a continuation line"),
+    ],
+)
+def test_every_header_line_is_a_field_or_its_continuation(head: bytes, reply: str) -> None:
+    assert _rule(head + b"b\r\n") == ("header-syntax", reply)
+
+
+def test_a_message_of_headers_only_is_accepted() -> None:
+    assert _accept(HEAD) == HEAD
+
+
 def test_rejection_details_for_the_http_answer() -> None:
     with pytest.raises(Rejection) as info:
         _accept(HEAD.replace(b"X-Uuid: u1", b"X-Uuid: U1") + b"\r\nb\r\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.config import load_config
 from devtools.servers import RedisProcess
 from devtools.stack import DEFAULT_PORTS, Stack, default_ports
 
@@ -51,3 +52,17 @@ def test_ctrl_c_does_not_reach_redis_first(tmp_path: Path) -> None:
         assert os.getpgid(redis.proc.pid) != os.getpgid(0)
     finally:
         redis.stop()
+
+
+def test_a_relative_run_directory_gives_a_configuration_that_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # `./mailer up --run-dir run-2`: the DKIM key's path in the customer file is read relative to
+    # the file's directory, so it must not be written relative to where the command ran.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MAILER_PORT_OFFSET", raising=False)
+    stack = Stack(Path("run-2"))
+    stack.prepare()
+    config = load_config(stack.global_file, stack.customer_file, service="transformer")
+    assert config.customer.transformer is not None
+    assert stack.run_dir == tmp_path / "run-2"

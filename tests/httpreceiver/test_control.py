@@ -64,6 +64,7 @@ def test_put_get_list_delete_one_address(hr: AppUnderTest) -> None:
     [
         ("PUT", "/v1/suppressions/example.test/not-an-address", None),
         ("PUT", "/v1/suppressions/example.test/a@dest.test", "{not json"),
+        ("PUT", "/v1/suppressions/example.test/a@dest.test", "[" * 20_000),  # RecursionError in json
         ("PUT", "/v1/suppressions/example.test/a@dest.test", '{"reason": "whim"}'),
         ("PUT", "/v1/suppressions/example.test/a@dest.test", '{"reason": "manual", "extra": 1}'),
         ("GET", "/v1/suppressions?limit=0", None),
@@ -107,6 +108,11 @@ def test_export_and_import_round_trip_in_both_formats(hr: AppUnderTest) -> None:
     assert (reply.json["imported"], reply.json["rejected"]) == (1, 2)
     assert [e["line"] for e in reply.json["errors"]] == [3, 4]
     assert [e.reason for e in lst.get("other.test", "c@dest.test")] == ["manual"]
+    deep = hr.client.post(
+        "/v1/suppressions/import", headers={**AUTH, "Content-Type": "application/x-ndjson"}, data="[" * 20_000 + "\n"
+    )
+    assert deep.status_code == 400 and deep.json is not None
+    assert deep.json["message"] == "no valid row; line 1: not JSON: nested too deeply"
     bad_type = hr.client.post("/v1/suppressions/import", headers={**AUTH, "Content-Type": "text/plain"}, data="x")
     assert bad_type.status_code == 415
 

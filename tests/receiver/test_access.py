@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import smtplib
 import socket
 import time
@@ -223,3 +224,52 @@ def test_greeting_and_ehlo_name(fresh: RunningReceiver) -> None:
         code, name = client.ehlo(CLIENT_NAME)
         assert code == 250 and name.startswith(b"receiver.test")
         assert client.has_extn("pipelining") is False
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_an_overlong_auth_answer_is_refused_and_ends_the_session(fresh: RunningReceiver, mechanism: str) -> None:
+    # aiosmtpd reads the answer to a 334 challenge with readline(): a line over its limit used
+    # to be a 451 and a traceback in the log for a client's own fault.
+    with fresh.smtp() as client:
+        client.ehlo()
+        client.starttls(context=client_tls())
+        client.ehlo()
+        assert client.docmd("AUTH", mechanism)[0] == 334
+        client.send(b"A" * 70_000 + b"\r\n")
+        code, text = client.getreply()
+        assert (code, text) == (500, b"5.5.6 Authentication exchange line is too long, closing connection")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.noop()
+    assert "Traceback" not in fresh.log_path.read_text()
+    with fresh.authenticated() as client:  # the server is fine
+        assert client.noop()[0] == 250
+
+
+def test_starttls_inside_tls_is_refused(fresh: RunningReceiver) -> None:
+    with fresh.smtp() as client:
+        client.ehlo()
+        client.starttls(context=client_tls())
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        assert client.docmd("STARTTLS") == (503, b"5.5.1 Already running TLS")
+        assert client.noop()[0] == 250  # the session goes on, still in the one TLS layer
+    with fresh.implicit_tls() as client:
+        client.ehlo()
+        assert client.docmd("STARTTLS") == (503, b"5.5.1 Already running TLS")
+
+
+def test_every_reply_carries_an_enhanced_status_and_ehlo_says_so(fresh: RunningReceiver) -> None:
+    # RFC 2034: ENHANCEDSTATUSCODES advertised, and then every reply but the greeting, HELO/EHLO
+    # and 3xx continuations has one -- also aiosmtpd's own replies that name none.
+    with fresh.smtp() as client:
+        client.ehlo()
+        assert client.has_extn("enhancedstatuscodes")
+        replies = [
+            client.docmd("BDAT", "10 LAST"),
+            client.docmd("AUTH"),
+            client.docmd("VRFY", "someone"),
+            client.docmd("MAIL", "FROM:<a@b.test> BOGUS=1"),
+            client.docmd("X" * 600),
+        ]
+    for code, text in replies:
+        assert re.match(rb"[245]\.\d{1,3}\.\d{1,3} ", text), (code, text)

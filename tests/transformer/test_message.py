@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common.submission import Rejection, accept
 from transformer.message import MessageError, RawMessage, fold, parse_fields
 
 
@@ -69,3 +70,22 @@ def test_fold_round_trips(words: list[str]) -> None:
     (field,) = parse_fields(folded)
     assert field.value == value
     assert all(len(line) <= 78 or b" " not in line.strip() for line in folded.split(b"\r\n"))
+
+
+_LINES = st.sampled_from(
+    [b"Subject: hi", b" folded", b"\tfolded", b"X-A:", b"no colon", b"Bad Name: x", b": no name", b"", b"X-B: \x00"]
+)
+
+
+@given(st.lists(_LINES, max_size=6), st.booleans())
+def test_what_the_doors_accept_the_transformer_can_parse(extra: list[bytes], leading: bool) -> None:
+    # The intake rule (common.submission.accept) runs before 250/200: a header block it lets
+    # through must never be refused later by the Transformer's parser (an error event and a dead
+    # letter after the client was told "accepted").
+    head = [b"From: app@example.test", b"To: a@dest.test", b"X-Uuid: u1"]
+    raw = b"\r\n".join([*extra, *head] if leading else [*head, *extra]) + b"\r\n\r\nbody\r\n"
+    try:
+        accepted = accept(raw, lambda domain: domain == "example.test")
+    except Rejection:
+        return
+    RawMessage.parse(accepted.raw)
