@@ -102,6 +102,10 @@ class SubmissionHandler:
         parts = blob.split(b"\0")
         if len(parts) != 3:
             return AuthResult(success=False, handled=False, message=replies.AUTH_BAD_PLAIN)
+        if parts[0] not in (b"", parts[1]):
+            # RFC 4616: an authorization identity other than the user's own asks to act as
+            # someone else; no account may (refused before any password check).
+            return AuthResult(success=False, handled=False, message=replies.AUTH_OTHER_IDENTITY)
         return await self._verify(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:

@@ -30,6 +30,7 @@ AUTH_TOO_MANY_IN_SESSION: Final = "421 4.7.0 Too many failed AUTH attempts, clos
 AUTH_UNAVAILABLE: Final = "454 4.7.0 Temporary authentication failure, try again later"
 AUTH_BAD_BASE64: Final = "501 5.5.2 Cannot decode base64"
 AUTH_BAD_PLAIN: Final = "501 5.5.2 Cannot split AUTH PLAIN value"
+AUTH_OTHER_IDENTITY: Final = "535 5.7.8 Acting as another identity (authzid) is not allowed"
 SENDER_OK: Final = "250 2.1.0 Ok"
 RECIPIENT_OK: Final = "250 2.1.5 Ok"
 RECIPIENT_SYNTAX: Final = "501 5.1.3 Bad recipient address syntax (need local-part@domain)"

@@ -273,3 +273,17 @@ def test_every_reply_carries_an_enhanced_status_and_ehlo_says_so(fresh: RunningR
         ]
     for code, text in replies:
         assert re.match(rb"[245]\.\d{1,3}\.\d{1,3} ", text), (code, text)
+
+
+def test_auth_plain_may_name_only_the_users_own_identity(fresh: RunningReceiver) -> None:
+    # RFC 4616 authzid: empty or the user's own name logs in; another name would be acting as
+    # someone else, which no account may.
+    for authzid, expected in (("", 235), (USER, 235), ("root", 535)):
+        with fresh.smtp() as client:
+            client.ehlo()
+            client.starttls(context=client_tls())
+            client.ehlo()
+            blob = base64.b64encode(f"{authzid}\0{USER}\0{PASSWORD}".encode()).decode()
+            code, text = client.docmd("AUTH", f"PLAIN {blob}")
+            assert code == expected, (authzid, text)
+    assert text == b"5.7.8 Acting as another identity (authzid) is not allowed"
