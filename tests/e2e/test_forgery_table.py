@@ -130,7 +130,7 @@ def test_forgeries_yield_no_event_and_genuine_reports_exactly_one(stack: Stack) 
         (a.return_path, _dsn(a.return_path, [victim, "other@elsewhere.test"], a.headers)),
         # Alice's tag on another uuid's address.
         (
-            a.return_path.replace(f"bounce-{uuid}-", "bounce-0" + uuid[1:] + "-"),
+            a.return_path.replace(f"bounce-{uuid}-", f"bounce-{'1' if uuid[0] == '0' else '0'}{uuid[1:]}-"),
             _dsn(a.return_path, [alice], a.headers),
         ),
         # ARF naming Alice's original with Bob's Original-Rcpt-To.
