@@ -32,7 +32,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -342,21 +342,24 @@ class BaseSMTP(SMTP):
             status = status.replace("\r", " ").replace("\n", " ").encode("ascii", errors="replace")
         await super().push(status)
 
-    async def smtp_HELO(self, hostname: str) -> None:
-        """HELO as aiosmtpd answers it (its 250 line carries no enhanced status)."""
+    @contextlib.contextmanager
+    def _answering_greeting(self) -> Iterator[None]:
+        """While HELO/EHLO are answered: their 250 lines carry no enhanced status (RFC 2034)."""
         self._greeting = True
         try:
-            await super().smtp_HELO(hostname)
+            yield
         finally:
             self._greeting = False
 
+    async def smtp_HELO(self, hostname: str) -> None:
+        """HELO as aiosmtpd answers it."""
+        with self._answering_greeting():
+            await super().smtp_HELO(hostname)
+
     async def smtp_EHLO(self, hostname: str) -> None:
         """EHLO as aiosmtpd answers it, with ENHANCEDSTATUSCODES (RFC 2034) advertised."""
-        self._greeting = True
-        try:
+        with self._answering_greeting():
             await super().smtp_EHLO(hostname)
-        finally:
-            self._greeting = False
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         """STARTTLS (RFC 3207); inside TLS already it is refused, never nested."""
