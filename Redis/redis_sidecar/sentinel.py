@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -31,7 +30,7 @@ from common.config import Config
 from common.config.base import SentinelSettings
 from common.config.redismodule import Replication, SentinelProcess
 from common.errors import ConfigError
-from common.lifecycle import Stopper
+from common.lifecycle import Stopper, stop_process
 from redis_sidecar import connection, topology
 
 log = logging.getLogger(__name__)
@@ -114,12 +113,6 @@ class SentinelLauncher:
 
     def _stop(self, timeout_s: float = 30.0) -> int:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            status = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.error("the sentinel did not stop within %.0fs; killing it", timeout_s)
-            self.proc.kill()
-            status = self.proc.wait()
+        status = stop_process(self.proc, timeout_s, what="the sentinel")
         log.info("sentinel stopped with status %d", status)
         return status
