@@ -28,6 +28,11 @@ load (``loadgen``: every message its own X-Uuid, so every message its own timeli
 both rates, the CPU per message of Redis and of every service, and the Redis memory of one
 message's timeline (``MEMORY USAGE`` of a sample of keys).
 
+``--profile DIR``: every Python service is sampled by ``py-spy --gil`` (``uv tool install py-spy``)
+during the pipeline rounds; the collapsed stacks go to ``DIR/<service>.txt`` and the functions
+with the most samples of their own (and the most including their callees) are printed per
+service.  Sampling costs CPU, so the rates of such a run are not for comparison.
+
 ``--scaling``: the delivery tier alone, with 1, 2 and 3 delivery instances (``postfixlog``
 processes, each with its private Postfix, on one Redis: the StatefulSet of issue 17) against a
 sink that answers like the internet (each message's DATA answered after a random 50-200 ms,
@@ -45,6 +50,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -411,6 +417,8 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
         pids = service_pids(stack)
         pids["smtp-sink"] = sink.pid
+        if args.profile is not None:
+            cleanup.enter_context(Profiler(args.profile, {n: p for n, p in pids.items() if n in PROFILED}))
         alone_rates: list[float] = []
         dkim_rates: list[float] = []
         rates: list[float] = []
@@ -486,6 +494,79 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         }
     finally:
         cleanup.close()
+
+
+PROFILED = ("receiver", "transformer", "postfixlog", "backdata")
+
+
+def spy_command(spy: str) -> list[str]:
+    """``py-spy record``: children too, only threads holding the GIL (CPU, not waiting), raw stacks."""
+    return [spy, "record", "--subprocesses", "--gil", "--nonblocking", "--rate", "250", "--format", "raw"]
+
+
+class Profiler:
+    """``py-spy record`` of some processes (and their children) while the context is open."""
+
+    def __init__(self, directory: Path, pids: dict[str, int]) -> None:
+        spy = shutil.which("py-spy") or str(Path.home() / ".local/bin/py-spy")
+        if not Path(spy).exists():
+            raise SystemExit("--profile needs py-spy on PATH (uv tool install py-spy)")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.files = {name: directory / f"{name}.txt" for name in pids}
+        self.procs = [
+            subprocess.Popen(
+                [*spy_command(spy), "--output", str(self.files[name]), "--pid", str(pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for name, pid in pids.items()
+        ]
+
+    def __enter__(self) -> Profiler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            proc.wait(60)
+        for name, path in self.files.items():
+            say(f"  profile of {name} ({path}):")
+            for line in profile_top(path):
+                say(f"    {line}")
+
+
+def profile_top(path: Path, top: int = 12) -> list[str]:
+    """The functions with the most samples of their own, then including callees (collapsed stacks)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [_frame_name(frame) for frame in stack.split(";") if not frame.startswith("process ")]
+        n = int(count)
+        total += n
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    if not total:
+        return ["no samples"]
+    lines = [f"{total:,} samples; own:"]
+    lines += [f"  {100 * n / total:5.1f} %  {name}" for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    lines.append("including callees:")
+    lines += [
+        f"  {100 * n / total:5.1f} %  {name}" for name, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    ]
+    return lines
+
+
+def _frame_name(frame: str) -> str:
+    """``function (file.py)`` of py-spy's ``function (path/file.py:line)``."""
+    function, _, where = frame.partition(" (")
+    return f"{function} ({where.rsplit(':', 1)[0].rsplit('/', 1)[-1]})"
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -712,6 +793,7 @@ def main() -> None:
     parser.add_argument(
         "--compare-trace", action="store_true", help="measure the cost of the per-message timelines instead"
     )
+    parser.add_argument("--profile", type=Path, help="sample the Python services with py-spy into this directory")
     parser.add_argument("--scaling", action="store_true", help="delivery only: 1, 2 and 3 delivery instances")
     parser.add_argument("--latency-ms", default="50-200", help="--scaling: sink answer delay per message, MIN-MAX")
     args = parser.parse_args()

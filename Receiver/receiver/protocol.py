@@ -15,10 +15,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Final, cast
 
-from aiosmtpd.smtp import MISSING, Session
+from aiosmtpd.smtp import MISSING, SMTP, Session
 
 from common import smtpreplies as replies
-from common.smtpserver import BaseSMTP, Sessions
+from common.smtpserver import BaseSMTP, Sessions, same_help
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,14 @@ class SubmissionSMTP(BaseSMTP):
         await self.push(replies.AUTH_REQUIRED)
         return True
 
+    @same_help(SMTP.smtp_AUTH)
     async def smtp_AUTH(self, arg: str) -> None:
         """AUTH, closing the connection after too many failures in one session."""
         await super().smtp_AUTH(arg)
         if self.state.auth_failures >= self._max_auth_failures and self.transport is not None:
             self.transport.close()
 
+    @same_help(SMTP.smtp_DATA)
     async def smtp_DATA(self, arg: str) -> None:
         """DATA, read in large pieces (aiosmtpd reads line by line); same replies and checks.
 

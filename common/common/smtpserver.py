@@ -14,12 +14,17 @@ What both listeners need beyond aiosmtpd, written once:
   sessions at once, let transactions in progress finish within the grace time, then cut what
   is left.
 * Replies with enhanced status codes (aiosmtpd's own replies have none), always one ASCII line.
+* PIPELINING (RFC 2920): advertised; the replies to MAIL, RCPT and RSET wait while the client
+  has already sent the next command, and go out together with the reply to the last command
+  of the group (as Postfix does); the EHLO reply goes out in one write, not one per line.
 * Speed: aiosmtpd scans ``dir()`` of the protocol and the handler for hooks on every
   connection; :func:`hook_names` caches that, and plain ``<local@domain>`` paths skip the
   e-mail address parser.
 
 Private aiosmtpd methods overridden here (``_getaddr``, ``_reset_timeout``, ``_timeout_cb``)
-are why ``aiosmtpd`` is pinned to the minor version tested (``common/pyproject.toml``).
+are why ``aiosmtpd`` is pinned to the minor version tested (``common/pyproject.toml``).  Whether
+the client's next command is already here is read from asyncio's ``StreamReader._buffer``; were
+that attribute gone, no reply would wait (each would go out at once, as before pipelining).
 
 Reply texts live in :mod:`common.smtpreplies`.
 """
@@ -34,7 +39,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 from aiosmtpd.smtp import MISSING, SMTP
 
@@ -194,6 +199,21 @@ def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     return names
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def same_help(command: Callable[..., Any]) -> Callable[[F], F]:
+    """Give an overriding ``smtp_*`` method the HELP text of aiosmtpd's (``HELP`` lists it)."""
+
+    def decorate(method: F) -> F:
+        for name in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+            if hasattr(command, name):
+                setattr(method, name, getattr(command, name))
+        return method
+
+    return decorate
+
+
 def call_limits() -> dict[str, int]:
     """The ``command_call_limit`` of aiosmtpd: small budgets for commands that change nothing.
 
@@ -247,6 +267,10 @@ class BaseSMTP(SMTP):
         self._expired = False
         #: True while answering HELO/EHLO: those lines carry no enhanced status (RFC 2034).
         self._greeting = False
+        #: Reply lines not written yet (see :meth:`push`), and whether they must wait.
+        self._replies: list[bytes] = []
+        self._hold = False
+        self._groupable = False
 
     def __dir__(self) -> list[str]:
         """Only the names aiosmtpd looks up by prefix (``smtp_*``, ``auth_*``).
@@ -318,7 +342,8 @@ class BaseSMTP(SMTP):
     def _say_and_close(self, reply: str) -> None:
         transport: object = self.transport  # typed BaseTransport by aiosmtpd; see Writable
         if isinstance(transport, Writable) and not transport.is_closing():
-            transport.write(f"{reply}\r\n".encode())
+            transport.write(b"".join(self._replies) + f"{reply}\r\n".encode())
+            self._replies.clear()
             transport.close()
 
     # -- replies ---------------------------------------------------------------------------------
@@ -332,15 +357,35 @@ class BaseSMTP(SMTP):
         return address, rest
 
     async def push(self, status: str | bytes) -> None:
-        """Send one reply line: enhanced codes added, always ASCII, never a stray CR/LF."""
+        """Send one reply line: enhanced codes added, always ASCII, never a stray CR/LF.
+
+        The line waits (in order) while an EHLO reply is being put together, and after MAIL,
+        RCPT or RSET while the client has already sent its next command (RFC 2920 pipelining:
+        that command's reply is sure to follow, and carries this one along).
+        """
         if isinstance(status, str):
             status = self._rewrites.get(status, status)
             if not (self._greeting and status.startswith("250")):
                 status = replies.with_status(status)
-            elif status == "250 HELP":  # the last EHLO line: say that every reply has a status
-                await super().push(b"250-ENHANCEDSTATUSCODES")
+            elif status == "250 HELP":  # the last EHLO line: what this server adds to aiosmtpd's
+                self._replies.append(b"250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n")
             status = status.replace("\r", " ").replace("\n", " ").encode("ascii", errors="replace")
-        await super().push(status)
+        self._replies.append(status + b"\r\n")
+        if self._hold or (self._groupable and self._next_command_waiting()):
+            return
+        await self._flush_replies()
+
+    def _next_command_waiting(self) -> bool:
+        """True when a whole command line from the client is already buffered."""
+        buffered: bytes | bytearray = getattr(self._reader, "_buffer", b"")
+        return b"\n" in buffered
+
+    async def _flush_replies(self) -> None:
+        if self._replies:
+            data = b"".join(self._replies)
+            self._replies.clear()
+            self._writer.write(data)
+            await self._writer.drain()
 
     @contextlib.contextmanager
     def _answering_greeting(self) -> Iterator[None]:
@@ -351,16 +396,51 @@ class BaseSMTP(SMTP):
         finally:
             self._greeting = False
 
+    @contextlib.contextmanager
+    def _in_group(self) -> Iterator[None]:
+        """While a command that may be pipelined with the next one is answered (RFC 2920 3.1)."""
+        self._groupable = True
+        try:
+            yield
+        finally:
+            self._groupable = False
+
+    @same_help(SMTP.smtp_HELO)
     async def smtp_HELO(self, hostname: str) -> None:
         """HELO as aiosmtpd answers it."""
         with self._answering_greeting():
             await super().smtp_HELO(hostname)
 
+    @same_help(SMTP.smtp_EHLO)
     async def smtp_EHLO(self, hostname: str) -> None:
-        """EHLO as aiosmtpd answers it, with ENHANCEDSTATUSCODES (RFC 2034) advertised."""
+        """EHLO as aiosmtpd answers it, with PIPELINING and ENHANCEDSTATUSCODES, in one write."""
         with self._answering_greeting():
-            await super().smtp_EHLO(hostname)
+            self._hold = True
+            try:
+                await super().smtp_EHLO(hostname)
+            finally:
+                self._hold = False
+        await self._flush_replies()
 
+    @same_help(SMTP.smtp_MAIL)
+    async def smtp_MAIL(self, arg: str) -> None:
+        """MAIL as aiosmtpd answers it; the reply may wait for the next command's (pipelining)."""
+        with self._in_group():
+            await super().smtp_MAIL(arg)
+
+    @same_help(SMTP.smtp_RCPT)
+    async def smtp_RCPT(self, arg: str) -> None:
+        """RCPT as aiosmtpd answers it; the reply may wait for the next command's (pipelining)."""
+        with self._in_group():
+            await super().smtp_RCPT(arg)
+
+    @same_help(SMTP.smtp_RSET)
+    async def smtp_RSET(self, arg: str) -> None:
+        """RSET as aiosmtpd answers it; the reply may wait for the next command's (pipelining)."""
+        with self._in_group():
+            await super().smtp_RSET(arg)
+
+    @same_help(SMTP.smtp_STARTTLS)
     async def smtp_STARTTLS(self, arg: str) -> None:
         """STARTTLS (RFC 3207); inside TLS already it is refused, never nested."""
         transport = self.transport
@@ -391,6 +471,7 @@ class BaseSMTP(SMTP):
         """True between MAIL and the end of DATA."""
         return self._in_data or (self.envelope is not None and self.envelope.mail_from is not None)
 
+    @same_help(SMTP.smtp_DATA)
     async def smtp_DATA(self, arg: str) -> None:
         """DATA as aiosmtpd reads it; then a stopping process or an expired session closes."""
         await super().smtp_DATA(arg)

@@ -232,3 +232,110 @@ def test_every_command_without_its_own_budget_gets_the_large_one() -> None:
     limits = call_limits()
     assert limits.get("*", 20) == OTHER_COMMAND_BUDGET
     assert limits["NOOP"] == 50 and limits.get("MAIL", limits["*"]) == OTHER_COMMAND_BUDGET
+
+
+class CountingSMTP(BaseSMTP):
+    """BaseSMTP that records every write to its connection (one entry per write call)."""
+
+    writes: list[bytes]
+
+    def connection_made(self, transport: Any) -> None:
+        self.writes = []
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            self.writes.append(bytes(data))
+            write(data)
+
+        transport.write = counted
+        super().connection_made(transport)
+
+
+def counting_server(start: Any) -> tuple[Server, list[CountingSMTP]]:
+    server = start()
+    made: list[CountingSMTP] = []
+
+    async def swap() -> None:
+        sessions = server.sessions
+
+        def factory() -> CountingSMTP:
+            made.append(CountingSMTP(Accepting(), sessions=sessions, hostname="mx.test"))
+            return made[-1]
+
+        server.server.close()
+        server.server = await asyncio.get_running_loop().create_server(factory, host="127.0.0.1", port=0)
+
+    asyncio.run_coroutine_threadsafe(swap(), server.loop).result(10)
+    server.port = server.server.sockets[0].getsockname()[1]
+    return server, made
+
+
+class Client:
+    """A raw SMTP client that reads whole replies (multi-line ones as one)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.stream = sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def replies(self, count: int) -> list[bytes]:
+        out = []
+        for _ in range(count):
+            lines = [self.stream.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(self.stream.readline())
+            out.append(b"".join(lines))
+        return out
+
+    def greeted(self) -> bytes:
+        """The greeting and the EHLO reply; returns the latter."""
+        assert self.replies(1)[0].startswith(b"220")
+        self.send(b"EHLO client.test\r\n")
+        return self.replies(1)[0]
+
+
+def test_ehlo_offers_pipelining_and_is_answered_in_one_write(start) -> None:
+    server, made = counting_server(start)
+    ehlo = Client(server.connect()).greeted()
+    lines = ehlo.splitlines()
+    assert b"250-PIPELINING" in lines and b"250-ENHANCEDSTATUSCODES" in lines and lines[-1] == b"250 HELP"
+    assert made[0].writes[1] == ehlo  # the greeting was the first write, the whole EHLO reply the second
+
+
+def test_a_pipelined_group_is_answered_in_order_and_in_one_write(start) -> None:
+    # RFC 2920: MAIL, RCPT and RSET replies wait for the reply to the group's last command.
+    server, made = counting_server(start)
+    client = Client(server.connect())
+    client.greeted()
+    client.send(
+        b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nRCPT bogus\r\nRCPT TO:<c@example.test>\r\nDATA\r\n"
+    )
+    group = client.replies(5)
+    assert [r[:3] for r in group] == [b"250", b"250", b"501", b"250", b"354"], group
+    assert made[0].writes[-1] == b"".join(group)
+    client.send(b"Subject: x\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+    rest = client.replies(4)
+    assert [r[:3] for r in rest] == [b"250", b"250", b"250", b"221"], rest
+
+
+def test_a_reply_never_waits_for_a_command_that_is_not_complete(start) -> None:
+    # A client may send part of its next line and wait: the reply it needs goes out at once.
+    server, _ = counting_server(start)
+    client = Client(server.connect())
+    client.greeted()
+    client.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@exa")
+    assert client.replies(1)[0].startswith(b"250 ")
+    client.send(b"mple.test>\r\n")
+    assert client.replies(1)[0].startswith(b"250 ")
+
+
+def test_help_lists_the_commands_this_server_overrides(start) -> None:
+    client = Client(start().connect())
+    client.greeted()
+    client.send(b"HELP\r\nHELP MAIL\r\n")
+    listing, mail = client.replies(2)
+    for command in (b"HELO", b"EHLO", b"MAIL", b"RCPT", b"RSET", b"DATA"):
+        assert command in listing.split(), listing
+    assert b"Syntax: MAIL FROM:" in mail

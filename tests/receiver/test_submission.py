@@ -112,14 +112,17 @@ def test_implicit_tls_port(fresh: RunningReceiver) -> None:
     assert [e.uuid for e in fresh.queued(P1)] == ["tls465"]
 
 
-def test_swaks_submission(fresh: RunningReceiver, tmp_path: Path) -> None:
-    # swaks (Perl, Net::SSLeay): STARTTLS + AUTH PLAIN, the message from a file.
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+def test_swaks_submission(fresh: RunningReceiver, tmp_path: Path, pipelining: bool) -> None:
+    # swaks (Perl, Net::SSLeay): STARTTLS + AUTH PLAIN, the message from a file; with
+    # --pipeline it sends MAIL, RCPT and DATA at once (RFC 2920) and then reads the replies.
     eml = tmp_path / "swaks.eml"
     # swaks sends the file's lines with CRLF and then CRLF.CRLF, so the file has no final newline.
     eml.write_bytes(message(uuid="swaks1", body=b"Sent by swaks.").replace(b"\r\n", b"\n"))
     command = ["swaks", "--server", f"127.0.0.1:{fresh.port}", "--helo", CLIENT_NAME, "--tls"]
     command += ["--auth", "PLAIN", "--auth-user", USER, "--auth-password", PASSWORD]
     command += ["--from", SENDER, "--to", "someone@dest.test", "--data", str(eml)]
+    command += ["--pipeline"] if pipelining else []
     result = subprocess.run(
         command,
         capture_output=True,
@@ -128,6 +131,11 @@ def test_swaks_submission(fresh: RunningReceiver, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "250 2.0.0 Ok: queued as swaks1" in result.stdout
+    if pipelining:  # the three commands went out before the first of their replies came back
+        lines = result.stdout.splitlines()
+        sent = [i for i, line in enumerate(lines) if line.lstrip().startswith(("~> MAIL", "~> RCPT", "~> DATA"))]
+        first_reply = next(i for i, line in enumerate(lines) if i > sent[0] and line.lstrip().startswith("<~"))
+        assert len(sent) == 3 and sent[-1] < first_reply, result.stdout
     [entry] = fresh.queued(P1)
     assert entry.raw == eml.read_bytes().replace(b"\n", b"\r\n") + b"\r\n"
 
