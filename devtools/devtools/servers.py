@@ -19,12 +19,26 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
+#: Ports this process has handed out (see :func:`free_port`).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port nobody listens on right now, and never one this process handed out before.
+
+    The port is released at once, so the kernel may offer it again to the next caller before
+    whoever asked for it binds it: a stack's port map could then name one port twice (its MX
+    answering another service's readiness check was seen once in CI).  Remembering what was
+    handed out keeps every port of a process distinct.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port left that this process has not handed out already")
 
 
 def wait_until(

@@ -68,3 +68,10 @@ def test_latency_delays_the_answer_to_data() -> None:
         client.sendmail("a@b.test", ["c@d.test"], b"Subject: x\r\n\r\nbody\r\n")
         assert time.monotonic() - started >= 0.3
     assert len(sink.messages) == 1
+
+
+def test_free_ports_asked_in_a_row_are_all_different() -> None:
+    # Released at once, a port may be offered again before its taker binds it; a stack's port
+    # map must still name every port once (its MX once answered another service's health check).
+    ports = [free_port() for _ in range(1000)]
+    assert len(set(ports)) == len(ports)
