@@ -57,6 +57,10 @@ IDLE_COMMAND_BUDGET: Final[Mapping[str, int]] = {"NOOP": 50, "RSET": 1000, "HELP
 #: Budget of every other command (MAIL/RCPT/DATA run once per message; keep it out of the way).
 OTHER_COMMAND_BUDGET: Final = 1_000_000
 
+#: Replies held for a pipelining client at most; then they go out and the write's flow control
+#: applies, so a client that pipelines without reading cannot make the server buffer without end.
+MAX_HELD_REPLIES: Final = 64
+
 #: Why a connection was refused (metric label).
 REFUSED_BUSY: Final = "busy"
 REFUSED_PER_IP: Final = "per-ip"
@@ -371,7 +375,7 @@ class BaseSMTP(SMTP):
                 self._replies.append(b"250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n")
             status = status.replace("\r", " ").replace("\n", " ").encode("ascii", errors="replace")
         self._replies.append(status + b"\r\n")
-        if self._hold or (self._groupable and self._next_command_waiting()):
+        if self._hold or (self._groupable and len(self._replies) < MAX_HELD_REPLIES and self._next_command_waiting()):
             return
         await self._flush_replies()
 

@@ -339,3 +339,18 @@ def test_help_lists_the_commands_this_server_overrides(start) -> None:
     for command in (b"HELO", b"EHLO", b"MAIL", b"RCPT", b"RSET", b"DATA"):
         assert command in listing.split(), listing
     assert b"Syntax: MAIL FROM:" in mail
+
+
+def test_a_client_that_pipelines_without_reading_gets_its_replies_in_bounded_writes(start) -> None:
+    # Held replies go out every MAX_HELD_REPLIES lines, so flow control still stops a client
+    # that keeps sending without reading.
+    from common.smtpserver import MAX_HELD_REPLIES
+
+    server, made = counting_server(start)
+    client = Client(server.connect())
+    client.greeted()
+    count = 3 * MAX_HELD_REPLIES + 5
+    client.send(b"RSET\r\n" * count)
+    assert all(r.startswith(b"250 ") for r in client.replies(count))
+    sizes = [w.count(b"\r\n") for w in made[0].writes[2:]]
+    assert sum(sizes) == count and max(sizes) <= MAX_HELD_REPLIES, sizes
