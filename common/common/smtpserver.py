@@ -16,7 +16,8 @@ What both listeners need beyond aiosmtpd, written once:
 * Replies with enhanced status codes (aiosmtpd's own replies have none), always one ASCII line.
 * PIPELINING (RFC 2920): advertised; the replies to MAIL, RCPT and RSET wait while the client
   has already sent the next command, and go out together with the reply to the last command
-  of the group (as Postfix does); the EHLO reply goes out in one write, not one per line.
+  of the group (as Postfix does), at most :data:`MAX_HELD_REPLIES` at a time; the EHLO reply
+  goes out in one write, not one per line.
 * Speed: aiosmtpd scans ``dir()`` of the protocol and the handler for hooks on every
   connection; :func:`hook_names` caches that, and plain ``<local@domain>`` paths skip the
   e-mail address parser.
