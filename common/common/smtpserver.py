@@ -38,7 +38,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
@@ -217,6 +217,22 @@ def same_help(command: Callable[..., Any]) -> Callable[[F], F]:
         return method
 
     return decorate
+
+
+def _groupable(command: Callable[[Any, str], Awaitable[None]]) -> Callable[[Any, str], Awaitable[None]]:
+    """The ``command`` of aiosmtpd on :class:`BaseSMTP`, its reply allowed to wait for the next one's."""
+
+    @same_help(command)
+    async def answer(self: BaseSMTP, arg: str) -> None:
+        self._groupable = True
+        try:
+            await command(self, arg)
+        finally:
+            self._groupable = False
+
+    answer.__name__ = command.__name__
+    answer.__doc__ = f"{command.__name__[5:]} as aiosmtpd answers it; the reply may wait for the next command's."
+    return answer
 
 
 def call_limits() -> dict[str, int]:
@@ -401,15 +417,6 @@ class BaseSMTP(SMTP):
         finally:
             self._greeting = False
 
-    @contextlib.contextmanager
-    def _in_group(self) -> Iterator[None]:
-        """While a command that may be pipelined with the next one is answered (RFC 2920 3.1)."""
-        self._groupable = True
-        try:
-            yield
-        finally:
-            self._groupable = False
-
     @same_help(SMTP.smtp_HELO)
     async def smtp_HELO(self, hostname: str) -> None:
         """HELO as aiosmtpd answers it."""
@@ -427,23 +434,10 @@ class BaseSMTP(SMTP):
                 self._hold = False
         await self._flush_replies()
 
-    @same_help(SMTP.smtp_MAIL)
-    async def smtp_MAIL(self, arg: str) -> None:
-        """MAIL as aiosmtpd answers it; the reply may wait for the next command's (pipelining)."""
-        with self._in_group():
-            await super().smtp_MAIL(arg)
-
-    @same_help(SMTP.smtp_RCPT)
-    async def smtp_RCPT(self, arg: str) -> None:
-        """RCPT as aiosmtpd answers it; the reply may wait for the next command's (pipelining)."""
-        with self._in_group():
-            await super().smtp_RCPT(arg)
-
-    @same_help(SMTP.smtp_RSET)
-    async def smtp_RSET(self, arg: str) -> None:
-        """RSET as aiosmtpd answers it; the reply may wait for the next command's (pipelining)."""
-        with self._in_group():
-            await super().smtp_RSET(arg)
+    # The commands that may stand anywhere in a pipelined group (RFC 2920 3.1).
+    smtp_MAIL = _groupable(SMTP.smtp_MAIL)
+    smtp_RCPT = _groupable(SMTP.smtp_RCPT)
+    smtp_RSET = _groupable(SMTP.smtp_RSET)
 
     @same_help(SMTP.smtp_STARTTLS)
     async def smtp_STARTTLS(self, arg: str) -> None:
