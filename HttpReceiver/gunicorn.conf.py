@@ -21,7 +21,7 @@ worker_class = "asgi"
 # kernel's backlog holds new ones.  Put a reverse proxy with header timeouts in front for the
 # internet at large (the README's Kubernetes section).
 worker_connections = 1000
-# Our app handles the lifespan protocol (it shuts its thread pool down).
+# Our app handles the lifespan protocol (it shuts its thread pool down, closes its Redis connections).
 asgi_lifespan = "on"
 # Longer than the reverse proxy's idle timeout (nginx upstream keepalive_timeout: 60 s), so the
 # proxy, not gunicorn, closes idle connections (no request races a closing connection).

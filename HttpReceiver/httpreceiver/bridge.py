@@ -1,5 +1,8 @@
 """The Flask (WSGI) app behind gunicorn's asyncio worker: whole requests in, then a thread.
 
+Every endpoint but ``POST /v1/mail/send`` (answered in the loop, :mod:`httpreceiver.front`,
+which also reads its body with :meth:`WsgiBridge.read`) runs here.
+
 Why: with thread workers a request holds a thread from its first byte, so 16 clients sending
 one header line every 10 s took every thread of two workers and legitimate requests waited
 for minutes (issue 16).  Here gunicorn's ``asgi`` worker parses every connection in its event
@@ -28,7 +31,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+T = TypeVar("T")
 
 _TIMEOUT_BODY: Final = b'{"error": "request-timeout", "message": "the request body did not arrive in time"}'
 
@@ -59,30 +63,45 @@ class WsgiBridge:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI entry point (``http`` and ``lifespan``)."""
+        """ASGI entry point (``http`` and ``lifespan``; behind :mod:`httpreceiver.front`, ``http`` only)."""
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await serve_lifespan(receive, send, self._shut_down)
             return
         if scope["type"] != "http":
             return
-        declared = _content_length(scope)
-        try:
-            if declared is not None and declared > self.max_body:
-                body = b""  # the app refuses it from Content-Length; nothing is read
-            else:
-                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
-        except TimeoutError:
-            log.info("closing a request whose body did not arrive within %gs", self.body_timeout_s)
-            await _send_response(
-                send, 408, [(b"content-type", b"application/json"), (b"connection", b"close")], [_TIMEOUT_BODY]
-            )
+        body = await self.read(scope, receive, send)
+        if body is None:
             return
-        except _Disconnected:
-            return
+        declared = content_length(scope)
         environ = _environ(scope, body, declared if declared is not None and declared > self.max_body else len(body))
         loop = asyncio.get_running_loop()
         status, headers, chunks = await loop.run_in_executor(self.pool, self._run, environ)
-        await _send_response(send, status, headers, chunks)
+        await send_response(send, status, headers, b"".join(chunks))
+
+    async def read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body (the limits above), or None when it was answered (408) or the client left.
+
+        A declared ``Content-Length`` over the limit reads nothing (empty body): the endpoint
+        refuses it from the header.
+        """
+        declared = content_length(scope)
+        if declared is not None and declared > self.max_body:
+            return b""
+        try:
+            async with asyncio.timeout(self.body_timeout_s):  # no task per request, as wait_for makes
+                return await self._read_body(receive)
+        except TimeoutError:
+            log.info("closing a request whose body did not arrive within %gs", self.body_timeout_s)
+            await send_response(
+                send, 408, [(b"content-type", b"application/json"), (b"connection", b"close")], _TIMEOUT_BODY
+            )
+            return None
+        except _Disconnected:
+            return None
+
+    async def run_blocking(self, call: Callable[[], T]) -> T:
+        """Run a blocking call (a password hash) in the request threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
 
     async def _read_body(self, receive: Receive) -> bytes:
         buffer = bytearray()
@@ -118,18 +137,28 @@ class WsgiBridge:
                 close()
         return answer["status"], answer["headers"], chunks
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                self.pool.shutdown(wait=True)
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    def close(self) -> None:
+        """Let the running requests finish, then stop the threads."""
+        self.pool.shutdown(wait=True)
+
+    async def _shut_down(self) -> None:
+        self.close()
 
 
-def _content_length(scope: Scope) -> int | None:
+async def serve_lifespan(receive: Receive, send: Send, on_shutdown: Callable[[], Awaitable[None]]) -> None:
+    """The ASGI lifespan protocol: nothing to start, ``on_shutdown`` when the worker stops."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await on_shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def content_length(scope: Scope) -> int | None:
+    """The request's declared ``Content-Length`` (None: absent or unreadable)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
@@ -173,6 +202,7 @@ def _environ(scope: Scope, body: bytes, length: int) -> dict[str, Any]:
     return environ
 
 
-async def _send_response(send: Send, status: int, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> None:
+async def send_response(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Send a whole answer."""
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

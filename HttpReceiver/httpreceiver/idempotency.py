@@ -10,6 +10,9 @@ message is queued the record becomes ``done`` for ``idempotency-window-seconds``
 fails the reservation is removed (only if it is still ours) and the client may retry.  Only
 accepted submissions are remembered: refusals change nothing, so repeating them is harmless.
 
+The store talks to Redis with the asyncio client of the send endpoint's event loop
+(:mod:`httpreceiver.front`).
+
 Duplicate window: a worker killed between queueing and writing ``done`` leaves a ``pending``
 record that expires after :data:`PENDING_TTL_S`; a retry after that queues the message again.
 """
@@ -22,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Final
 
-import redis
+import redis.asyncio
 
 from common import keys
 from common.queue import redis_errors
@@ -70,8 +73,8 @@ class Reservation:
 class IdempotencyStore:
     """Reserve / finish / release of idempotency records in Redis."""
 
-    def __init__(self, client: redis.Redis, window_s: int) -> None:
-        self.client: redis.Redis = client
+    def __init__(self, client: redis.asyncio.Redis, window_s: int) -> None:
+        self.client: redis.asyncio.Redis = client
         self.window_s = window_s
         self._release = client.register_script(_RELEASE)
 
@@ -80,7 +83,7 @@ class IdempotencyStore:
         """Redis key of ``key`` sent by ``user``."""
         return keys.service_key("httpreceiver", "idem", user, key)
 
-    def reserve(self, user: str, key: str, fp: str, status: int, body: dict[str, Any]) -> Reservation | Record:
+    async def reserve(self, user: str, key: str, fp: str, status: int, body: dict[str, Any]) -> Reservation | Record:
         """Reserve ``key`` for this request, or return the record already there.
 
         Raises:
@@ -93,12 +96,12 @@ class IdempotencyStore:
             pipe = self.client.pipeline(transaction=True)
             pipe.set(name, value, nx=True, ex=min(PENDING_TTL_S, self.window_s))
             pipe.get(name)
-            created, current = pipe.execute()
+            created, current = await pipe.execute()
         if created:
             return Reservation(name, value, record)
         return _decode(current)
 
-    def finish(self, reservation: Reservation) -> None:
+    async def finish(self, reservation: Reservation) -> None:
         """Remember the answer for the whole window.
 
         Raises:
@@ -106,16 +109,16 @@ class IdempotencyStore:
         """
         done = Record("done", reservation.record.fp, reservation.record.status, reservation.record.body)
         with redis_errors("store idempotency answer"):
-            self.client.set(reservation.key, _encode(done, ""), ex=self.window_s)
+            await self.client.set(reservation.key, _encode(done, ""), ex=self.window_s)
 
-    def release(self, reservation: Reservation) -> None:
+    async def release(self, reservation: Reservation) -> None:
         """Drop a reservation whose request failed (only while it is still ours).
 
         Raises:
             QueueUnavailableError: Redis is down (the reservation expires by itself).
         """
         with redis_errors("release idempotency key"):
-            self._release(keys=[reservation.key], args=[reservation.value])
+            await self._release(keys=[reservation.key], args=[reservation.value])
 
 
 def _encode(record: Record, nonce: str) -> str:

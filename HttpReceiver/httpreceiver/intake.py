@@ -1,5 +1,10 @@
 """``POST /v1/mail/send``: one raw RFC 822 message in, one entry on the P0 or P1 stream out.
 
+Runs in the gunicorn worker's event loop (:mod:`httpreceiver.front` reads the whole request and
+hands it over as a :class:`Request`), with the asyncio Redis client: the queue write joins the
+transactions of concurrent requests (group commit, :class:`common.queue.AsyncQueues`), and no
+thread or WSGI layer is involved.  Only a password hash runs in a thread.
+
 Produces ``reliable-queue.queue-names.primary-queue`` (``X-Priority: 0``) or ``default-queue``
 entries (:class:`common.payloads.SubmittedMail`: the body as the intake rule both doors share,
 :func:`common.submission.accept`, returns it -- byte for byte but for CRLF line endings), with
@@ -29,23 +34,22 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
-from flask import Response, request
-
 from common import trace
-from common.authguard import Attempt, LoginGuard, Refused, seconds_text
 from common.config import Config
 from common.config.httpreceiver import HttpReceiverSection
 from common.errors import QueueFullError, QueueUnavailableError, ReplicaAckError, TemporaryError
+from common.events import error_event
 from common.payloads import SubmittedMail
-from common.queue import Queues
+from common.queue import AsyncQueues
 from common.submission import Rejection, Submission, accept
 from common.trace import TraceSettings
-from httpreceiver.auth import Authenticator, Credentials
 from httpreceiver.idempotency import IdempotencyStore, Record, Reservation, fingerprint, valid_key
+from httpreceiver.login import AsyncLogin
 from httpreceiver.metrics import HttpMetrics
-from httpreceiver.responses import error_answer, json_answer
+from httpreceiver.responses import Answer
 
 log = logging.getLogger(__name__)
 
@@ -55,136 +59,95 @@ RETRY_AFTER_UNAVAILABLE_S: Final = 5
 RETRY_AFTER_FULL_S: Final = 30
 
 
+@dataclass(frozen=True)
+class Request:
+    """A whole submission as read from the connection.
+
+    ``headers`` have lower-case names (repeated ones joined with ``,``); ``body`` is empty when
+    ``declared_length`` was already over the limit (nothing was read), and at most one byte over
+    the limit otherwise.
+    """
+
+    headers: Mapping[str, str]
+    peer: str
+    body: bytes
+    declared_length: int | None
+
+
 class MailIntake:
-    """The send endpoint of one app instance."""
+    """The send endpoint of one worker."""
 
     def __init__(
         self,
         config: Config,
         section: HttpReceiverSection,
-        queues: Queues,
-        authenticator: Authenticator,
-        guard: LoginGuard,
+        queues: AsyncQueues,
+        login: AsyncLogin,
         idempotency: IdempotencyStore | None,
         metrics: HttpMetrics,
     ) -> None:
         names = config.global_.reliable_queue.queue_names
         self.queue_of = {0: names.primary_queue, 1: names.default_queue}
+        self.events_queue = config.global_.backdata.queue_name
         self.max_size = section.max_message_size
         self.queues = queues
-        self.auth = authenticator
-        self.guard = guard
+        self.login = login
         self.idempotency = idempotency
         self.metrics = metrics
         self.trace = TraceSettings.from_config(config)
         transformer = config.transformer
         self._configured = lambda domain: transformer.domain(domain) is not None
 
-    def send(self) -> Response:
-        """Handle one submission (Flask view)."""
-        user = self._authenticate()
-        if isinstance(user, Response):
+    async def send(self, request: Request) -> Answer:
+        """Handle one submission."""
+        user = await self.login.check(request.headers.get("authorization"), request.peer)
+        if isinstance(user, Answer):
             return user
-        refusal = self._check_request()
+        refusal = self._check_request(request)
         if refusal is not None:
             return refusal
-        # Without Content-Length (chunked) werkzeug stops reading *silently* at the limit: read
-        # one byte more than allowed, so a body over the limit is refused, never truncated.
-        request.max_content_length = self.max_size + 1
-        raw = request.get_data(cache=False)
-        if len(raw) > self.max_size:
+        # Without Content-Length (chunked) the reader stops at one byte over the limit: a body
+        # over the limit is refused, never truncated.
+        if len(request.body) > self.max_size:
             return self.too_large()
         try:
-            accepted = accept(raw, self._configured)
+            accepted = accept(request.body, self._configured)
         except Rejection as exc:
             return self.refuse(exc.http_status, exc.rule, exc.message, details=exc.details())
-        key = request.headers.get("Idempotency-Key") if self.idempotency is not None else None
-        return self._queue(user, accepted.raw, accepted.submission, key)
+        key = request.headers.get("idempotency-key") if self.idempotency is not None else None
+        return await self._queue(user, accepted.raw, accepted.submission, key)
 
-    def authenticate(self) -> str | Response:
-        """The caller's name, or the 401/429 answer (every authenticated endpoint uses this)."""
-        return self._authenticate()
+    async def failed(self, what: str) -> Answer:
+        """The answer to a request that raised (a bug): the customer hears of it as an error event."""
+        with contextlib.suppress(TemporaryError):
+            await self.queues.enqueue(self.events_queue, error_event("http-receiver", what[:300]).to_fields())
+        return Answer.error(500, "internal-error", "unexpected error; retry (with the same Idempotency-Key)")
 
-    def _authenticate(self) -> str | Response:
-        """The caller's name, or the 401/429/503 answer (login guard: :mod:`common.authguard`)."""
-        header = request.headers.get("Authorization")
-        peer = request.remote_addr or "unknown"
-        credentials = self.auth.parse(header)
-        if credentials is None:
-            return self._unauthorized("bad-credentials" if header else "no-credentials", peer)
-        attempt = Attempt(peer, credentials.account)
-        # Credentials that verified before skip the password check, never the guard.
-        name = self.auth.known(credentials)
-        if name is not None:
-            refused = self.guard.admit(attempt)
-            return name if refused is None else self._refused(refused, peer)
-        found: list[str] = []
-        outcome = self.guard.attempt(attempt, lambda: self._verify(credentials, found))
-        if isinstance(outcome, Refused):
-            return self._refused(outcome, peer)
-        if outcome.ok and found:
-            return found[0]
-        return self._unauthorized("bad-credentials", peer)
-
-    def _verify(self, credentials: Credentials, found: list[str]) -> bool:
-        name = self.auth.verify(credentials)
-        if name is not None:
-            found.append(name)
-        return name is not None
-
-    def _unauthorized(self, reason: str, peer: str) -> Response:
-        self.metrics.auth_failures.labels(reason).inc()
-        log.warning("refused submission from %s: missing or wrong credentials", peer)
-        return error_answer(
-            401,
-            "unauthorized",
-            "HTTP Basic credentials (or a bearer API key) from httpreceiver.auth-logins are required",
-            {"WWW-Authenticate": self.auth.challenge()},
-        )
-
-    def _refused(self, refused: Refused, peer: str) -> Response:
-        """No password was checked: 429 (lockout, too many attempts) or 503 (guard unavailable)."""
-        self.metrics.auth_failures.labels(refused.reason).inc()
-        wait = seconds_text(refused.retry_after_s)
-        log.info("refused a login from %s before any password check: %s", peer, refused.reason)
-        if refused.reason == "unavailable":
-            return error_answer(
-                503,
-                "auth-unavailable",
-                f"credentials cannot be checked right now; retry in {wait} seconds",
-                {"Retry-After": wait},
-            )
-        return error_answer(
-            429,
-            "too-many-failed-logins",
-            f"too many wrong credentials from your address or for this account; try again in {wait} seconds",
-            {"Retry-After": wait},
-        )
-
-    def _check_request(self) -> Response | None:
-        """Refusals decided from the headers alone, before the body is read."""
-        if request.mimetype not in CONTENT_TYPES:
+    def _check_request(self, request: Request) -> Answer | None:
+        """Refusals decided from the headers alone, before the body is used."""
+        mimetype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if mimetype not in CONTENT_TYPES:
             return self.refuse(
                 415,
                 "content-type",
-                f"Content-Type must be application/octet-stream or message/rfc822, not {request.mimetype or 'none'!r}",
+                f"Content-Type must be application/octet-stream or message/rfc822, not {mimetype or 'none'!r}",
             )
-        length = request.content_length
+        length = request.declared_length
         if length is not None and length > self.max_size:
             return self.too_large()
-        key = request.headers.get("Idempotency-Key")
+        key = request.headers.get("idempotency-key")
         if key is not None and self.idempotency is not None and not valid_key(key):
             return self.refuse(400, "idempotency-key", "Idempotency-Key must be 1-255 printable ASCII characters")
         return None
 
-    def _queue(self, user: str, raw: bytes, submission: Submission, key: str | None) -> Response:
+    async def _queue(self, user: str, raw: bytes, submission: Submission, key: str | None) -> Answer:
         """Queue a valid message (once per Idempotency-Key); 200 only after Redis has it."""
         queue = self.queue_of[submission.priority]
         answer = {"uuid": submission.uuid, "queue": queue}
         reservation: Reservation | None = None
         if key is not None and self.idempotency is not None:
             try:
-                found = self.idempotency.reserve(user, key, fingerprint(raw), 200, answer)
+                found = await self.idempotency.reserve(user, key, fingerprint(raw), 200, answer)
             except QueueUnavailableError as exc:
                 return self.unavailable(exc, submission.uuid)
             if isinstance(found, Record):
@@ -198,15 +161,17 @@ class MailIntake:
             step = trace.entry(
                 "accepted", door="http", queue=queue, bytes=len(raw), recipients=len(submission.recipients)
             )
-            self.queues.enqueue(queue, entry.to_fields(), with_writes=trace.append(self.trace, submission.uuid, step))
+            await self.queues.enqueue(
+                queue, entry.to_fields(), with_writes=trace.append(self.trace, submission.uuid, step)
+            )
         except TemporaryError as exc:
             if reservation is not None and self.idempotency is not None:
                 with contextlib.suppress(QueueUnavailableError):
-                    self.idempotency.release(reservation)
+                    await self.idempotency.release(reservation)
             return self.unavailable(exc, submission.uuid)
         if reservation is not None and self.idempotency is not None:
             try:
-                self.idempotency.finish(reservation)
+                await self.idempotency.finish(reservation)
             except QueueUnavailableError as exc:
                 log.warning("queued %s but could not store its Idempotency-Key answer: %s", submission.uuid, exc)
         self.metrics.enqueued.inc()
@@ -219,7 +184,7 @@ class MailIntake:
             len(raw),
             len(submission.recipients),
         )
-        return json_answer(200, answer)
+        return Answer(200, answer)
 
     def refuse(
         self,
@@ -229,20 +194,20 @@ class MailIntake:
         headers: dict[str, str] | None = None,
         *,
         details: Mapping[str, str | int] | None = None,
-    ) -> Response:
+    ) -> Answer:
         """A refused submission: counted as dropped, logged with its rule."""
         self.metrics.dropped.inc()
         self.metrics.rejections.labels(rule).inc()
         log.info("refused submission (%d %s): %s", status, rule, message)
-        return error_answer(status, rule, message, headers, details=details)
+        return Answer.error(status, rule, message, headers, details=details)
 
-    def too_large(self) -> Response:
+    def too_large(self) -> Answer:
         """413 for a body over ``max-message-size``."""
         return self.refuse(
             413, "too-large", f"the message is larger than {self.max_size} bytes (httpreceiver.max-message-size)"
         )
 
-    def unavailable(self, exc: TemporaryError, uuid: str) -> Response:
+    def unavailable(self, exc: TemporaryError, uuid: str) -> Answer:
         """503 with Retry-After: the message is not (durably) queued, the client must retry."""
         full = isinstance(exc, QueueFullError)
         retry_after = int(exc.retry_after or (RETRY_AFTER_FULL_S if full else RETRY_AFTER_UNAVAILABLE_S))
@@ -263,14 +228,14 @@ class MailIntake:
             {"Retry-After": str(retry_after)},
         )
 
-    def repeat(self, record: Record, fp: str, uuid: str) -> Response:
+    def repeat(self, record: Record, fp: str, uuid: str) -> Answer:
         """Answer a request whose Idempotency-Key is already known."""
         if record.fp != fp:
             return self.refuse(
                 422, "idempotency-key-reused", "this Idempotency-Key was already used with a different message"
             )
         if record.state != "done":
-            return error_answer(
+            return Answer.error(
                 409,
                 "idempotency-key-in-use",
                 "a request with this Idempotency-Key is being processed; retry shortly",
@@ -278,4 +243,4 @@ class MailIntake:
             )
         self.metrics.idempotent_replays.inc()
         log.info("repeated submission uuid=%s answered from its Idempotency-Key record", uuid)
-        return json_answer(record.status, record.body, {"Idempotent-Replayed": "true"})
+        return Answer(record.status, record.body, {"Idempotent-Replayed": "true"})

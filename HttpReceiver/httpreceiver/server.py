@@ -4,7 +4,8 @@
   customer file overrides ``bind`` (``httpreceiver.bind``) and ``workers``.
 * Each worker builds its own app and Redis client after the fork (:meth:`load`).
 * Each worker is gunicorn's asyncio (``asgi``) worker: its event loop reads every request
-  completely, then one of ``httpreceiver.threads`` threads runs the Flask app on it
+  completely, answers ``POST /v1/mail/send`` itself (:mod:`httpreceiver.front`), and hands
+  any other request to one of ``httpreceiver.threads`` threads running the Flask app
   (:mod:`httpreceiver.bridge`) -- slow clients cost sockets, never threads.
 * The master serves ``/metrics`` (the sum over all workers, prometheus multiprocess mode),
   ``/healthz`` and ``/readyz`` on ``bind.inet-port-metrics``, a socket of its own: the API
@@ -124,16 +125,10 @@ class HttpReceiverServer(Application):  # type: ignore[misc]  # gunicorn ships n
         self.cfg.set("default_proc_name", SERVICE)
 
     def load(self) -> Any:
-        """Build the app (called in each worker, after the fork): Flask behind the ASGI bridge."""
-        from httpreceiver.app import create_app  # imports prometheus_client: only once the env is set
-        from httpreceiver.bridge import WsgiBridge
+        """Build the application (called in each worker, after the fork): :mod:`httpreceiver.front`."""
+        from httpreceiver.app import create_api  # imports prometheus_client: only once the env is set
 
-        return WsgiBridge(
-            create_app(self.config),
-            threads=self.section.threads,
-            max_body=self.section.max_message_size + 1,
-            body_timeout_s=self.section.request_timeout_seconds,
-        )
+        return create_api(self.config)
 
     def run(self) -> None:
         """Serve metrics from this (master) process, then run gunicorn until it stops."""

@@ -1,8 +1,9 @@
-"""Fixtures of the HttpReceiver tests: the Flask app on the test Redis, and a real gunicorn server.
+"""Fixtures of the HttpReceiver tests: the worker's application on the test Redis, and a real gunicorn.
 
-``app``/``client`` run the app in-process (Flask test client) against the session's real
-redis-server; ``Gunicorn`` starts the ``httpreceiver`` console script (master + workers) on free
-loopback ports, as in production.
+``app``/``client`` run in-process the application a gunicorn worker runs (the send endpoint in
+the event loop, the others through the bridge and Flask: :func:`httpreceiver.app.create_api`),
+under werkzeug's test client, against the session's real redis-server; ``Gunicorn`` starts the
+``httpreceiver`` console script (master + workers) on free loopback ports, as in production.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import pytest
 import redis
 import requests
 from flask import Flask
-from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
+from werkzeug.test import Client
 
-from common.config import Config
-from common.queue import Queues, QueueSettings
+from common.config import Config, RedisServer
+from common.queue import AsyncQueues, Queues, QueueSettings, ReplicaAck, connect, connect_async
 from devtools import testing
+from devtools.asgi import AsgiAsWsgi
 from devtools.servers import free_port, port_open, wait_until
-from httpreceiver.app import create_app
+from httpreceiver.app import Backends, create_api
 
 P0, P1, EVENTS = "IB-MAIL-QUEUE-P0", "IB-MAIL-QUEUE-P1", "EVENT_QUEUE"
 USER, PASSWORD = testing.RECEIVER_USER, testing.RECEIVER_PASSWORD
@@ -78,35 +80,55 @@ def http_config(make_config: Callable[..., Config]) -> Callable[..., Config]:
 class AppUnderTest:
     """An in-process app, its registry and its Redis."""
 
-    app: Flask
-    client: FlaskClient
+    app: AsgiAsWsgi
+    client: Client
     registry: CollectorRegistry
     redis: redis.Redis
+
+    @property
+    def flask(self) -> Flask:
+        """The Flask app behind the bridge (every endpoint but the send endpoint)."""
+        flask_app: Flask = self.app.app.bridge.app  # type: ignore[attr-defined]
+        return flask_app
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample (0 when absent)."""
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
 
+def backends_on(server: RedisServer, settings: QueueSettings, ack: ReplicaAck | None = None) -> Backends:
+    """Both clients of a worker on ``server`` (e.g. one nobody listens on), with ``ack``."""
+    return Backends(
+        Queues(connect(server), settings, ack=ack),
+        AsyncQueues(connect_async(server), settings, ack=ack, coalesce=True),
+    )
+
+
+def redis_down() -> RedisServer:
+    """A Redis address nobody listens on."""
+    return RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1)
+
+
 @pytest.fixture
-def make_app(
-    http_config: Callable[..., Config], redis_client: redis.Redis, queue_settings: QueueSettings
-) -> Callable[..., AppUnderTest]:
-    """Factory: an app built from the test config (queues on the test Redis unless ``queues``)."""
+def make_app(http_config: Callable[..., Config], redis_client: redis.Redis) -> Iterator[Callable[..., AppUnderTest]]:
+    """Factory: an app built from the test config (on the test Redis unless ``backends``)."""
+    made: list[AsgiAsWsgi] = []
 
     def make(
         section: dict[str, Any] | None = None,
         global_override: dict[str, Any] | None = None,
-        queues: Queues | None = None,
+        backends: Backends | None = None,
         customer_override: dict[str, Any] | None = None,
     ) -> AppUnderTest:
         config = http_config(section, global_override, customer_override)
-        settings = QueueSettings.from_config(config.global_)
         registry = CollectorRegistry()
-        app = create_app(config, queues=queues or Queues(redis_client, settings), registry=registry)
-        return AppUnderTest(app, app.test_client(), registry, redis_client)
+        app = AsgiAsWsgi(create_api(config, backends=backends, registry=registry))
+        made.append(app)
+        return AppUnderTest(app, Client(app), registry, redis_client)
 
-    return make
+    yield make
+    for app in made:
+        app.close()
 
 
 @pytest.fixture

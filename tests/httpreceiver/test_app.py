@@ -1,32 +1,38 @@
-"""POST /v1/mail/send rules, in-process (Flask test client) against the real test Redis."""
+"""POST /v1/mail/send rules, in-process (the worker's application) against the real test Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import redis.asyncio
 import yaml
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from common import passwords
 from common.authguard import lockout_key
-from common.config.base import RedisServer
-from common.queue import Queues, QueueSettings, connect
-from devtools.servers import free_port, wait_until
+from common.queue import QueueSettings
+from devtools.servers import wait_until
+from httpreceiver.front import client_address
+from httpreceiver.idempotency import IdempotencyStore, fingerprint
 from tests.httpreceiver.conftest import (
     P0,
     P1,
     PASSWORD,
     USER,
     AppUnderTest,
+    backends_on,
     basic,
     entries,
     headers,
     message,
+    redis_down,
 )
 
 pytestmark = pytest.mark.redis
@@ -156,8 +162,7 @@ def test_lockout_set_by_another_process_applies_at_once(make_app: Callable[..., 
 
 def test_login_guard_fails_closed_when_redis_is_unavailable(make_app: Callable[..., AppUnderTest]) -> None:
     # Without the counters no password is checked: 503 with Retry-After, not a login.
-    down = Queues(connect(RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1)), QueueSettings())
-    app = make_app(queues=down)
+    app = make_app(backends=backends_on(redis_down(), QueueSettings()))
     resp = app.client.post("/v1/mail/send", data=message(), headers=headers())
     assert resp.status_code == 503
     assert resp.get_json()["error"] == "auth-unavailable"
@@ -255,8 +260,7 @@ def test_size_limit_of_a_chunked_body(make_app: Callable[..., AppUnderTest]) -> 
 def test_redis_down_gives_503_with_retry_after(make_app: Callable[..., AppUnderTest]) -> None:
     # A Redis address where nothing listens: connection refused, nothing can be queued (the
     # login guard is off here: with it on, the login is refused first, as the test above shows).
-    down = Queues(connect(RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1)), QueueSettings())
-    app = make_app({"auth-lockout": {"lockout-seconds": 0}}, queues=down)
+    app = make_app({"auth-lockout": {"lockout-seconds": 0}}, backends=backends_on(redis_down(), QueueSettings()))
     resp = app.client.post("/v1/mail/send", data=message(), headers=headers())
     assert resp.status_code == 503
     assert resp.headers["Retry-After"] == "5"
@@ -307,10 +311,13 @@ def test_idempotency_key_reused_with_another_message_is_422(hr: AppUnderTest) ->
 def test_idempotency_key_in_progress_is_409(hr: AppUnderTest) -> None:
     # Another request holds the key (its reservation is in Redis) and has not finished.
     raw = message("busy")
-    from httpreceiver.idempotency import IdempotencyStore, fingerprint
 
-    store = IdempotencyStore(hr.redis, 86_400)
-    store.reserve("app", "k-busy", fingerprint(raw), 200, {"uuid": "busy", "queue": P1})
+    async def hold() -> None:
+        client = redis.asyncio.Redis(port=hr.redis.connection_pool.connection_kwargs["port"])
+        await IdempotencyStore(client, 86_400).reserve("app", "k-busy", fingerprint(raw), 200, {"uuid": "busy"})
+        await client.aclose()
+
+    asyncio.run(hold())
     resp = hr.client.post("/v1/mail/send", data=raw, headers=headers(Idempotency_Key="k-busy"))
     assert resp.status_code == 409
     assert resp.headers["Retry-After"] == "1"
@@ -361,10 +368,57 @@ def test_unexpected_error_is_500_json_and_an_error_event(hr: AppUnderTest) -> No
     def boom() -> str:
         raise RuntimeError("bug in a view")
 
-    hr.app.add_url_rule("/boom", "boom", boom, methods=["POST"])
+    hr.flask.add_url_rule("/boom", "boom", boom, methods=["POST"])
     resp = hr.client.post("/boom")
     assert resp.status_code == 500
     assert resp.get_json()["error"] == "internal-error"
     [fields] = entries(hr.redis, "EVENT_QUEUE")
     event = json.loads(fields[b"data"])
     assert (event["event"], event["service"], event["msg"]) == ("error", "http-receiver", "RuntimeError: bug in a view")
+
+
+def test_unexpected_error_in_the_send_endpoint_is_500_json_and_an_error_event(
+    hr: AppUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The send endpoint runs in the event loop, outside Flask: its bugs get the same answer.
+    def broken(*_args: object) -> None:
+        raise RuntimeError("bug in the intake")
+
+    monkeypatch.setattr("httpreceiver.intake.accept", broken)
+    resp = hr.client.post("/v1/mail/send", data=message(), headers=headers())
+    assert resp.status_code == 500
+    assert resp.get_json()["error"] == "internal-error"
+    [fields] = entries(hr.redis, "EVENT_QUEUE")
+    event = json.loads(fields[b"data"])
+    assert (event["service"], event["msg"]) == ("http-receiver", "RuntimeError: bug in the intake")
+    assert hr.metric("mailer_httpreceiver_requests_total", {"endpoint": "send", "status": "500"}) == 1
+    assert hr.redis.xlen(P1) == 0
+
+
+@pytest.mark.parametrize(
+    ("hops", "forwarded", "expected"),
+    [
+        (0, "192.0.2.1", "127.0.0.9"),  # no trusted proxy: the header is the client's word, ignored
+        (1, "192.0.2.1", "192.0.2.1"),
+        (1, "203.0.113.5, 192.0.2.1", "192.0.2.1"),  # the client's own entry is not trusted
+        (2, "203.0.113.5, 192.0.2.1", "203.0.113.5"),
+        (2, "192.0.2.1", "127.0.0.9"),  # fewer entries than proxies: it bypassed one
+        (1, None, "127.0.0.9"),
+    ],
+)
+def test_client_address_as_proxyfix(hops: int, forwarded: str | None, expected: str) -> None:
+    scope = {"client": ("127.0.0.9", 4000), "headers": []}
+    found = client_address(scope, {} if forwarded is None else {"x-forwarded-for": forwarded}, hops)
+    assert found == expected
+    # werkzeug's ProxyFix, which the Flask endpoints use, gives the same address.
+    environ: dict[str, Any] = {"REMOTE_ADDR": "127.0.0.9"}
+    if forwarded is not None:
+        environ["HTTP_X_FORWARDED_FOR"] = forwarded
+    seen: list[str] = []
+
+    def app(env: dict[str, Any], _start: Any) -> list[bytes]:
+        seen.append(env["REMOTE_ADDR"])
+        return []
+
+    ProxyFix(app, x_for=hops)(environ, cast(Any, None))
+    assert seen == [expected]

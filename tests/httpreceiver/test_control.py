@@ -11,7 +11,7 @@ from common import trace
 from common.suppression import SuppressionList, SuppressionSettings
 from common.trace import TraceSettings
 
-from .conftest import AppUnderTest, basic
+from .conftest import AppUnderTest, backends_on, basic, redis_down
 
 pytestmark = pytest.mark.redis
 AUTH = {"Authorization": basic()}
@@ -138,10 +138,8 @@ def test_the_timeline_of_a_message_and_a_clear_404_for_an_unknown_one(hr: AppUnd
 
 
 def test_redis_down_is_a_503_with_retry_after(make_app) -> None:
-    from common.config.base import RedisServer
-    from common.queue import Queues, QueueSettings, connect
+    from common.queue import QueueSettings
 
-    dead = connect(RedisServer(hostname="127.0.0.1", port=1, socket_timeout=0.5))  # nothing listens there
-    app = make_app(queues=Queues(dead, QueueSettings()))
+    app = make_app(backends=backends_on(redis_down(), QueueSettings()))
     reply = app.client.get("/v1/suppressions", headers=AUTH)
     assert reply.status_code == 503 and reply.headers["Retry-After"] == "5"

@@ -7,8 +7,9 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from common.queue import Queues, QueueSettings, ReplicaAck
-from tests.httpreceiver.conftest import P1, AppUnderTest, headers, message
+from common.config.base import RedisServer
+from common.queue import QueueSettings, ReplicaAck
+from tests.httpreceiver.conftest import P1, AppUnderTest, backends_on, headers, message
 
 pytestmark = pytest.mark.redis
 
@@ -20,8 +21,9 @@ def test_a_write_no_replica_confirms_gives_503_and_says_it_may_be_queued_twice(
     # confirms it, the client is told to retry -- and that the retry may be a duplicate.  The
     # Idempotency-Key is released, not recorded as done: after a failover that lost the first
     # copy the retry must queue the message again.
-    queues = Queues(redis_client, QueueSettings(max_length=0), ack=ReplicaAck(1, 50))
-    app = make_app({"auth-lockout": {"lockout-seconds": 0}}, queues=queues)
+    server = RedisServer(hostname="127.0.0.1", port=redis_client.connection_pool.connection_kwargs["port"])
+    backends = backends_on(server, QueueSettings(max_length=0), ack=ReplicaAck(1, 50))
+    app = make_app({"auth-lockout": {"lockout-seconds": 0}}, backends=backends)
     hdrs = {**headers(), "Idempotency-Key": "order-17"}
     first = app.client.post("/v1/mail/send", data=message("dup1"), headers=hdrs)
     assert first.status_code == 503

@@ -10,11 +10,9 @@ import redis
 
 from common import binding
 from common.addressing import AddressSigner
-from common.config.base import RedisServer
 from common.events import make_event_id
-from common.queue import Queues, QueueSettings, connect
-from devtools.servers import free_port
-from tests.httpreceiver.conftest import EVENTS, AppUnderTest, entries
+from common.queue import QueueSettings
+from tests.httpreceiver.conftest import EVENTS, AppUnderTest, backends_on, entries, redis_down
 
 pytestmark = pytest.mark.redis
 
@@ -153,8 +151,7 @@ def test_post_without_one_click_field_is_400(hr: AppUnderTest) -> None:
 
 
 def test_event_queue_unavailable_gives_503_so_the_click_is_not_lost(make_app: Callable[..., AppUnderTest]) -> None:
-    down = Queues(connect(RedisServer(hostname="127.0.0.1", port=free_port(), socket_timeout=1)), QueueSettings())
-    app = make_app(queues=down)
+    app = make_app(backends=backends_on(redis_down(), QueueSettings()))
     resp = app.client.post(f"/unsubscribe/{SIGNER.unsubscribe_token('down1', 'gus@dest.test')}", data=ONE_CLICK)
     assert resp.status_code == 503
     assert resp.headers["Retry-After"]

@@ -23,6 +23,7 @@ import pytest
 import redis
 import yaml
 from prometheus_client import CollectorRegistry
+from werkzeug.test import Client
 
 from backdata.parking import PARKED, Parking
 from common import binding, keys, redisacl
@@ -34,8 +35,9 @@ from common.errors import ConfigError
 from common.queue import AsyncQueues, Consumer, HashWrite, Output, Queues, QueueSettings, connect, connect_async
 from common.retry import RetryPolicy
 from devtools import testing
+from devtools.asgi import AsgiAsWsgi
 from devtools.servers import RedisProcess, free_port, wait_until
-from httpreceiver.app import create_app
+from httpreceiver.app import create_api
 
 pytestmark = pytest.mark.redis
 
@@ -110,8 +112,9 @@ def test_every_service_does_its_work_as_its_own_user(acl_config: Config, acl_red
     asyncio.run(receiver())
 
     # HttpReceiver: the whole app in-process as its user (guard, idempotency, enqueue).
-    http = Queues(clients["httpreceiver"], SETTINGS)
-    app = create_app(acl_config, queues=http, registry=CollectorRegistry()).test_client()
+    # HttpReceiver connects as its user from the configuration, as in production.
+    api = AsgiAsWsgi(create_api(acl_config, registry=CollectorRegistry()))
+    app = Client(api)
     auth = {"Authorization": "Basic " + _b64(f"{testing.RECEIVER_USER}:{testing.RECEIVER_PASSWORD}")}
     message = f"From: a@{testing.SENDER_DOMAIN}\r\nTo: b@dest.test\r\nSubject: s\r\nX-Uuid: h1\r\n\r\nx\r\n"
     sent = app.post(
@@ -139,6 +142,7 @@ def test_every_service_does_its_work_as_its_own_user(acl_config: Config, acl_red
     url = f"/unsubscribe/{signer.unsubscribe_token('h1', 'b@dest.test')}"
     assert app.post(url, data={"List-Unsubscribe": "One-Click"}).status_code == 200
     assert app.post(url, data={"List-Unsubscribe": "One-Click"}).status_code == 200  # once only
+    api.close()
 
     # The address secret kept in Redis (when none is configured): first writer wins, all read it.
     no_secret = _without_address_secret(acl_config)
