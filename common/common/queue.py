@@ -54,7 +54,6 @@ input is delivered again.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -75,6 +74,7 @@ from redis.retry import Retry
 from redis.typing import EncodableT, FieldT, StreamIdT
 
 from common import keys, logs, redisreply
+from common.coalesce import Coalescer
 from common.config.base import RedisServer
 from common.config.globalfile import GlobalConfig
 from common.errors import QueueFullError, QueueUnavailableError, ReplicaAckError, TemporaryError
@@ -654,21 +654,13 @@ class Queues:
         return removed
 
 
-@dataclass(frozen=True)
-class _Waiting:
-    """One :meth:`AsyncQueues.enqueue` waiting for the next coalesced transaction."""
-
-    fields: Fields
-    writes: Sequence[Write]
-    future: asyncio.Future[str]
-
-
 class AsyncQueues:
     """Producer operations for asyncio services (Receiver, MxServer).
 
     With ``coalesce``, the :meth:`enqueue` calls of concurrent tasks that arrive while a
-    transaction is in flight wait for it and then go together in the next one (group commit): one
-    MULTI/EXEC (and one WAIT) for all of them, each entry with its own writes.  Every caller still
+    transaction is in flight wait for it and then go together in the next one (group commit,
+    :mod:`common.coalesce`): one MULTI/EXEC (and one WAIT) for all of them, each entry with its
+    own writes.  Every caller still
     returns only once Redis has acknowledged its entry, and all of them get the error of a failed
     transaction.  The per-call client work (pool, pipeline, replies) was about a third of the
     Receiver's CPU per message; Redis also fsyncs once per transaction.
@@ -687,41 +679,25 @@ class AsyncQueues:
         #: WAIT after :meth:`enqueue_many` (default: what the client was configured with).
         self.ack = replica_ack(client) if ack is None else ack
         self._limit = _Limit(settings.max_length)
-        self._coalesce = coalesce
-        self._waiting: dict[tuple[str, bool], list[_Waiting]] = {}
-        self._flusher: asyncio.Task[None] | None = None
+        self._group: Coalescer[tuple[str, bool], tuple[Fields, Sequence[Write]], str] | None = (
+            Coalescer(self._enqueue_group) if coalesce else None
+        )
 
     async def enqueue(
         self, queue: str, fields: Fields, *, limit: bool = True, with_writes: Sequence[Write] = ()
     ) -> str:
         """Add one entry; see :meth:`Queues.enqueue` (and the class docstring for ``coalesce``)."""
-        if not self._coalesce:
+        if self._group is None:
             return (await self.enqueue_many(queue, [fields], limit=limit, with_writes=with_writes))[0]
-        loop = asyncio.get_running_loop()
-        waiting = _Waiting(fields, tuple(with_writes), loop.create_future())
-        self._waiting.setdefault((queue, limit), []).append(waiting)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush())
-        return await waiting.future
+        return await self._group.call((queue, limit), (fields, tuple(with_writes)))
 
-    async def _flush(self) -> None:
-        """Send what waits, one transaction per queue, until nothing waits."""
-        while self._waiting:
-            (queue, limit), batch = self._waiting.popitem()
-            batch = [w for w in batch if not w.future.done()]  # a cancelled caller's entry is not sent
-            if not batch:
-                continue
-            writes = [write for w in batch for write in w.writes]
-            try:
-                ids = await self.enqueue_many(queue, [w.fields for w in batch], limit=limit, with_writes=writes)
-            except Exception as exc:  # noqa: BLE001 - handed to every caller, each raises it
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(exc)
-                continue
-            for w, entry_id in zip(batch, ids, strict=True):
-                if not w.future.done():
-                    w.future.set_result(entry_id)
+    async def _enqueue_group(
+        self, target: tuple[str, bool], batch: Sequence[tuple[Fields, Sequence[Write]]]
+    ) -> list[str]:
+        """One transaction for the coalesced enqueues to one queue."""
+        queue, limit = target
+        writes = [write for _, entry_writes in batch for write in entry_writes]
+        return await self.enqueue_many(queue, [fields for fields, _ in batch], limit=limit, with_writes=writes)
 
     async def enqueue_many(
         self, queue: str, batch: Sequence[Fields], *, limit: bool = True, with_writes: Sequence[Write] = ()
