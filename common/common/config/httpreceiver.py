@@ -54,7 +54,10 @@ class HttpReceiverSection(StrictModel):
         4,
         ge=1,
         le=256,
-        description="Threads per worker that run complete requests (the event loop reads each request first).",
+        description=(
+            "Threads per worker that run the Flask endpoints (unsubscribe, control API) and password hashes, "
+            "on complete requests; the send endpoint runs in the event loop."
+        ),
     )
     request_timeout_seconds: float = Field(
         30.0,
