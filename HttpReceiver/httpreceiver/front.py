@@ -76,7 +76,7 @@ class HttpApi:
         request = Request(headers, peer, body, content_length(scope))
         try:
             answer = await self.intake.send(request)
-        except Exception as exc:
+        except Exception as exc:  # the request's boundary, as Flask's 500 handler for the others
             log.exception("POST %s from %s failed", SEND_PATH, peer)
             answer = await self.intake.failed(f"{type(exc).__name__}: {exc}")
         self.metrics.requests.labels(SEND_ENDPOINT, str(answer.status)).inc()
