@@ -67,10 +67,10 @@ def scope_of(environ: dict[str, Any]) -> dict[str, Any]:
     headers: list[tuple[bytes, bytes]] = []
     for key, value in environ.items():
         if key.startswith("HTTP_"):
-            headers.append((key[5:].replace("_", "-").lower().encode("latin-1"), value.encode("latin-1")))
+            headers.append((key[5:].replace("_", "-").lower().encode("latin-1"), _wire(value)))
     for key, name in (("CONTENT_TYPE", b"content-type"), ("CONTENT_LENGTH", b"content-length")):
         if environ.get(key):
-            headers.append((name, environ[key].encode("latin-1")))
+            headers.append((name, _wire(environ[key])))
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -85,3 +85,11 @@ def scope_of(environ: dict[str, Any]) -> dict[str, Any]:
         "client": (environ.get("REMOTE_ADDR", "127.0.0.1"), int(environ.get("REMOTE_PORT") or 0)),
         "server": (environ.get("SERVER_NAME", "localhost"), int(environ.get("SERVER_PORT") or 80)),
     }
+
+
+def _wire(value: str) -> bytes:
+    """A header value's bytes: WSGI strings are latin-1; a test's other text goes out as UTF-8, as a client sends it."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
