@@ -16,6 +16,7 @@ werkzeug's ``ProxyFix`` gives the Flask endpoints.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SEND_PATH: Final = "/v1/mail/send"
 #: The endpoint label of the send endpoint's metrics (the Flask view name it had).
 SEND_ENDPOINT: Final = "send"
+_SLASHES: Final = re.compile(r"/{2,}")
 
 
 class HttpApi:
@@ -56,7 +58,7 @@ class HttpApi:
         """ASGI entry point (``http`` and ``lifespan``)."""
         if scope["type"] == "lifespan":
             await serve_lifespan(receive, send, self._shut_down)
-        elif scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == SEND_PATH:
+        elif scope["type"] == "http" and scope["method"] == "POST" and route_path(scope["path"]) == SEND_PATH:
             await self._send_endpoint(scope, receive, send)
         else:
             await self.bridge(scope, receive, send)
@@ -83,6 +85,11 @@ class HttpApi:
         self.metrics.latency.labels(SEND_ENDPOINT).observe(time.perf_counter() - started)
         encoded = answer.encoded()
         await send_response(send, answer.status, response_headers(answer, len(encoded)), encoded)
+
+
+def route_path(path: str) -> str:
+    """The path as the Flask routes match it: repeated slashes merged (werkzeug's ``merge_slashes``)."""
+    return _SLASHES.sub("/", path) if "//" in path else path
 
 
 def header_map(scope: Scope) -> dict[str, str]:

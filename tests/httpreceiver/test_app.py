@@ -422,3 +422,16 @@ def test_client_address_as_proxyfix(hops: int, forwarded: str | None, expected: 
 
     ProxyFix(app, x_for=hops)(environ, cast(Any, None))
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("path", ["//v1/mail/send", "/v1//mail/send", "/v1/mail//send"])
+def test_path_variants_flask_routes_to_the_send_endpoint_are_the_send_endpoint(hr: AppUnderTest, path: str) -> None:
+    # werkzeug merges repeated slashes when it routes; the front does too, so such a path is a
+    # submission like any other -- never a 500 and an error event for the customer.
+    as_sent = {"PATH_INFO": path}  # as the request line says (the test client reads "//v1" as a host)
+    ok = hr.client.post("/", data=message("slashes"), headers=headers(), environ_overrides=as_sent)
+    assert ok.status_code == 200
+    anonymous = {"Content-Type": "message/rfc822"}
+    assert hr.client.post("/", data=message(), headers=anonymous, environ_overrides=as_sent).status_code == 401
+    assert entries(hr.redis, "EVENT_QUEUE") == []
+    assert [fields[b"uuid"] for fields in entries(hr.redis, P1)] == [b"slashes"]
