@@ -31,7 +31,6 @@ from common.addressing import AddressSigner
 from common.authguard import AsyncLoginGuard, LoginGuard
 from common.config import Config
 from common.errors import TemporaryError
-from common.events import error_event
 from common.queue import AsyncQueues, Queues, QueueSettings, connect, connect_async
 from common.suppression import SuppressionList, SuppressionSettings
 from common.trace import TraceSettings
@@ -44,7 +43,7 @@ from httpreceiver.idempotency import IdempotencyStore
 from httpreceiver.intake import MailIntake
 from httpreceiver.login import AsyncLogin, Login
 from httpreceiver.metrics import HttpMetrics
-from httpreceiver.responses import Answer, error_answer
+from httpreceiver.responses import Answer, bug_event, error_answer, internal_error
 from httpreceiver.settings import SERVICE, section_of
 from httpreceiver.unsubscribe import OneClickUnsubscribe
 
@@ -172,11 +171,9 @@ def create_app(
     def _bug(exc: InternalServerError) -> Response:
         # Flask has logged the traceback; the customer hears of it as an error event (as the
         # original did), when Redis takes it.
-        original = exc.original_exception
-        what = f"{type(original).__name__}: {original}"[:300] if original is not None else "internal error"
         with contextlib.suppress(TemporaryError):
-            queues.enqueue(config.global_.backdata.queue_name, error_event("http-receiver", what).to_fields())
-        return error_answer(500, "internal-error", "unexpected error; retry (with the same Idempotency-Key)")
+            queues.enqueue(config.global_.backdata.queue_name, bug_event(exc.original_exception).to_fields())
+        return internal_error().flask()
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

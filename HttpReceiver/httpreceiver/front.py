@@ -80,7 +80,7 @@ class HttpApi:
             answer = await self.intake.send(request)
         except Exception as exc:  # the request's boundary, as Flask's 500 handler for the others
             log.exception("POST %s from %s failed", SEND_PATH, peer)
-            answer = await self.intake.failed(f"{type(exc).__name__}: {exc}")
+            answer = await self.intake.failed(exc)
         self.metrics.requests.labels(SEND_ENDPOINT, str(answer.status)).inc()
         self.metrics.latency.labels(SEND_ENDPOINT).observe(time.perf_counter() - started)
         encoded = answer.encoded()

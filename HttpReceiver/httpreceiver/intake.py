@@ -41,7 +41,6 @@ from common import trace
 from common.config import Config
 from common.config.httpreceiver import HttpReceiverSection
 from common.errors import QueueFullError, QueueUnavailableError, ReplicaAckError, TemporaryError
-from common.events import error_event
 from common.payloads import SubmittedMail
 from common.queue import AsyncQueues
 from common.submission import Rejection, Submission, accept
@@ -49,7 +48,7 @@ from common.trace import TraceSettings
 from httpreceiver.idempotency import IdempotencyStore, Record, Reservation, fingerprint, valid_key
 from httpreceiver.login import AsyncLogin
 from httpreceiver.metrics import HttpMetrics
-from httpreceiver.responses import Answer
+from httpreceiver.responses import Answer, bug_event, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +116,11 @@ class MailIntake:
         key = request.headers.get("idempotency-key") if self.idempotency is not None else None
         return await self._queue(user, accepted.raw, accepted.submission, key)
 
-    async def failed(self, what: str) -> Answer:
+    async def failed(self, exc: Exception) -> Answer:
         """The answer to a request that raised (a bug): the customer hears of it as an error event."""
         with contextlib.suppress(TemporaryError):
-            await self.queues.enqueue(self.events_queue, error_event("http-receiver", what[:300]).to_fields())
-        return Answer.error(500, "internal-error", "unexpected error; retry (with the same Idempotency-Key)")
+            await self.queues.enqueue(self.events_queue, bug_event(exc).to_fields())
+        return internal_error()
 
     def _check_request(self, request: Request) -> Answer | None:
         """Refusals decided from the headers alone, before the body is used."""

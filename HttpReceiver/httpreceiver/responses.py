@@ -14,6 +14,8 @@ from typing import Any
 
 from flask import Response
 
+from common.events import Event, error_event
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -43,6 +45,17 @@ class Answer:
     def flask(self) -> Response:
         """The same answer as a Flask response."""
         return Response(self.encoded(), status=self.status, mimetype="application/json", headers=dict(self.headers))
+
+
+def internal_error() -> Answer:
+    """The answer to a request that raised (a bug), wherever it was handled."""
+    return Answer.error(500, "internal-error", "unexpected error; retry (with the same Idempotency-Key)")
+
+
+def bug_event(exc: BaseException | None) -> Event:
+    """The ``error`` event that tells the customer of a bug (as the original did)."""
+    what = f"{type(exc).__name__}: {exc}" if exc is not None else "internal error"
+    return error_event("http-receiver", what[:300])
 
 
 def json_answer(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Response:
