@@ -57,7 +57,7 @@ from common.binding import Sent
 from common.errors import PermanentError, TemporaryError
 from common.events import EVENT_KINDS, decode_event, make_event_id, public
 from common.lifecycle import Stopper
-from common.queue import REPLAYED_AT, Entry, ListAppend, Output, Write, redis_errors
+from common.queue import REPLAYED_AT, Entry, ListAppend, Output, Write, redis_errors, write_all
 from common.suppression import SuppressionList, normalise_address, reason_of, valid_address, valid_scope
 from common.trace import TraceSettings
 from common.worker import Done, Fail, Outcome, Retry
@@ -258,9 +258,8 @@ class WebhookHandler:
         if not waiting or not self.trace.enabled or self.redis is None:
             return
         pipe = self.redis.pipeline(transaction=False)
+        write_all(pipe, [write for item in waiting for write in self._steps(item, "retrying")])
         for item in waiting:
-            for write in self._steps(item, "retrying"):
-                write.write(pipe)
             item.listed = None
         try:
             with redis_errors("trace waiting events"):

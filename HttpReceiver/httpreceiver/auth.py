@@ -114,4 +114,4 @@ class Authenticator:
     def _fingerprint(self, credentials: Credentials) -> bytes:
         who = "\x00bearer" if credentials.account is None else credentials.account
         text = who + "\x00" + credentials.secret
-        return hmac.new(self._pepper, text.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        return hmac.digest(self._pepper, text.encode("utf-8", "surrogatepass"), "sha256")

@@ -35,7 +35,7 @@ import redis
 
 from common import logs
 from common.payloads import OutboundMail
-from common.queue import Output, Write, redis_errors
+from common.queue import Output, Write, redis_errors, write_all
 from postfixlog import records
 from postfixlog.instance import PostfixError, PostfixInstance
 from postfixlog.records import Delivery
@@ -200,8 +200,7 @@ class Requeuer:
 
     def _move(self, qid: str, writes: Sequence[Write]) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        for write in writes:
-            write.write(pipe)
+        write_all(pipe, writes)
         pipe.hset(records.qid_key(self.name, qid), REQUEUED_FIELD, "1")
         with redis_errors(f"withdraw {qid}"):
             pipe.execute()

@@ -60,7 +60,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -158,10 +158,8 @@ class HashWrite:
     ttl_s: int
 
     def write(self, pipe: redisreply.Pipeline) -> None:
-        """Queue the HSET and EXPIRE on a MULTI/EXEC pipeline."""
-        if self.mapping:
-            pipe.hset(self.key, mapping=redisreply.field_map(self.mapping))
-            pipe.expire(self.key, self.ttl_s)
+        """Queue the HSET and EXPIRE (one script call) on a MULTI/EXEC pipeline."""
+        _write_records(pipe, [self])
 
 
 @dataclass(frozen=True)
@@ -178,15 +176,68 @@ class ListAppend:
     ttl_s: int
 
     def write(self, pipe: redisreply.Pipeline) -> None:
-        """Queue the RPUSH, LTRIM and EXPIRE on a MULTI/EXEC pipeline."""
-        if self.values:
-            pipe.rpush(self.key, *self.values)
-            pipe.ltrim(self.key, -self.max_length, -1)
-            pipe.expire(self.key, self.ttl_s)
+        """Queue the RPUSH, LTRIM and EXPIRE (one script call) on a MULTI/EXEC pipeline."""
+        _write_records(pipe, [self])
 
 
 #: What a completed (or dead-lettered) entry writes, atomically with its acknowledgement.
 Write = Output | HashWrite | ListAppend
+
+#: The writes of several :class:`HashWrite` and :class:`ListAppend` records in one command.
+#: KEYS: the hashes and lists; ARGV, for each key in turn: ``H``, 0, the TTL in seconds, n, then
+#: n fields and values (HSET, EXPIRE); or ``L``, the maximum length, the TTL, n, then n values
+#: (RPUSH, LTRIM, EXPIRE).  In redis-py each command of a pipeline costs its own packing and
+#: reply parsing -- about as much client CPU as a 10 KB XADD -- so the records of a whole batch
+#: (trace steps, the Transformer's sent records) cost one command.  unpack() is limited by Lua's
+#: stack, hence at most 1,000 arguments a call (an even number: field/value pairs stay together).
+_WRITE_RECORDS: Final = """
+local a = 1
+for k = 1, #KEYS do
+  local kind, last = ARGV[a], a + 3 + tonumber(ARGV[a + 3])
+  for i = a + 4, last, 1000 do
+    redis.call(kind == 'L' and 'RPUSH' or 'HSET', KEYS[k], unpack(ARGV, i, math.min(i + 999, last)))
+  end
+  if kind == 'L' then
+    redis.call('LTRIM', KEYS[k], -tonumber(ARGV[a + 1]), -1)
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[a + 2])
+  a = last + 1
+end
+return #KEYS
+"""
+
+
+def write_all(pipe: redisreply.Pipeline, writes: Iterable[Write]) -> None:
+    """Queue ``writes`` on a pipeline: the XADDs in order, then every record in one script call.
+
+    The records' reply is not a positional result for the caller: put these commands after the
+    ones whose replies are read.
+    """
+    records: list[HashWrite | ListAppend] = []
+    for write in writes:
+        if isinstance(write, Output):
+            write.write(pipe)
+        else:
+            records.append(write)
+    _write_records(pipe, records)
+
+
+def _write_records(pipe: redisreply.Pipeline, records: Sequence[HashWrite | ListAppend]) -> None:
+    names: list[str] = []
+    args: list[EncodableT] = []
+    for record in records:
+        if isinstance(record, ListAppend):
+            if not record.values:
+                continue
+            args += ("L", record.max_length, record.ttl_s, len(record.values), *record.values)
+        else:
+            if not record.mapping:
+                continue
+            items = [item for pair in record.mapping.items() for item in pair]
+            args += ("H", 0, record.ttl_s, len(items), *items)
+        names.append(record.key)
+    if names:
+        pipe.eval(_WRITE_RECORDS, len(names), *names, *args)
 
 
 @dataclass(frozen=True)
@@ -739,8 +790,7 @@ def _queue_add(
     pipe.xlen(queue)
     for fields in batch:
         pipe.xadd(queue, redisreply.field_map(fields))
-    for write in with_writes:
-        write.write(pipe)
+    write_all(pipe, with_writes)
 
 
 def _queue_acknowledged_add(
@@ -1002,9 +1052,7 @@ class Consumer:
         if not done:
             return
         pipe = self.client.pipeline(transaction=True)
-        for _, outputs in done:
-            for out in outputs:
-                out.write(pipe)
+        write_all(pipe, [out for _, outputs in done for out in outputs])
         self._ack_into(pipe, [(e.queue, e.id) for e, _ in done])
         with redis_errors("complete batch"):
             pipe.execute()

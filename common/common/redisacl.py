@@ -75,8 +75,8 @@ SCRIPTS: Final = frozenset({"eval", "evalsha", "script|load", "script|exists"})
 STRINGS: Final = frozenset({"get", "set", "incr", "decr", "del", "exists", "expire", "pexpire", "pttl", "ttl"})
 HASHES: Final = frozenset({"hget", "hgetall", "hset", "hdel", "hexists", "del", "exists", "expire"})
 
-#: A message's timeline (common.trace): appended, trimmed, expired with the hand-off.
-TRACE_WRITE: Final = frozenset({"rpush", "ltrim", "expire"})
+#: A message's timeline (common.trace): appended, trimmed, expired with the hand-off (one script call).
+TRACE_WRITE: Final = frozenset({"eval", "rpush", "ltrim", "expire"})
 #: The suppression list (common.suppression): checked in bulk; managed over the API.
 SUPPRESSION_READ: Final = frozenset({"mget", "ttl"})
 SUPPRESSION_ADMIN: Final = SUPPRESSION_READ | {"scan", "set", "del"}

@@ -44,7 +44,7 @@ import redis
 
 from common import keys, redisreply
 from common.config import Config
-from common.queue import ListAppend
+from common.queue import ListAppend, write_all
 
 #: Longest text kept in one field (remote replies can be long).
 MAX_TEXT: Final = 500
@@ -87,8 +87,7 @@ def append(settings: TraceSettings, uuid: str | None, *entries: str) -> list[Lis
 
 def add_to(pipe: redisreply.Pipeline, settings: TraceSettings, uuid: str | None, *entries: str) -> None:
     """Queue the commands of :func:`append` on a pipeline the caller sends anyway."""
-    for write in append(settings, uuid, *entries):
-        write.write(pipe)
+    write_all(pipe, append(settings, uuid, *entries))
 
 
 def decode(raw: Sequence[bytes | str]) -> list[dict[str, Any]]:
