@@ -75,3 +75,9 @@ def test_the_records_of_a_batch_are_one_command_with_each_key_s_own_bounds(redis
     assert 90 < redis_client.ttl("L1") <= 100 and 1990 < redis_client.ttl("L3") <= 2000
     assert 290 < redis_client.ttl("H1") <= 300
     assert redis_client.xlen("S") == 1
+    # A lone record is written as plain commands (cheaper for Redis than a script call).
+    pipe = redis_client.pipeline(transaction=True)
+    write_all(pipe, [Output("S", {"k": "v"}), ListAppend("L4", ["x"], 4, 100)])
+    pipe.execute()
+    assert redis_client.info("commandstats")["cmdstat_eval"]["calls"] - before == 1
+    assert redis_client.lrange("L4", 0, -1) == [b"x"] and 90 < redis_client.ttl("L4") <= 100
