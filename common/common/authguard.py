@@ -112,7 +112,28 @@ end
 return out
 """
 
+#: The reply of _CHECK that admits.
+_ADMITTED: Final = (0, 0)
+
 Reason = Literal["locked-out", "busy", "unavailable"]
+
+
+def _admitted(values: Sequence[bytes | None], max_failures: int) -> bool:
+    """True when an MGET of (fail, flight, lock) per subject shows what makes _CHECK admit.
+
+    False when in doubt (a lockout marker, the budget used up, a value that is no number): the
+    script decides those.
+    """
+    for at in range(0, len(values), 3):
+        failed, flying, locked = values[at : at + 3]
+        if locked is not None:
+            return False
+        try:
+            if int(failed or 0) + int(flying or 0) >= max_failures:
+                return False
+        except ValueError:
+            return False
+    return True
 
 
 def client_key(peer_ip: str) -> str:
@@ -299,33 +320,58 @@ class AsyncLoginGuard(_Guard):
     """The guard for an asyncio Redis client (Receiver's SMTP sessions, HttpReceiver's send endpoint).
 
     The checks of :meth:`admit` that concurrent tasks make while one is in flight go together in
-    the next round trip (:mod:`common.coalesce`), each still its own script call: under load a
-    submission with known credentials costs a share of a round trip, not one.
+    the next round trip (:mod:`common.coalesce`): one ``MGET`` of every subject's counters
+    decides the usual case -- nobody locked out, budget left -- for the whole batch, and only the
+    others run the check script (which also says for how long), in a second round trip.  Under
+    load a submission with known credentials costs a share of one command, not a script call.
     """
 
     def __init__(self, client: redis.asyncio.Redis, service: str, settings: AuthLockout) -> None:
         super().__init__(service, settings)
         self.client = client
-        self._checks: Coalescer[None, tuple[Any, ...], Any] = Coalescer(self._check_batch)
+        self._checks: Coalescer[None, Attempt, Any] = Coalescer(self._check_batch)
 
     async def admit(self, attempt: Attempt) -> Refused | None:
         """See :meth:`LoginGuard.admit`."""
         if not self.enabled:
             return None
         try:
-            reply = await self._checks.call(None, self._check_args(attempt))
+            reply = await self._checks.call(None, attempt)
             if isinstance(reply, Exception):
                 raise reply
             return self._state(reply, attempt)
         except REDIS_ERRORS as exc:
             return self._unavailable(exc)
 
-    async def _check_batch(self, _key: None, batch: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline of check scripts; a script's own error is its caller's reply."""
-        pipe = self.client.pipeline(transaction=False)
-        for args in batch:
-            pipe.eval(*args)
-        return list(await pipe.execute(raise_on_error=False))
+    async def _check_batch(self, _key: None, batch: Sequence[Attempt]) -> list[Any]:
+        """The check scripts' replies for ``batch``; a script's own error is its caller's reply.
+
+        The MGET's snapshot shows what the script would read; an attempt it clearly admits
+        (no lockout marker, failures plus logins in flight under ``max-failures`` for every
+        subject) gets the script's "admitted" reply without running it.
+        """
+        names = [self._keys(attempt) for attempt in batch]
+        try:
+            values: list[Any] | None = await self.client.mget([name for group in names for name in group])
+        except redis.exceptions.ResponseError:  # e.g. NOPERM: a Redis user granted before MGET was used
+            values = None  # the scripts decide, as before
+        replies: list[Any] = [None] * len(batch)
+        unclear: list[int] = []
+        start = 0
+        for index, group in enumerate(names):
+            subjects = None if values is None else values[start : start + len(group)]
+            start += len(group)
+            if subjects is not None and _admitted(subjects, self.settings.max_failures):
+                replies[index] = _ADMITTED
+            else:
+                unclear.append(index)
+        if unclear:
+            pipe = self.client.pipeline(transaction=False)
+            for index in unclear:
+                pipe.eval(*self._check_args(batch[index]))
+            for index, reply in zip(unclear, await pipe.execute(raise_on_error=False), strict=True):
+                replies[index] = reply
+        return replies
 
     async def attempt(self, attempt: Attempt, verify: Callable[[], Awaitable[bool]]) -> Outcome:
         """See :meth:`LoginGuard.attempt`."""

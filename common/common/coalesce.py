@@ -2,7 +2,7 @@
 
 Used where many concurrent tasks of one event loop each need one Redis round trip of the same
 kind: :class:`common.queue.AsyncQueues` (one MULTI/EXEC for the enqueues of concurrent
-submissions) and :class:`common.authguard.AsyncLoginGuard` (one pipeline for the lockout checks of
+submissions) and :class:`common.authguard.AsyncLoginGuard` (one MGET for the lockout checks of
 concurrent logins).  The per-call client work of redis-py's asyncio client (pool, timeouts,
 replies) costs as much as the command itself, and Redis fsyncs once per transaction, so under
 load one round trip carries many calls; with a single caller nothing waits (its batch is sent at

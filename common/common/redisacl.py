@@ -72,7 +72,7 @@ CONSUMER: Final = PRODUCER | {
 }
 #: Lua (the scripts' own commands are checked too: they are in the service's grant).
 SCRIPTS: Final = frozenset({"eval", "evalsha", "script|load", "script|exists"})
-STRINGS: Final = frozenset({"get", "set", "incr", "decr", "del", "exists", "expire", "pexpire", "pttl", "ttl"})
+STRINGS: Final = frozenset({"get", "mget", "set", "incr", "decr", "del", "exists", "expire", "pexpire", "pttl", "ttl"})
 HASHES: Final = frozenset({"hget", "hgetall", "hset", "hdel", "hexists", "del", "exists", "expire"})
 
 #: A message's timeline (common.trace): appended, trimmed, expired with the hand-off (one script call).

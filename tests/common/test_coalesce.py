@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis
+from pydantic import SecretStr
 
-from common.authguard import AsyncLoginGuard, Attempt, Refused, lockout_key
+from common.authguard import AsyncLoginGuard, Attempt, Refused, account_id, failures_key, flight_key, lockout_key
 from common.coalesce import Coalescer
 from common.config.base import AuthLockout, RedisServer
 from common.queue import connect_async
@@ -99,9 +101,72 @@ def test_concurrent_guard_checks_keep_their_own_answers(redis_server: RedisProce
             await client.aclose()
 
     results = asyncio.run(main())
-    assert _eval_calls(redis_client) - before == 20  # every check ran its own script
+    # The batches' MGETs cleared the others; only the locked-out address ran the check script,
+    # which says for how long.
+    assert _eval_calls(redis_client) - before == 1
     locked = [i for i, r in enumerate(results) if r is not None]
     assert locked == [13] and results[13] is not None and results[13].reason == "locked-out"
+    assert 55 < results[13].retry_after_s <= 60
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("grant_mget", [True, False])
+def test_batched_guard_checks_answer_as_the_check_script_does(
+    redis_server: RedisProcess, redis_client: redis.Redis, grant_mget: bool
+) -> None:
+    # Every subject state the check script knows, in one batch: the MGET shortcut admits exactly
+    # the attempts the script admits, and the others get the script's own answer.  Without the
+    # MGET grant (a Redis user from before it was used) every check falls back to the script.
+    cases = {
+        "192.0.2.1": (None, "app"),  # nothing recorded
+        "192.0.2.2": ("locked-out", "app"),  # address locked out
+        "192.0.2.3": ("busy", "app"),  # its budget spent on failures
+        "192.0.2.4": ("busy", "app"),  # 2 failed + 1 being checked
+        "192.0.2.5": (None, "app"),  # one failure left
+        "192.0.2.6": ("locked-out", "locked"),  # the account locked out
+        "192.0.2.7": ("unavailable", "app"),  # a counter that is no number: the script fails
+    }
+    redis_client.set(lockout_key("svc", "ip", "192.0.2.2"), 3, px=30_000)
+    redis_client.set(failures_key("svc", "ip", "192.0.2.3"), 3, px=40_000)
+    redis_client.set(failures_key("svc", "ip", "192.0.2.4"), 2)
+    redis_client.set(flight_key("svc", "ip", "192.0.2.4"), 1)
+    redis_client.set(failures_key("svc", "ip", "192.0.2.5"), 2)
+    redis_client.set(lockout_key("svc", "user", account_id("locked")), 3, px=20_000)
+    redis_client.set(failures_key("svc", "ip", "192.0.2.7"), "junk")
+    attempts = [Attempt(ip, account) for ip, (_, account) in cases.items()]
+    user = f"guard-{grant_mget}"
+    commands = ["+@all"] if grant_mget else ["+@all", "-mget"]
+    redis_client.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], commands=commands)
+    server = RedisServer(hostname="127.0.0.1", port=redis_server.port, username=user, password=SecretStr("pw"))
+    before = _eval_calls(redis_client)
+
+    async def main() -> tuple[list[Refused | None], list[Refused | None]]:
+        client = connect_async(server)
+        guard = AsyncLoginGuard(client, "svc", AuthLockout(max_failures=3, lockout_seconds=60))
+        try:
+            batched = await asyncio.gather(*(guard.admit(a) for a in attempts))
+            scripted = [await _scripted(guard, client, a) for a in attempts]
+            return list(batched), scripted
+        finally:
+            await client.aclose()
+
+    batched, scripted = asyncio.run(main())
+    reasons = [r.reason if r is not None else None for r in batched]
+    assert reasons == [reason for reason, _ in cases.values()]
+    assert reasons == [r.reason if r is not None else None for r in scripted]
+    locked = batched[1]
+    assert locked is not None and 25 < locked.retry_after_s <= 30  # the lockout's own time left
+    # With MGET: one script call per unclear attempt (5 of 7) in the batch, then the 7 of the
+    # comparison; without, a script call for each.
+    assert _eval_calls(redis_client) - before == (5 if grant_mget else 7) + 7
+
+
+async def _scripted(guard: AsyncLoginGuard, client: Any, attempt: Attempt) -> Refused | None:
+    """The check script's own answer for ``attempt`` (a failing script: unavailable)."""
+    try:
+        return guard._state(await client.eval(*guard._check_args(attempt)), attempt)
+    except redis.exceptions.ResponseError as exc:
+        return guard._unavailable(exc)
 
 
 def test_coalesced_guard_checks_fail_closed_when_redis_is_down() -> None:
