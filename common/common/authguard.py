@@ -34,6 +34,7 @@ and no password is checked.  ``lockout-seconds: 0`` switches the guard off (test
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -199,6 +200,22 @@ class Attempt:
     account: str | None = None
 
 
+@functools.lru_cache(maxsize=1024)  # bounded: an account name is up to a header's 8 KB
+def _subject_keys(service: str, attempt: Attempt) -> tuple[str, ...]:
+    """(fail, flight, lock) of each subject of ``attempt``: parsed and hashed once per client and account."""
+    out: list[str] = []
+    for kind, ident in _subjects(attempt):
+        out += [failures_key(service, kind, ident), flight_key(service, kind, ident), lockout_key(service, kind, ident)]
+    return tuple(out)
+
+
+def _subjects(attempt: Attempt) -> list[tuple[str, str]]:
+    subjects = [("ip", client_key(attempt.ip))]
+    if attempt.account is not None:
+        subjects.append(("user", account_id(attempt.account)))
+    return subjects
+
+
 class _Guard:
     """What both flavours share: key lists, arguments, and reading the scripts' answers."""
 
@@ -211,21 +228,8 @@ class _Guard:
         """False with ``lockout-seconds: 0``."""
         return self.settings.lockout_seconds > 0
 
-    def _subjects(self, attempt: Attempt) -> list[tuple[str, str]]:
-        subjects = [("ip", client_key(attempt.ip))]
-        if attempt.account is not None:
-            subjects.append(("user", account_id(attempt.account)))
-        return subjects
-
-    def _keys(self, attempt: Attempt) -> list[str]:
-        out: list[str] = []
-        for kind, ident in self._subjects(attempt):
-            out += [
-                failures_key(self.service, kind, ident),
-                flight_key(self.service, kind, ident),
-                lockout_key(self.service, kind, ident),
-            ]
-        return out
+    def _keys(self, attempt: Attempt) -> tuple[str, ...]:
+        return _subject_keys(self.service, attempt)
 
     def _check_args(self, attempt: Attempt) -> tuple[Any, ...]:
         names = self._keys(attempt)
@@ -261,7 +265,7 @@ class _Guard:
 
     def _finished(self, reply: Any, attempt: Attempt, failed: bool) -> Checked:
         counts = [int(c) for c in reply] if isinstance(reply, list) else []
-        locked = [kind for (kind, _), count in zip(self._subjects(attempt), counts, strict=False) if count]
+        locked = [kind for (kind, _), count in zip(_subjects(attempt), counts, strict=False) if count]
         if locked:
             log.warning(
                 "%s: logins locked out for %ss after %d failures (%s; address %s)",
