@@ -10,6 +10,7 @@ What it adds to the shared base (connection and session limits, shutdown, enhanc
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from collections.abc import Sequence
@@ -52,6 +53,11 @@ def is_trusted(peer_ip: str, networks: Sequence[Network]) -> bool:
     """True when ``peer_ip`` lies in one of ``networks``."""
     if not networks or not peer_ip:
         return False
+    return _in_networks(peer_ip, tuple(networks))
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_networks(peer_ip: str, networks: tuple[Network, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(peer_ip)
     except ValueError:

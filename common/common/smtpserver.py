@@ -19,11 +19,15 @@ What both listeners need beyond aiosmtpd, written once:
   of the group (as Postfix does), at most :data:`MAX_HELD_REPLIES` at a time; the EHLO reply
   goes out in one write, not one per line.
 * Speed: aiosmtpd scans ``dir()`` of the protocol and the handler for hooks on every
-  connection; :func:`hook_names` caches that, and plain ``<local@domain>`` paths skip the
-  e-mail address parser.
+  connection; here the protocol's command and AUTH tables are bound from a per-class list
+  (:func:`hook_table`) instead, and the handler's scan lists only its hooks (:func:`hook_names`).
+  The idle timer is re-armed lazily (one deadline per command, not a new timer), aiosmtpd's
+  per-command log lines are not even prepared while its logger is quiet, and plain
+  ``<local@domain>`` paths skip the e-mail address parser.
 
-Private aiosmtpd methods overridden here (``_getaddr``, ``_reset_timeout``, ``_timeout_cb``)
-are why ``aiosmtpd`` is pinned to the minor version tested (``common/pyproject.toml``).  Whether
+Private aiosmtpd names used here (``_getaddr``, ``_reset_timeout``, ``_timeout_cb``,
+``_smtp_methods``, ``_auth_methods``, ``sanitized_log``) are why ``aiosmtpd`` is pinned to the
+minor version tested (``common/pyproject.toml``).  Whether
 the client's next command is already here is read from asyncio's ``StreamReader._buffer``; were
 that attribute gone, no reply would wait (each would go out at once, as before pipelining).
 
@@ -38,11 +42,12 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
-from aiosmtpd.smtp import MISSING, SMTP
+import aiosmtpd.smtp
+from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr
 
 from common import smtpreplies as replies
 from common.authguard import client_key
@@ -204,6 +209,65 @@ def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     return names
 
 
+HookTable = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]
+_HOOK_TABLES: dict[tuple[type, str], HookTable] = {}
+
+
+def hook_table(cls: type, prefix: str = "smtp_") -> HookTable:
+    """(name, attribute) pairs of a class's hooks, and of its AUTH methods.
+
+    The names are the ones aiosmtpd derives: the command (``smtp_*`` of a protocol) or hook
+    (``handle_*`` of a handler) without its prefix; the AUTH mechanism of an ``auth_*`` method
+    (which may name it with ``@auth_mechanism``).
+    """
+    table = _HOOK_TABLES.get((cls, prefix))
+    if table is None:
+        hooks = tuple((name.replace(prefix, ""), name) for name in hook_names(cls, (prefix,)))
+        mechanisms = tuple(
+            (getattr(getattr(cls, name), "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")), name)
+            for name in hook_names(cls, ("auth_",))
+        )
+        table = _HOOK_TABLES[cls, prefix] = hooks, mechanisms
+    return table
+
+
+_MAIL_LOG: Final = logging.getLogger("mail.log")
+_sanitized_log: Final = aiosmtpd.smtp.sanitized_log
+
+
+def _sanitized_log_if_enabled(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    """The ``sanitized_log`` of aiosmtpd, skipped while its logger is quiet.
+
+    aiosmtpd calls it twice per command line and it masks AUTH data in the arguments before
+    the logger decides to drop the record; ``mail.log`` logs at WARNING here (common.logs).
+    """
+    if _MAIL_LOG.isEnabledFor(logging.INFO):
+        _sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled  # looked up at each call
+
+
+class _NoHooks:
+    """The handler aiosmtpd's constructor sees (:meth:`BaseSMTP._bind_hooks` binds the real one)."""
+
+    def __dir__(self) -> list[str]:
+        return []
+
+
+_NO_HOOKS: Final = _NoHooks()
+
+
+def _plain_handler(handler: Any) -> bool:
+    """True when :func:`hook_table` finds all that aiosmtpd's scan of ``handler`` would.
+
+    Not so for hooks set on the instance, nor for ``handle_EHLO``, whose signature aiosmtpd
+    inspects: such a handler goes through aiosmtpd's own scan.
+    """
+    own = getattr(handler, "__dict__", {})
+    return not hasattr(handler, "handle_EHLO") and not any(name.startswith(("handle_", "auth_")) for name in own)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -276,7 +340,15 @@ class BaseSMTP(SMTP):
     def __init__(self, handler: Any, *, sessions: Sessions, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", sessions.limits.idle_timeout_s)
         kwargs.setdefault("command_call_limit", call_limits())
-        super().__init__(handler, **kwargs)
+        fast = _plain_handler(handler)
+        self._scanned = fast  # aiosmtpd's scan of dir() finds nothing of ours: _bind_hooks
+        super().__init__(_NO_HOOKS if fast else handler, **kwargs)
+        self._scanned = False
+        if fast:
+            self.event_handler = handler
+            self._bind_hooks(handler, kwargs.get("auth_exclude_mechanism") or ())
+        #: When the idle timer really expires (``_timeout_handle`` may fire earlier: it re-arms).
+        self._idle_deadline = 0.0
         # aiosmtpd keeps these limits in a class attribute shared by all connections.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self._sessions = sessions
@@ -298,9 +370,29 @@ class BaseSMTP(SMTP):
 
         aiosmtpd scans ``dir()`` of the protocol (and of the handler) with
         ``inspect.getmembers`` for every new connection; listing the ~150 inherited attributes
-        cost about a tenth of the CPU spent per message.
+        cost about a tenth of the CPU spent per message.  While aiosmtpd's constructor scans it,
+        nothing: :meth:`_bind_hooks` builds the same tables from :func:`hook_table`.
         """
+        if self.__dict__.get("_scanned"):
+            return []
         return hook_names(type(self), ("smtp_", "auth_"))
+
+    def _bind_hooks(self, handler: Any, excluded: Iterable[str]) -> None:
+        """The hook tables aiosmtpd builds from ``dir()`` of the protocol and the handler.
+
+        Its constructor got a handler without hooks and a protocol whose ``dir()`` was empty;
+        the names come from :func:`hook_table` instead, bound here. As in aiosmtpd, an AUTH
+        mechanism of the handler replaces the protocol's of the same name.
+        """
+        commands, mechanisms = hook_table(type(self))
+        hooks, handler_mechanisms = hook_table(type(handler), "handle_")
+        self._smtp_methods = {command: getattr(self, name) for command, name in commands}
+        auth = {mechanism: _AuthMechAttr(getattr(self, name), True) for mechanism, name in mechanisms}
+        auth.update((mechanism, _AuthMechAttr(getattr(handler, name), False)) for mechanism, name in handler_mechanisms)
+        for mechanism in excluded:
+            auth.pop(mechanism, None)
+        self._auth_methods = auth
+        self._handle_hooks = {hook: getattr(handler, name) for hook, name in hooks}
 
     @property
     def peer_ip(self) -> str:
@@ -336,20 +428,36 @@ class BaseSMTP(SMTP):
         super().connection_lost(error)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        """Idle timeout per command, shorter while the process is busy."""
+        """Idle timeout per command, shorter while the process is busy.
+
+        Every command moves the deadline; the timer itself is only replaced when the deadline
+        comes earlier than it. A timer that fires before the deadline re-arms for the rest
+        (:meth:`_timeout_cb`), so a session costs one timer per idle period, not one per command.
+        """
         if duration is None and self._sessions.busy:
             duration = self._sessions.limits.busy_idle_timeout_s
-        super()._reset_timeout(duration)
+        duration = duration or self._timeout_duration
+        self._idle_deadline = deadline = self.loop.time() + duration
+        handle = self._timeout_handle
+        if handle is not None:
+            if handle.when() <= deadline and not handle.cancelled():
+                return
+            handle.cancel()
+        self._timeout_handle = self.loop.call_later(duration, self._timeout_cb)
 
     def shorten_idle_timeout(self) -> None:
         """The process just became busy: wait at most ``busy-idle-timeout-seconds`` from now."""
         if self.transport is not None and self._timeout_handle is not None:
-            remaining = self._timeout_handle.when() - self.loop.time()
+            remaining = self._idle_deadline - self.loop.time()
             if remaining > self._sessions.limits.busy_idle_timeout_s:
                 self._reset_timeout(self._sessions.limits.busy_idle_timeout_s)
 
     def _timeout_cb(self) -> None:
-        """Idle too long: say why, then close (aiosmtpd closes silently)."""
+        """Idle too long: say why, then close (aiosmtpd closes silently); early: wait on."""
+        remaining = self._idle_deadline - self.loop.time()
+        if remaining > 0:
+            self._timeout_handle = self.loop.call_later(remaining, self._timeout_cb)
+            return
         log.info("%s: idle timeout", self._peer_ip or "client")
         self._say_and_close(replies.IDLE_TIMEOUT)
 

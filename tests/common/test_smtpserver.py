@@ -354,3 +354,125 @@ def test_a_client_that_pipelines_without_reading_gets_its_replies_in_bounded_wri
     assert all(r.startswith(b"250 ") for r in client.replies(count))
     sizes = [w.count(b"\r\n") for w in made[0].writes[2:]]
     assert sum(sizes) == count and max(sizes) <= MAX_HELD_REPLIES, sizes
+
+
+def test_the_idle_timer_moves_with_every_command_and_still_expires(start) -> None:
+    # One timer per idle period: commands only move its deadline, an early timer re-arms.
+    server = start(idle_timeout_s=0.5)
+    sock = server.connect()
+    assert line(sock).startswith(b"220")
+    started = last = time.monotonic()
+    while last - started < 1.2:  # well past the first timer, always inside 0.5 s
+        time.sleep(0.15)  # the client's pace between commands, not a wait for a result
+        sock.sendall(b"NOOP\r\n")
+        assert line(sock).startswith(b"250"), "closed although a command came within the idle timeout"
+        last = time.monotonic()
+    assert line(sock) == b"421 4.4.2 Error: timeout exceeded\r\n"
+    assert 0.45 < time.monotonic() - last < 2.0
+
+
+def reference_tables(protocol: BaseSMTP, handler: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The hook tables as aiosmtpd's constructor builds them, from the full ``dir()`` of both."""
+
+    def named(owner: Any, prefix: str) -> dict[str, Any]:
+        names = [n for n in object.__dir__(owner) if n.startswith(prefix)]
+        return {n.replace(prefix, ""): getattr(owner, n).__func__ for n in names}
+
+    auth: dict[str, Any] = {}
+    for owner in (protocol, handler):
+        for name in sorted(object.__dir__(owner)):
+            if name.startswith("auth_"):
+                method = getattr(owner, name)
+                mechanism = getattr(method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-"))
+                auth[mechanism] = (method.__func__, owner is protocol)
+    return named(protocol, "smtp_"), named(handler, "handle_"), auth
+
+
+def bound_tables(protocol: BaseSMTP) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The tables the connection has, each method bound to this connection (or the handler)."""
+    smtp: dict[str, Any] = protocol._smtp_methods
+    hooks: dict[str, Any] = protocol._handle_hooks
+    auth: dict[str, Any] = {k: (a.method, a.is_builtin) for k, a in protocol._auth_methods.items()}
+    for method in (*smtp.values(), *(m for m, builtin in auth.values() if builtin)):
+        assert method.__self__ is protocol
+    for method in hooks.values():
+        assert method.__self__ is protocol.event_handler
+    return (
+        {k: m.__func__ for k, m in smtp.items()},
+        {k: m.__func__ for k, m in hooks.items()},
+        {k: (m.__func__, builtin) for k, (m, builtin) in auth.items()},
+    )
+
+
+@pytest.mark.parametrize("service", ["receiver", "mxserver"])
+def test_hook_tables_are_the_ones_aiosmtpd_builds(service: str) -> None:
+    # aiosmtpd's constructor scans dir() of both objects for every connection; the base binds
+    # the same tables from per-class lists. Same commands (HELP lists them), hooks, AUTH methods.
+    from aiosmtpd.smtp import SMTP
+
+    protocol_class: type[BaseSMTP]
+    if service == "receiver":
+        from receiver.handler import SubmissionHandler
+        from receiver.protocol import SubmissionSMTP
+
+        handler: Any = SubmissionHandler.__new__(SubmissionHandler)  # its hooks, none of its state
+        protocol_class = SubmissionSMTP
+        extra: dict[str, Any] = {"trusted_networks": (), "max_auth_failures": 3}
+    else:
+        from mxserver.handler import MxHandler
+        from mxserver.server import MxSMTP
+
+        handler, protocol_class, extra = MxHandler.__new__(MxHandler), MxSMTP, {}
+
+    async def build(excluded: tuple[str, ...]) -> BaseSMTP:
+        sessions = Sessions(Limits())
+        return protocol_class(handler, sessions=sessions, hostname="mx.test", auth_exclude_mechanism=excluded, **extra)
+
+    protocol = asyncio.run(build(()))
+    assert protocol.event_handler is handler
+    smtp, hooks, auth = bound_tables(protocol)
+    assert (smtp, hooks, auth) == reference_tables(protocol, handler)
+    assert {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "QUIT", "HELP"} <= set(smtp) and "DATA" in hooks
+    assert smtp["DATA"] is protocol_class.smtp_DATA and smtp["NOOP"] is SMTP.smtp_NOOP
+    without_login = asyncio.run(build(("LOGIN",)))
+    assert bound_tables(without_login)[2] == {k: v for k, v in auth.items() if k != "LOGIN"}
+
+
+def test_a_handler_with_hooks_of_its_own_is_scanned_by_aiosmtpd() -> None:
+    # Hooks set on the instance, or handle_EHLO (whose signature aiosmtpd inspects), are not in
+    # the per-class lists: such a handler takes aiosmtpd's own scan, and its hooks still apply.
+    async def rcpt(server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        return "550 5.1.1 no"
+
+    class WithEhlo(Accepting):
+        async def handle_EHLO(self, server: Any, session: Any, envelope: Any, host: str, lines: list[str]) -> list[str]:
+            return lines
+
+    own = Accepting()
+    own.handle_RCPT = rcpt  # type: ignore[attr-defined]
+
+    async def build() -> list[BaseSMTP]:
+        sessions = Sessions(Limits())
+        return [BaseSMTP(handler, sessions=sessions, hostname="mx.test") for handler in (own, WithEhlo())]
+
+    by_instance, with_ehlo = asyncio.run(build())
+    assert by_instance._handle_hooks["RCPT"] is rcpt and "DATA" in by_instance._handle_hooks
+    assert with_ehlo._ehlo_hook_ver == "new" and "EHLO" in with_ehlo._handle_hooks
+
+
+def test_aiosmtpd_still_logs_each_command_with_auth_data_masked_when_its_logger_is_on(start, caplog) -> None:
+    # Its per-command log lines are skipped while mail.log is quiet (the default); switched on,
+    # they are written as aiosmtpd writes them, AUTH answers masked.
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mail.log")
+    server = start()
+    client = Client(server.connect())
+    client.greeted()
+    client.send(b"AUTH PLAIN AHVzZXIAc2VjcmV0\r\n")
+    client.replies(1)
+    client.send(b"NOOP\r\n")
+    assert client.replies(1)[0].startswith(b"250")
+    texts = [r.getMessage() for r in caplog.records if r.name == "mail.log"]
+    assert any("NOOP" in t for t in texts), texts
+    assert not any("AHVzZXIAc2VjcmV0" in t for t in texts) and any("AUTH PLAIN ********" in t for t in texts)
