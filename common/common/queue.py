@@ -897,6 +897,8 @@ class Consumer:
         self.block_ms = block_ms
         self.fill_wait_ms = fill_wait_ms
         self._round = 0
+        #: The last read of new entries found fewer than ``batch_size``: the streams were empty.
+        self._caught_up = False
         self._history_done = False
         self._next_reclaim = 0.0
         self._claim_cursor = dict.fromkeys(self.streams, "0-0")
@@ -991,12 +993,19 @@ class Consumer:
         return self._screen(self._with_deliveries(entries))
 
     def _read_new(self) -> list[Entry]:
+        """New entries: stream by stream in priority order while behind, in one call when caught up.
+
+        After a batch smaller than ``batch_size`` every stream was empty; what arrived since
+        is read with the one blocking call on all streams (which returns at once when there
+        is something, the streams in priority order). So a consumer keeping up with a trickle
+        makes one call per batch instead of one per stream plus the blocking one.
+        """
         self._round += 1
         order = list(self.streams)
         if len(order) > 1 and self._round % self.settings.priority_share == 0:
             order = order[1:] + order[:1]
         entries: list[Entry] = []
-        if len(order) > 1:
+        if len(order) > 1 and not self._caught_up:
             for stream in order:
                 need = self.batch_size - len(entries)
                 if need <= 0:
@@ -1004,12 +1013,14 @@ class Consumer:
                 reply = self.client.xreadgroup(self.group, self.name, {stream: ">"}, count=need)
                 entries.extend(Entry(stream, i, dict(f)) for i, f in _rows(reply))
             if entries:
+                self._caught_up = len(entries) < self.batch_size
                 return entries
         reply = self.client.xreadgroup(
             self.group, self.name, dict.fromkeys(order, ">"), count=self.batch_size, block=self.block_ms
         )
         for stream, rows in _streams(reply):
             entries.extend(Entry(stream, i, dict(f)) for i, f in rows)
+        self._caught_up = len(entries) < self.batch_size
         return entries
 
     def _with_deliveries(self, entries: list[Entry]) -> list[Entry]:

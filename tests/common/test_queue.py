@@ -168,6 +168,41 @@ def test_default_queue_used_when_priority_is_empty(queues: Queues) -> None:
     assert [e.queue for e in batch] == ["P1", "P1"]
 
 
+def _xreadgroup_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+
+def test_a_consumer_keeping_up_reads_all_its_streams_in_one_call(queues: Queues) -> None:
+    # Behind, the streams are read one by one in priority order; once a batch came back short
+    # (every stream empty), what arrives next is read with one call, priority stream first.
+    queues = Queues(queues.client, QueueSettings(priority_share=100))  # no default-first turn here
+    consumer = Consumer(queues, ["P0", "P1"], "g", "t", batch_size=10, block_ms=100)
+    consumer.setup()
+    queues.enqueue_many("P1", [{"payload": "a"}, {"payload": "b"}])
+    first = consumer.read()  # after its own leftovers (none): P0, then P1, which had too few
+    assert [e.queue for e in first] == ["P1", "P1"]
+    consumer.complete([(e, []) for e in first])
+    queues.enqueue_many("P1", [{"payload": "c"}])
+    queues.enqueue_many("P0", [{"payload": "urgent"}])
+    before = _xreadgroup_calls(queues.redis)
+    second = consumer.read()
+    assert _xreadgroup_calls(queues.redis) - before == 1
+    assert [e.fields[b"payload"] for e in second] == [b"urgent", b"c"]
+    consumer.complete([(e, []) for e in second])
+    # A burst while caught up: the priority stream's entries still come first, and the consumer,
+    # now behind, goes back to reading stream by stream.
+    queues.enqueue_many("P1", [{"payload": f"p1-{i}"} for i in range(25)], limit=False)
+    queues.enqueue_many("P0", [{"payload": f"p0-{i}"} for i in range(5)], limit=False)
+    before = _xreadgroup_calls(queues.redis)
+    burst = consumer.read()
+    assert [e.queue for e in burst] == ["P0"] * 5 + ["P1"] * 10 and _xreadgroup_calls(queues.redis) - before == 1
+    consumer.complete([(e, []) for e in burst])
+    queues.enqueue_many("P0", [{"payload": "next"}])
+    before = _xreadgroup_calls(queues.redis)
+    behind = consumer.read()
+    assert [e.queue for e in behind] == ["P0"] + ["P1"] * 9 and _xreadgroup_calls(queues.redis) - before == 2
+
+
 @pytest.mark.slow
 def test_pool_is_sized_from_config_and_reports_exhaustion(
     redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
