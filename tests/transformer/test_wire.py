@@ -21,6 +21,7 @@ from transformer.wire import (
     ascii_domain,
     clean,
     decode_words,
+    has_long_line,
     make_wire_safe,
     needs_smtputf8,
 )
@@ -115,6 +116,21 @@ def test_single_part_text_round_trips(data: bytes) -> None:
     out, _ = _wire(raw)
     _assert_wire_safe(out)
     _assert_same_payloads(raw, out)
+
+
+_line_lengths = st.sampled_from([0, 1, 497, 498, 499, 500, 501, 997, 998, 999, 1000, 1997, 1998]) | st.integers(0, 2100)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(_line_lengths, st.sampled_from([b"a", b"\r", b"\n", b"\xe9"])), max_size=12),
+    st.sampled_from([b"", b"\r\n", b"\r", b"\n"]),
+)
+def test_long_lines_are_found_as_splitting_into_lines_finds_them(lines: list[tuple[int, bytes]], end: bytes) -> None:
+    # The windowed search must agree with the definition: a CRLF-separated line over 998 octets
+    # (bare CR or LF inside a line count as octets of it).
+    data = b"\r\n".join(fill * length for length, fill in lines) + end
+    assert has_long_line(data) == (max(map(len, data.split(b"\r\n"))) > 998)
 
 
 # -- examples ----------------------------------------------------------------------------------
