@@ -26,9 +26,9 @@ What both listeners need beyond aiosmtpd, written once:
   ``<local@domain>`` paths skip the e-mail address parser.
 
 Private aiosmtpd names used here (``_getaddr``, ``_reset_timeout``, ``_timeout_cb``,
-``_smtp_methods``, ``_auth_methods``, ``sanitized_log``) are why ``aiosmtpd`` is pinned to the
-minor version tested (``common/pyproject.toml``).  Whether
-the client's next command is already here is read from asyncio's ``StreamReader._buffer``; were
+``_smtp_methods``, ``_auth_methods``, ``_handle_hooks``, ``sanitized_log``) are why ``aiosmtpd``
+is pinned to the minor version tested (``common/pyproject.toml``).  Whether the client's next
+command is already here is read from asyncio's ``StreamReader._buffer``; were
 that attribute gone, no reply would wait (each would go out at once, as before pipelining).
 
 Reply texts live in :mod:`common.smtpreplies`.
